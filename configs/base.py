@@ -1,0 +1,91 @@
+"""Every default of every t5x_like job, in one place.
+
+Recipes (`configs/pretrain_tiny.py`, ...) call `get_config()` and override a few values; the
+command line overrides any key: `--config=configs/pretrain_tiny.py --config.optimizer.lr=3e-4`.
+Unknown keys and values of the wrong type are errors before any compute. The resolved config
+is written to `<workdir>/config.json`. README.md ("Config keys") explains each section.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.task = "pretrain"  # pretrain (later: sft, reward, dpo, rl)
+    cfg.seed = 0  # model init, data order and dropout all derive from it
+    cfg.steps = 1000  # optimizer steps in total (a rerun resumes until it reaches them)
+    cfg.log_every_steps = 20  # train metrics to metrics.jsonl / TensorBoard / progress bar
+    # Peak FLOP/s of one device for MFU; 0 = look it up from the device kind (TPU/GPU table in
+    # flops.py). CPUs have no entry: set it to the measured matmul rate to get MFU there.
+    cfg.peak_tflops_per_device = 0.0
+
+    cfg.model = ml_collections.ConfigDict()
+    cfg.model.vocab_size = 0  # 0 = the tokenizer's size rounded up to vocab_multiple
+    cfg.model.vocab_multiple = 128  # padding keeps the vocab divisible by mesh axes and fast
+    cfg.model.hidden_dim = 256
+    cfg.model.num_layers = 4
+    cfg.model.num_heads = 4
+    cfg.model.num_kv_heads = 4  # < num_heads gives grouped-query attention
+    cfg.model.head_dim = 0  # 0 = hidden_dim // num_heads
+    cfg.model.mlp_dim = 704  # SwiGLU hidden size
+    cfg.model.max_len = 256  # sequence length of training examples (and the RoPE range used)
+    cfg.model.rope_theta = 10000.0
+    cfg.model.norm_eps = 1e-5
+    cfg.model.tie_embeddings = False
+    cfg.model.dropout = 0.0  # on embeddings and on each residual branch
+    cfg.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+    cfg.model.param_dtype = "float32"
+    cfg.model.scan_layers = True  # compile one layer and scan it: compile time flat in depth
+    cfg.model.remat = "none"  # none | full | dots | dots_no_batch (what the backward recomputes)
+
+    cfg.optimizer = ml_collections.ConfigDict()
+    cfg.optimizer.lr = 3e-3  # peak learning rate
+    cfg.optimizer.schedule = "cosine"  # cosine | linear | constant (after warmup)
+    cfg.optimizer.warmup_steps = 100
+    cfg.optimizer.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
+    cfg.optimizer.b1 = 0.9
+    cfg.optimizer.b2 = 0.95
+    cfg.optimizer.eps = 1e-8
+    cfg.optimizer.weight_decay = 0.1  # decoupled (AdamW); never applied to norms or biases
+    cfg.optimizer.grad_clip = 1.0  # global-norm clipping; 0 = off
+    cfg.optimizer.grad_accum_steps = 1  # micro-batches per step (same result, less memory)
+    cfg.optimizer.z_loss = 0.0  # weight of log(Z)^2, keeps the softmax normalizer near 0
+
+    cfg.data = ml_collections.ConfigDict()
+    # synthetic:arithmetic | text:<path or glob> | jsonl:<path>:<field>
+    # | tfds:<name>[/<config>][:<version>]
+    cfg.data.source = "synthetic:arithmetic"
+    cfg.data.batch_size = 16  # global batch, in sequences of model.max_len tokens
+    cfg.data.packing = True  # pack documents into sequences (segment ids keep them apart)
+    cfg.data.cache_dir = ""  # where sources are prepared (TFDS + tokenizer); "" = <workdir>/data
+    cfg.data.validation_fraction = 0.05  # share of records held out (by a hash of the text)
+    cfg.data.text_unit = "paragraph"  # text: sources: line | paragraph | file
+    cfg.data.min_doc_chars = 1000  # text: merge consecutive units into documents this long
+    cfg.data.synthetic_docs = 20000  # synthetic: documents generated for the train split
+    cfg.data.tfds_data_dir = ""  # tfds: sources: data_dir of the TFDS dataset ("" = default)
+    cfg.data.text_field = "text"  # tfds: sources: the feature holding the text
+    cfg.data.train_split = "train"
+    cfg.data.eval_split = "validation"
+    cfg.data.tokenizer = ""  # a SentencePiece .model to use; "" = train one on the train split
+    cfg.data.tokenizer_type = "bpe"  # bpe | unigram
+    cfg.data.vocab_size = 2048  # size of a trained tokenizer (fewer pieces if the text is small)
+    cfg.data.tokenizer_max_chars = 50_000_000  # train the tokenizer on at most this much text
+    cfg.data.worker_count = 0  # grain worker processes for tokenizing and packing; 0 = in-process
+
+    cfg.mesh = ml_collections.ConfigDict()
+    # Device mesh axes; -1 = all remaining devices. Batch shards over data x fsdp, parameters
+    # over fsdp and tensor (see t5x_like/partitioning.py for the rules table).
+    cfg.mesh.data = -1
+    cfg.mesh.fsdp = 1
+    cfg.mesh.tensor = 1
+
+    cfg.checkpoint = ml_collections.ConfigDict()
+    cfg.checkpoint.every_steps = 500  # also saved at the last step
+    cfg.checkpoint.max_to_keep = 3
+    cfg.checkpoint.async_save = True  # write in the background while training continues
+
+    cfg.eval = ml_collections.ConfigDict()
+    cfg.eval.every_steps = 500  # also run at the last step; 0 = only at the last step
+    cfg.eval.steps = 20  # batches per evaluation; 0 = the whole validation split
+    cfg.eval.batch_size = 0  # 0 = data.batch_size
+    return cfg

@@ -1,0 +1,150 @@
+"""Checking, resolving and saving job configs (ml_collections ConfigDicts).
+
+Configs are plain Python files under configs/; this module only validates them (each error names
+the key and what to do), fills derived values, and reads/writes `<workdir>/config.json`.
+"""
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from t5x_like.errors import UserError
+
+TASKS = ("pretrain",)
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+SCHEDULES = ("cosine", "linear", "constant")
+TEXT_UNITS = ("line", "paragraph", "file")
+TOKENIZER_TYPES = ("bpe", "unigram")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}': {message}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raises UserError naming the first bad key; checks only what needs no data or devices."""
+    from data_pipelines import sources  # local: keeps `import t5x_like.config` light
+
+    _require(cfg.task in TASKS, "task", f"is {cfg.task!r}; choose one of {', '.join(TASKS)}.")
+    _require(cfg.steps > 0, "steps", f"is {cfg.steps}; it must be a positive number of steps.")
+    _require(cfg.log_every_steps > 0, "log_every_steps", "must be positive.")
+    _require(cfg.peak_tflops_per_device >= 0, "peak_tflops_per_device", "must be >= 0.")
+
+    m = cfg.model
+    for key in ("hidden_dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "max_len",
+                "vocab_multiple"):
+        _require(m[key] > 0, f"model.{key}", f"is {m[key]}; it must be positive.")
+    _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer).")
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+             f"{m.num_kv_heads} must divide model.num_heads ({m.num_heads}).")
+    _require(m.head_dim > 0 or m.hidden_dim % m.num_heads == 0, "model.head_dim",
+             f"is 0 (derived), but model.hidden_dim ({m.hidden_dim}) is not divisible by "
+             f"model.num_heads ({m.num_heads}); set model.head_dim explicitly.")
+    _require(head_dim(m) % 2 == 0, "model.head_dim", f"{head_dim(m)} must be even for RoPE.")
+    _require(m.dtype in DTYPES, "model.dtype", f"is {m.dtype!r}; choose {' or '.join(DTYPES)}.")
+    _require(m.param_dtype in DTYPES, "model.param_dtype",
+             f"is {m.param_dtype!r}; choose {' or '.join(DTYPES)}.")
+    _require(m.remat in REMAT_POLICIES, "model.remat",
+             f"is {m.remat!r}; choose one of {', '.join(REMAT_POLICIES)}.")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"is {m.dropout}; it must be in [0, 1).")
+    _require(m.rope_theta > 0, "model.rope_theta", "must be positive.")
+
+    o = cfg.optimizer
+    _require(o.lr > 0, "optimizer.lr", f"is {o.lr}; it must be positive.")
+    _require(o.schedule in SCHEDULES, "optimizer.schedule",
+             f"is {o.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+    _require(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0.")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", "must be in [0, 1].")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0.")
+    _require(o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 = off).")
+    _require(o.z_loss >= 0, "optimizer.z_loss", "must be >= 0.")
+    _require(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", "must be >= 1.")
+
+    d = cfg.data
+    sources.parse_source(d.source)  # raises UserError naming data.source
+    _require(d.batch_size > 0, "data.batch_size", "must be positive.")
+    _require(d.batch_size % o.grad_accum_steps == 0, "optimizer.grad_accum_steps",
+             f"{o.grad_accum_steps} must divide data.batch_size ({d.batch_size}).")
+    _require(0.0 < d.validation_fraction < 1.0, "data.validation_fraction",
+             f"is {d.validation_fraction}; it must be strictly between 0 and 1.")
+    _require(d.text_unit in TEXT_UNITS, "data.text_unit",
+             f"is {d.text_unit!r}; choose one of {', '.join(TEXT_UNITS)}.")
+    _require(d.min_doc_chars >= 0, "data.min_doc_chars", "must be >= 0.")
+    _require(d.synthetic_docs > 0, "data.synthetic_docs", "must be positive.")
+    _require(d.tokenizer_type in TOKENIZER_TYPES, "data.tokenizer_type",
+             f"is {d.tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}.")
+    _require(d.vocab_size >= 300, "data.vocab_size",
+             f"is {d.vocab_size}; it must be at least 300 (256 byte pieces plus markers).")
+    _require(d.worker_count >= 0, "data.worker_count", "must be >= 0.")
+    _require(not d.tokenizer or os.path.isfile(d.tokenizer), "data.tokenizer",
+             f"file {d.tokenizer!r} does not exist; give a SentencePiece .model or leave it empty.")
+
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    for name, size in zip(("data", "fsdp", "tensor"), sizes):
+        _require(size == -1 or size >= 1, f"mesh.{name}", f"is {size}; use -1 or a positive size.")
+    _require(sizes.count(-1) <= 1, "mesh", "at most one axis may be -1 (the remaining devices).")
+
+    c = cfg.checkpoint
+    _require(c.every_steps > 0, "checkpoint.every_steps", "must be positive.")
+    _require(c.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1.")
+    _require(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = at the end only).")
+    _require(cfg.eval.steps >= 0, "eval.steps", "must be >= 0 (0 = the whole split).")
+    _require(cfg.eval.batch_size >= 0, "eval.batch_size", "must be >= 0.")
+
+
+def head_dim(model_cfg) -> int:
+    return model_cfg.head_dim or model_cfg.hidden_dim // model_cfg.num_heads
+
+
+def padded_vocab_size(tokenizer_vocab: int, multiple: int) -> int:
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def resolve(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> ml_collections.FrozenConfigDict:
+    """Fills derived values (vocab size, head dim) and freezes the config against mutation."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    want = padded_vocab_size(tokenizer_vocab, cfg.model.vocab_multiple)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = want
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        raise UserError(
+            f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
+            f"tokenizer's {tokenizer_vocab} pieces; set it to 0 to derive it.")
+    cfg.model.head_dim = head_dim(cfg.model)
+    if cfg.eval.batch_size == 0:
+        cfg.eval.batch_size = cfg.data.batch_size
+    return ml_collections.FrozenConfigDict(cfg)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    if isinstance(cfg, ml_collections.FrozenConfigDict):
+        cfg = cfg.as_configdict()
+    return cfg.to_dict()
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes via a temporary name and a rename, so readers never see half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_json(cfg, path: str) -> None:
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: str) -> ml_collections.FrozenConfigDict:
+    """Reads a run's config.json back (sample, evaluate, serve and init_from use it)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; is this the workdir of a t5x_like run?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore it or start a new workdir.")
+    return ml_collections.FrozenConfigDict(data)

@@ -1,0 +1,42 @@
+"""Model FLOPs per token and device peak FLOP/s, for throughput and MFU.
+
+MFU = (model FLOPs per token x tokens per second) / (peak FLOP/s per device x devices), with
+model FLOPs as in the PaLM paper (appendix B): 6 x (matmul parameters) for the forward and
+backward passes, plus 12 x layers x heads x head_dim x seq_len for attention. Rematerialized
+recomputation is not counted (it is hardware FLOPs, not model FLOPs).
+"""
+
+# Dense bfloat16 peak TFLOP/s per JAX device, matched against `device.device_kind`, most
+# specific first. TPU v2/v3 expose each core as a device; later TPUs one device per chip.
+PEAK_TFLOPS = (
+    ("TPU v2", 22.5), ("TPU v3", 61.5), ("TPU v4", 275.0), ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0), ("TPU v6 lite", 918.0),
+    ("TPU v6e", 918.0), ("TPU7x", 2307.0),
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("B200", 2250.0),
+    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 125.0), ("V100", 125.0),
+)
+
+
+def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
+    """Peak TFLOP/s of one device; None when unknown (CPUs: set peak_tflops_per_device)."""
+    if override > 0:
+        return override
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return value
+    return None
+
+
+def matmul_params(model_cfg) -> int:
+    """Parameters that take part in matmuls per token (the output projection included)."""
+    d, L, F, V = model_cfg.hidden_dim, model_cfg.num_layers, model_cfg.mlp_dim, model_cfg.vocab_size
+    H, K = model_cfg.num_heads, model_cfg.num_kv_heads
+    D = model_cfg.head_dim or d // H
+    per_layer = d * H * D + 2 * d * K * D + H * D * d + 3 * d * F
+    return L * per_layer + d * V
+
+
+def train_flops_per_token(model_cfg, seq_len: int) -> float:
+    d, H = model_cfg.hidden_dim, model_cfg.num_heads
+    D = model_cfg.head_dim or d // H
+    return 6.0 * matmul_params(model_cfg) + 12.0 * model_cfg.num_layers * H * D * seq_len

@@ -1,0 +1,266 @@
+"""The decoder-only transformer (Llama-style), in Flax NNX.
+
+    tokens [B, T] -> embed -> L x (RMSNorm -> GQA attention with RoPE -> +residual,
+                                   RMSNorm -> SwiGLU MLP -> +residual) -> RMSNorm -> logits [B, T, V]
+
+Parameters are stacked over layers (leading axis "layers") so the layer body is compiled once
+and scanned (`model.scan_layers`); unrolled layers read the same stacked parameters, so
+checkpoints do not depend on that switch. Every parameter carries logical axis names (its
+`logical_axes` metadata); partitioning.py maps them to mesh axes. (Not NNX's own `out_sharding`
+key: NNX would resolve that against the mesh by itself, bypassing the rules table.)
+
+Initialization (fan-in scaled; residual outputs further scaled by 1/sqrt(2L), as in GPT-2):
+
+    parameter            shape          logical axes                      init std
+    embed                [V, d]         (vocab, embed)                    1 (untied), 1/sqrt(d) (tied)
+    layers.attn_norm     [L, d]         (layers, norm)                    ones
+    layers.wq            [L, d, H, D]   (layers, embed, heads, head_dim)  1/sqrt(d)
+    layers.wk, wv        [L, d, K, D]   (layers, embed, kv_heads, head_dim) 1/sqrt(d)
+    layers.wo            [L, H, D, d]   (layers, heads, head_dim, embed)  1/sqrt(H*D)/sqrt(2L)
+    layers.mlp_norm      [L, d]         (layers, norm)                    ones
+    layers.w_gate, w_up  [L, d, F]      (layers, embed, mlp)              1/sqrt(d)
+    layers.w_down        [L, F, d]      (layers, mlp, embed)              1/sqrt(F)/sqrt(2L)
+    final_norm           [d]            (norm,)                           ones
+    lm_head              [d, V]         (embed, vocab)                    1/sqrt(d) (absent if tied)
+
+Dropout is functional (an explicit key per call, folded per layer), so a step's randomness is a
+pure function of (seed, step): nothing random needs saving for an exact resume.
+"""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from t5x_like import partitioning
+
+_MASK_VALUE = -1e9  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
+
+# name -> (logical axes without "layers", init std as a function of (d, H, K, D, F, L))
+_LAYER_PARAMS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "attn_norm": (("norm",), None),
+    "wq": (("embed", "heads", "head_dim"), lambda d, H, K, D, F, L: d ** -0.5),
+    "wk": (("embed", "kv_heads", "head_dim"), lambda d, H, K, D, F, L: d ** -0.5),
+    "wv": (("embed", "kv_heads", "head_dim"), lambda d, H, K, D, F, L: d ** -0.5),
+    "wo": (("heads", "head_dim", "embed"), lambda d, H, K, D, F, L: (H * D * 2 * L) ** -0.5),
+    "mlp_norm": (("norm",), None),
+    "w_gate": (("embed", "mlp"), lambda d, H, K, D, F, L: d ** -0.5),
+    "w_up": (("embed", "mlp"), lambda d, H, K, D, F, L: d ** -0.5),
+    "w_down": (("mlp", "embed"), lambda d, H, K, D, F, L: (F * 2 * L) ** -0.5),
+}
+
+
+def _layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    d, H, K, D, F = cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, _head_dim(cfg), cfg.mlp_dim
+    return {"attn_norm": (d,), "wq": (d, H, D), "wk": (d, K, D), "wv": (d, K, D),
+            "wo": (H, D, d), "mlp_norm": (d,), "w_gate": (d, F), "w_up": (d, F), "w_down": (F, d)}
+
+
+def _head_dim(cfg) -> int:
+    return cfg.head_dim or cfg.hidden_dim // cfg.num_heads
+
+
+def _param(key, shape, std, names, dtype) -> nnx.Param:
+    value = jnp.ones(shape, dtype) if std is None else std * jax.random.normal(key, shape, dtype)
+    return nnx.Param(value, logical_axes=tuple(names))
+
+
+class Layers(nnx.Module):
+    """All transformer layers' parameters, stacked along a leading "layers" axis."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        L, dtype = cfg.num_layers, jnp.dtype(cfg.param_dtype)
+        dims = (cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, _head_dim(cfg), cfg.mlp_dim, L)
+        for name, shape in _layer_shapes(cfg).items():
+            names, std_fn = _LAYER_PARAMS[name]
+            std = std_fn(*dims) if std_fn else None
+            setattr(self, name, _param(rngs.params(), (L, *shape), std, ("layers", *names), dtype))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in _LAYER_PARAMS}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        # Frozen: hashable, so the graphdef can be a static jit argument.
+        self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)
+        d, V, dtype = cfg.hidden_dim, cfg.vocab_size, jnp.dtype(cfg.param_dtype)
+        embed_std = d ** -0.5 if cfg.tie_embeddings else 1.0
+        self.embed = _param(rngs.params(), (V, d), embed_std, ("vocab", "embed"), dtype)
+        self.layers = Layers(cfg, rngs=rngs)
+        self.final_norm = _param(None, (d,), None, ("norm",), dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs.params(), (d, V), d ** -0.5, ("embed", "vocab"), dtype)
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None):
+        """tokens [B, T] -> float32 logits [B, T, V]."""
+        return self.logits(self.hidden(tokens, positions=positions, segment_ids=segment_ids,
+                                       dropout_rng=dropout_rng))
+
+    def hidden(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None):
+        """tokens [B, T] -> final-normed hidden states [B, T, d] in the compute dtype."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        rate = cfg.dropout if dropout_rng is not None else 0.0
+        keys = (jax.random.split(dropout_rng, cfg.num_layers + 1) if rate
+                else jnp.zeros((cfg.num_layers + 1, 2), jnp.uint32))
+
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
+        x = _dropout(x, rate, keys[-1])
+        sin, cos = rope(positions, _head_dim(cfg), cfg.rope_theta)
+        mask = attention_mask(segment_ids, segment_ids)
+
+        def body(x, xs):
+            params, key = xs
+            return layer(params, x, sin, cos, mask, cfg, rate, key), None
+
+        body = _remat(body, cfg.remat)
+        params = self.layers.arrays()
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(body, x, (params, keys[:-1]))
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = body(x, jax.tree.map(lambda a: a[i], (params, keys[:-1])))
+        return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+
+    def logits(self, h):
+        """hidden [B, T, d] -> float32 logits [B, T, V]."""
+        if self.cfg.tie_embeddings:
+            w = self.embed[...].astype(h.dtype).T
+        else:
+            w = self.lm_head[...].astype(h.dtype)
+        out = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+        return partitioning.constrain(out, ("act_batch", "act_len", "act_vocab"))
+
+
+def layer(p, x, sin, cos, mask, cfg, rate, key):
+    """One transformer layer on per-layer parameters `p` (dict of arrays without "layers")."""
+    dtype = x.dtype
+    k_attn, k_mlp = jax.random.split(key)
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dtype))
+    k = jnp.einsum("btd,dhk->bthk", h, p["wk"].astype(dtype))
+    v = jnp.einsum("btd,dhk->bthk", h, p["wv"].astype(dtype))
+    q = partitioning.constrain(q, ("act_batch", "act_len", "act_heads", None))
+    k = partitioning.constrain(k, ("act_batch", "act_len", "act_kv_heads", None))
+    v = partitioning.constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
+    q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+    o = attention(q, k, v, mask)
+    o = jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dtype))
+    x = x + _dropout(o, rate, k_attn)
+    x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
+
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dtype))
+    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dtype))
+    hidden = partitioning.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
+    out = jnp.einsum("btf,fd->btd", hidden, p["w_down"].astype(dtype))
+    x = x + _dropout(out, rate, k_mlp)
+    return partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention. q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] bool -> [B,T,H,D].
+
+    Query heads are grouped onto their K shared key/value heads (G = H // K per group), so
+    K/V are never repeated in memory. Softmax runs in float32.
+    """
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (D ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, D)
+
+
+def attention_mask(q_segments, kv_segments, q_offset=0):
+    """[B, T, S] bool: causal within a sequence and never across packed documents.
+
+    Query t sits at index q_offset + t of the key sequence (0 in training; the cache position
+    when decoding), and attends to keys at indices <= its own with the same segment id.
+    """
+    T, S = q_segments.shape[1], kv_segments.shape[1]
+    causal = (jnp.arange(T)[:, None] + q_offset) >= jnp.arange(S)[None, :]
+    same_doc = q_segments[:, :, None] == kv_segments[:, None, :]
+    return causal[None] & same_doc
+
+
+def rope(positions, head_dim: int, theta: float):
+    """sin, cos tables [B, T, head_dim // 2] (float32) for integer positions [B, T]."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x, sin, cos):
+    """Rotates x [B, T, heads, D] by position; halves convention (as HF Llama's rotate_half)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rms_norm(x, scale, eps):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _dropout(x, rate, key):
+    if not rate:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=_REMAT_POLICIES[policy], prevent_cse=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building: abstract first (no memory), then materialized directly with its final shardings.
+
+
+def abstract_model(cfg, seed: int = 0):
+    """(graphdef, abstract params as a pure dict of ShapeDtypeStruct, logical names per param)."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(model)
+    names = jax.tree.map(lambda v: tuple(v.get_metadata()["logical_axes"]), state,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(names)
+
+
+def init_params(cfg, seed: int, shardings=None):
+    """Initialized parameters (pure dict), created directly on their shardings when given."""
+    def make():
+        return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))))
+    return jax.jit(make, out_shardings=shardings)()
+
+
+def apply(graphdef, params, tokens, **kwargs):
+    """Functional call: logits of the model `graphdef` with parameters `params` (pure dict)."""
+    return nnx.merge(graphdef, params)(tokens, **kwargs)
+
+
+def count_params(params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

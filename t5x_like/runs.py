@@ -1,0 +1,48 @@
+"""Opening a trained run (a workdir): its config, tokenizer and parameters.
+
+sample, evaluate and serve all start here, so a run is always rebuilt the same way: the model
+from `config.json`, the vocabulary from `tokenizer.model`, the weights from a checkpoint.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like import checkpoints, config as config_lib, model, partitioning
+from t5x_like.errors import UserError
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: Any  # FrozenConfigDict of the run
+    tokenizer: tokenizer_lib.Tokenizer
+    graphdef: Any
+    params: dict
+    step: int
+    mesh: jax.sharding.Mesh
+
+
+def load(workdir: str, *, step: int | None = None, mesh=None) -> Run:
+    """Restores a run's parameters (latest checkpoint unless `step`) onto `mesh`.
+
+    The default mesh is one device: the model replicated, fine for sampling small models.
+    """
+    cfg = config_lib.load_json(os.path.join(workdir, "config.json"))
+    tok_path = os.path.join(workdir, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        raise UserError(f"{workdir} has no tokenizer.model; was it written by t5x_like.train?")
+    tokenizer = tokenizer_lib.Tokenizer(tok_path)
+    if mesh is None:
+        one_device = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+        mesh = partitioning.make_mesh(one_device, jax.devices()[:1])
+    graphdef, abstract, names = model.abstract_model(cfg.model, cfg.seed)
+    with jax.set_mesh(mesh):
+        shardings = partitioning.tree_shardings(mesh, abstract, names)
+        target = checkpoints.abstract_with_shardings(abstract, shardings)
+        params, step = checkpoints.restore_params(workdir, target, step)
+    return Run(cfg, tokenizer, graphdef, params, step, mesh)
+

@@ -1,0 +1,30 @@
+"""Train a model: `python -m t5x_like.train --config=configs/pretrain_tiny.py --workdir=runs/tiny`.
+
+Any config key can be overridden: `--config.optimizer.lr=1e-3 --config.data.source=text:a.txt`.
+Rerunning the same command resumes from the workdir's latest checkpoint.
+"""
+
+import sys
+
+import jax
+from absl import flags, logging
+from ml_collections import config_flags
+
+from t5x_like import cli, trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.",
+                               required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}; options look like --config.x=y.")
+    logging.info("t5x_like on Python %s, jax %s, %d %s devices", sys.version.split()[0],
+                 jax.__version__, jax.device_count(), jax.devices()[0].platform)
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    print("final validation: " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    cli.run(main)

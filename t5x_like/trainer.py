@@ -1,0 +1,362 @@
+"""Training: the pure train/eval steps, their sharded jit, and the loop around them.
+
+    train_step(state, batch) -> (state, metrics)   pure; jitted once in `compile_steps` with
+                                                   explicit in/out shardings, state donated
+    eval_step(params, batch, token_bytes) -> sums  pure; summed over batches on the host
+    train_and_evaluate(cfg, workdir)               data -> state (init or resume) -> loop
+
+The train state is a plain dict {"step", "params", "opt_state"} of arrays: parameters are a
+pure dict (see model.abstract_model), so checkpoints, shardings and optax all see one pytree.
+"""
+
+import dataclasses
+import filecmp
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from jax.experimental import multihost_utils
+
+from data_pipelines import pipeline, prepare
+from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like import checkpoints, config as config_lib, flops, losses, model
+from t5x_like import optimizer as optimizer_lib
+from t5x_like import partitioning
+from t5x_like.errors import UserError
+from t5x_like.metrics import MetricWriter
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure steps.
+
+
+def make_train_step(graphdef, tx, schedule, *, seed: int, z_loss: float, accum_steps: int,
+                    dropout: float) -> Callable:
+    """Returns train_step(state, batch) -> (state, metrics); the loss is the weighted mean NLL
+    over all targets of the global batch (plus z-loss), micro-batches summed before dividing."""
+
+    def loss_fn(params, batch, rng):
+        logits = model.apply(graphdef, params, batch["inputs"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"], dropout_rng=rng)
+        stats = losses.token_stats(logits, batch["targets"], batch["weights"])
+        return stats["nll_sum"] + z_loss * stats["z_sum"], stats
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch):
+        params = state["params"]
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"]) if dropout else None
+        if accum_steps == 1:
+            (_, stats), grads = grad_fn(params, batch, rng)
+        else:
+            # [B, ...] -> [A, B/A, ...] taking every A-th row, so each device keeps its own rows.
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+                .swapaxes(0, 1), batch)
+
+            def body(carry, xs):
+                mb, i = xs
+                mb_rng = None if rng is None else jax.random.fold_in(rng, i)
+                (_, s), g = grad_fn(params, mb, mb_rng)
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grad_fn, params, first, rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
+            (grads, stats), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+        denom = jnp.maximum(stats["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = {"loss": stats["nll_sum"] / denom, "accuracy": stats["correct_sum"] / denom,
+                   "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state["step"]), "loss_tokens": stats["weight_sum"]}
+        if z_loss:
+            metrics["z_loss"] = stats["z_sum"] / denom
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef) -> Callable:
+    def eval_step(params, batch, token_bytes):
+        logits = model.apply(graphdef, params, batch["inputs"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"])
+        return losses.token_stats(logits, batch["targets"], batch["weights"], token_bytes)
+    return eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# State: shapes, shardings, creation.
+
+
+@dataclasses.dataclass
+class StateSpec:
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract: dict  # ShapeDtypeStructs with .sharding: what restores target
+    shardings: dict  # NamedShardings with the same structure
+
+
+def state_spec(cfg, mesh) -> StateSpec:
+    """Shapes and shardings of the whole train state, computed without allocating it."""
+    graphdef, abstract_params, names = model.abstract_model(cfg.model, cfg.seed)
+    param_shardings = partitioning.tree_shardings(mesh, abstract_params, names)
+    schedule = optimizer_lib.learning_rate(cfg.optimizer, cfg.steps)
+    tx = optimizer_lib.make(cfg.optimizer, cfg.steps)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = partitioning.replicated(mesh)
+    # Optimizer moments shard like their parameters; counters are replicated.
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                "opt_state": abstract_opt}
+    return StateSpec(graphdef, tx, schedule,
+                     checkpoints.abstract_with_shardings(abstract, shardings), shardings)
+
+
+def init_state(cfg, spec: StateSpec) -> dict:
+    params = model.init_params(cfg.model, cfg.seed, spec.shardings["params"])
+    opt_state = jax.jit(spec.tx.init, out_shardings=spec.shardings["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), spec.shardings["step"])
+    return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def compile_steps(cfg, spec: StateSpec, mesh):
+    """The jitted train and eval steps with explicit shardings (pjit style); state donated."""
+    batch_sharding = {k: partitioning.batch_sharding(mesh) for k in pipeline.FEATURES}
+    replicated = partitioning.replicated(mesh)
+    train_step = make_train_step(spec.graphdef, spec.tx, spec.schedule, seed=cfg.seed,
+                                 z_loss=cfg.optimizer.z_loss,
+                                 accum_steps=cfg.optimizer.grad_accum_steps,
+                                 dropout=cfg.model.dropout)
+    train_jit = jax.jit(train_step, in_shardings=(spec.shardings, batch_sharding),
+                        out_shardings=(spec.shardings, replicated), donate_argnums=0)
+    eval_jit = jax.jit(make_eval_step(spec.graphdef),
+                       in_shardings=(spec.shardings["params"], batch_sharding, replicated),
+                       out_shardings=replicated)
+    return train_jit, eval_jit
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def prepare_data(cfg, workdir: str) -> prepare.Prepared:
+    """Prepares the data source on process 0 while the others wait, then all open it."""
+    cache_dir = cfg.data.cache_dir or os.path.join(workdir, "data")
+    if jax.process_index() == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        prepared = prepare.prepare(cfg.data, cache_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("t5x_like: data prepared")
+        if jax.process_index() != 0:
+            prepared = prepare.prepare(cfg.data, cache_dir)
+    return prepared
+
+
+def check_batch(cfg, mesh) -> None:
+    dp = partitioning.data_parallel_size(mesh)
+    for key, size in (("data.batch_size", cfg.data.batch_size),
+                      ("eval.batch_size", cfg.eval.batch_size)):
+        if size % dp or size % jax.process_count():
+            raise UserError(f"config key '{key}': {size} is not divisible by the data-parallel "
+                            f"size {dp} (mesh.data x mesh.fsdp) and the {jax.process_count()} "
+                            "processes; pick a multiple of both.")
+    micro = cfg.data.batch_size // cfg.optimizer.grad_accum_steps
+    if micro % dp:
+        raise UserError(f"config key 'optimizer.grad_accum_steps': micro-batches of {micro} "
+                        f"sequences do not divide over the data-parallel size {dp}.")
+
+
+def global_batch(local: dict, mesh) -> dict:
+    """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded on the mesh."""
+    sharding = partitioning.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
+            for k in pipeline.FEATURES}
+
+
+def _pad_rows(local: dict | None, rows: int, template: dict) -> dict:
+    """Pads a short evaluation batch (or stands in for a finished one) with weight-0 rows."""
+    if local is None:
+        return {k: np.zeros_like(v) for k, v in template.items()}
+    n = len(local["inputs"])
+    return {k: np.pad(v, [(0, rows - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in local.items()}
+
+
+def _all_done(done: bool) -> bool:
+    if jax.process_count() == 1:
+        return done
+    return bool(np.all(multihost_utils.process_allgather(np.array(done))))
+
+
+def evaluate(eval_step, params, batches: Iterator[dict], *, max_steps: int, local_batch: int,
+             max_len: int, mesh, token_bytes) -> dict[str, float]:
+    """Sums the eval statistics over the split (or max_steps batches) -> loss, ppl, bpb, acc."""
+    template = {k: np.zeros((local_batch, max_len), np.float32 if k == "weights" else np.int32)
+                for k in pipeline.FEATURES}
+    totals: dict[str, float] = {}
+    steps = 0
+    while max_steps == 0 or steps < max_steps:
+        local = next(batches, None)
+        if _all_done(local is None):
+            break
+        stats = eval_step(params, global_batch(_pad_rows(local, local_batch, template), mesh),
+                          token_bytes)
+        for k, v in jax.device_get(stats).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        steps += 1
+    if not totals.get("weight_sum"):
+        raise UserError("the validation split gave no tokens to evaluate; check data.eval_split.")
+    return losses.summarize(totals)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def _check_resume_compatible(saved_path: str, cfg) -> None:
+    """A rerun in the same workdir must build the same model; other keys may change."""
+    saved = config_lib.to_dict(config_lib.load_json(saved_path))["model"]
+    now = config_lib.to_dict(cfg)["model"]
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            raise UserError(f"config key 'model.{key}': {saved.get(key)} in this workdir's "
+                            f"checkpoints, {now.get(key)} now; use a new --workdir or the same "
+                            "model.")
+
+
+def _install_tokenizer(src: str, workdir: str) -> str:
+    """Copies the tokenizer into the workdir, where sample/evaluate/serve and init_from find it."""
+    dst = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(dst) and not filecmp.cmp(src, dst, shallow=False):
+        raise UserError(f"{dst} differs from the data's tokenizer {src}: the data changed since "
+                        "this run started; use a new --workdir.")
+    if jax.process_index() == 0 and not os.path.exists(dst):
+        shutil.copyfile(src, dst + ".tmp")
+        os.replace(dst + ".tmp", dst)
+    return dst
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
+    """Trains `cfg` in `workdir` (resuming from its latest checkpoint); returns final eval."""
+    config_lib.validate(cfg)
+    workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    prepared = prepare_data(cfg, workdir)
+    tokenizer = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
+    cfg = config_lib.resolve(cfg, tokenizer.vocab_size)
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+        _check_resume_compatible(config_path, cfg)
+    _install_tokenizer(prepared.tokenizer_path, workdir)
+    if primary:
+        config_lib.save_json(cfg, config_path)
+
+    mesh = partitioning.make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
+    logging.info("Mesh %s over %d devices (%s), %d processes", dict(mesh.shape),
+                 jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
+
+    local_batch = cfg.data.batch_size // jax.process_count()
+    local_eval_batch = cfg.eval.batch_size // jax.process_count()
+    encode = pipeline.text_encoder(tokenizer, prepared.text_field)
+    data_kwargs = dict(max_len=cfg.model.max_len, seed=cfg.seed, packing=cfg.data.packing,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = iter(pipeline.make_dataset(
+        prepared.data_source(cfg.data.train_split), encode, batch_size=local_batch, train=True,
+        worker_count=cfg.data.worker_count, **data_kwargs))
+    eval_source = prepared.data_source(cfg.data.eval_split)
+
+    def eval_batches():
+        return iter(pipeline.make_dataset(eval_source, encode, batch_size=local_eval_batch,
+                                          train=False, **data_kwargs))
+
+    with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
+        spec = state_spec(cfg, mesh)
+        train_step, eval_step = compile_steps(cfg, spec, mesh)
+        ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
+                                        max_to_keep=cfg.checkpoint.max_to_keep,
+                                        async_save=cfg.checkpoint.async_save)
+        writer = MetricWriter(workdir, enabled=primary)
+        latest = ckpt.latest_step()
+        if latest is not None:
+            logging.info("Resuming from step %d", latest)
+            state = ckpt.restore(latest, spec.abstract, data_iter=train_iter)
+            writer.truncate_after(latest)
+        else:
+            state = init_state(cfg, spec)
+            logging.info("Initialized %s parameters", f"{model.count_params(state['params']):,}")
+        token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes()),
+                                     partitioning.replicated(mesh))
+        try:
+            final = _loop(cfg, state, train_iter, eval_batches, train_step, eval_step, ckpt,
+                          writer, mesh, token_bytes, local_eval_batch)
+        finally:
+            ckpt.close()
+            writer.close()
+    return final
+
+
+def _loop(cfg, state, train_iter, eval_batches, train_step, eval_step, ckpt, writer, mesh,
+          token_bytes, local_eval_batch) -> dict[str, float]:
+    start = int(jax.device_get(state["step"]))
+    steps = cfg.steps
+    tokens_per_step = cfg.data.batch_size * cfg.model.max_len
+    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.model.max_len)
+    peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
+
+    def run_eval(step):
+        result = evaluate(eval_step, state["params"], eval_batches(), max_steps=cfg.eval.steps,
+                          local_batch=local_eval_batch, max_len=cfg.model.max_len, mesh=mesh,
+                          token_bytes=token_bytes)
+        writer.write(step, result, split="validation")
+        return result
+
+    final: dict[str, float] = {}
+    bar = tqdm.tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True,
+                    disable=jax.process_index() != 0 or not sys.stderr.isatty())
+    last_time, last_step = time.perf_counter(), start
+    for step in range(start + 1, steps + 1):
+        batch = global_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch)
+        bar.update(1)
+        if step == start + 1:  # keep compilation out of tokens/s
+            jax.block_until_ready(metrics)
+            last_time, last_step = time.perf_counter(), step
+        if step % cfg.log_every_steps == 0 or step == steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            if step > last_step:
+                tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
+                metrics["tokens_per_sec"] = tokens_per_sec
+                metrics["tflops_per_sec_per_device"] = (
+                    flops_per_token * tokens_per_sec / jax.device_count() / 1e12)
+                if peak:
+                    metrics["mfu"] = metrics["tflops_per_sec_per_device"] / peak
+            last_time, last_step = now, step
+            writer.write(step, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if step % cfg.checkpoint.every_steps == 0 or step == steps:
+            ckpt.save(step, state, train_iter)
+        if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == steps:
+            final = run_eval(step)
+            last_time = time.perf_counter()  # keep eval time out of tokens/s
+    bar.close()
+    if start >= steps:
+        logging.info("Already trained for %d steps; evaluating the final checkpoint.", steps)
+        final = run_eval(start)
+    return final
