@@ -91,7 +91,7 @@ def make_dataset(source, encode: Callable[[dict], dict], *, batch_size: int, max
     if packing:
         lengths = {"inputs": max_len, "targets": max_len, "weights": max_len}
         it = grain_exp.FirstFitPackIterDataset(it, length_struct=lengths,
-                                               num_packing_bins=max(batch_size, 8), seed=seed,
+                                               num_packing_bins=max(4 * batch_size, 16), seed=seed,
                                                shuffle_bins=train)
         it = it.map(_from_packed)
     else:
