@@ -15,6 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.seed = 0  # model init, data order and dropout all derive from it
     cfg.steps = 1000  # optimizer steps in total (a rerun resumes until it reaches them)
     cfg.log_every_steps = 20  # train metrics to metrics.jsonl / TensorBoard / progress bar
+    # Start from another run's parameters (fresh optimizer, step 0): a workdir, an exported or
+    # imported model directory, or one checkpoint (<workdir>/checkpoints/<step>). Its tokenizer
+    # comes along. Ignored when this workdir already has checkpoints (the run resumes instead).
+    cfg.init_from = ""
     # Peak FLOP/s of one device for MFU; 0 = look it up from the device kind (TPU/GPU table in
     # flops.py). CPUs have no entry: set it to the measured matmul rate to get MFU there.
     cfg.peak_tflops_per_device = 0.0
@@ -50,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.optimizer.grad_clip = 1.0  # global-norm clipping; 0 = off
     cfg.optimizer.grad_accum_steps = 1  # micro-batches per step (same result, less memory)
     cfg.optimizer.z_loss = 0.0  # weight of log(Z)^2, keeps the softmax normalizer near 0
+    # A step whose gradients are not finite (NaN/Inf) is never applied; then either go on
+    # ("skip", counted as nonfinite_steps in metrics) or stop the run with a message ("stop").
+    cfg.optimizer.on_nonfinite = "stop"
 
     cfg.data = ml_collections.ConfigDict()
     # synthetic:arithmetic | text:<path or glob> | jsonl:<path>:<field>
@@ -83,6 +90,14 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.checkpoint.every_steps = 500  # also saved at the last step
     cfg.checkpoint.max_to_keep = 3
     cfg.checkpoint.async_save = True  # write in the background while training continues
+    # On SIGTERM (what TPU/GKE/SLURM send before preempting): save at the current step, wait for
+    # it to commit, exit cleanly. Rerunning the same command resumes from there.
+    cfg.checkpoint.save_on_preemption = True
+    # Besides the last max_to_keep, keep the keep_best checkpoints with the best validation
+    # metric keep_best_by ("" = off), e.g. "loss" with best_mode "min".
+    cfg.checkpoint.keep_best_by = ""
+    cfg.checkpoint.keep_best = 1
+    cfg.checkpoint.best_mode = "min"  # min | max
 
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.every_steps = 500  # also run at the last step; 0 = only at the last step

@@ -18,6 +18,11 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 SCHEDULES = ("cosine", "linear", "constant")
 TEXT_UNITS = ("line", "paragraph", "file")
 TOKENIZER_TYPES = ("bpe", "unigram")
+EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
+# Model keys that may differ between a checkpoint and the run loading it: they change how the
+# same parameters are computed with, not what the parameters are.
+FREE_MODEL_KEYS = ("max_len", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
+                   "vocab_multiple")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -63,6 +68,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 = off).")
     _require(o.z_loss >= 0, "optimizer.z_loss", "must be >= 0.")
     _require(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", "must be >= 1.")
+    _require(o.on_nonfinite in ("skip", "stop"), "optimizer.on_nonfinite",
+             f"is {o.on_nonfinite!r}; choose skip or stop.")
 
     d = cfg.data
     sources.parse_source(d.source)  # raises UserError naming data.source
@@ -91,9 +98,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     c = cfg.checkpoint
     _require(c.every_steps > 0, "checkpoint.every_steps", "must be positive.")
     _require(c.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1.")
+    _require(c.keep_best >= 1, "checkpoint.keep_best", "must be >= 1.")
+    _require(c.best_mode in ("min", "max"), "checkpoint.best_mode",
+             f"is {c.best_mode!r}; choose min or max.")
+    _require(not c.keep_best_by or c.keep_best_by in EVAL_METRICS, "checkpoint.keep_best_by",
+             f"is {c.keep_best_by!r}; choose one of {', '.join(EVAL_METRICS)} (or '' for off).")
     _require(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = at the end only).")
     _require(cfg.eval.steps >= 0, "eval.steps", "must be >= 0 (0 = the whole split).")
     _require(cfg.eval.batch_size >= 0, "eval.batch_size", "must be >= 0.")
+
+
+def check_same_model(saved_model, model, where: str) -> None:
+    """Raises UserError naming the first parameter-defining model key that differs."""
+    saved, now = to_dict(saved_model), to_dict(model)
+    for key in sorted(set(saved) | set(now)):
+        if key not in FREE_MODEL_KEYS and saved.get(key) != now.get(key):
+            raise UserError(f"model.{key}: {saved.get(key)} in {where}, {now.get(key)} in config; "
+                            "make the model config match (or start a new --workdir).")
 
 
 def head_dim(model_cfg) -> int:
@@ -121,6 +142,8 @@ def resolve(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> ml_collecti
 
 
 def to_dict(cfg) -> dict[str, Any]:
+    if isinstance(cfg, dict):
+        return dict(cfg)
     if isinstance(cfg, ml_collections.FrozenConfigDict):
         cfg = cfg.as_configdict()
     return cfg.to_dict()

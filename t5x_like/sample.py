@@ -12,16 +12,6 @@ from absl import flags
 
 from t5x_like import cli, model, runs
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to sample from.", required=True)
-_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample only among the k likeliest tokens; 0 = all.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_NUM = flags.DEFINE_integer("num_samples", 1, "Independent samples to print.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-
-
 def make_next_token(graphdef, window: int, temperature: float, top_k: int):
     """(params, tokens [1, window], length, key) -> next token id, jitted once."""
 
@@ -60,17 +50,26 @@ def generate(run: runs.Run, prompt_ids: list[int], *, max_new_tokens: int, tempe
 
 def main(argv):
     del argv
-    run = runs.load(_WORKDIR.value, step=_STEP.value)
+    f = flags.FLAGS
+    run = runs.load(f.workdir, step=f.step)
     tok = run.tokenizer
-    prompt_ids = [tok.bos_id, *tok.encode(_PROMPT.value)]
-    for n in range(_NUM.value):
-        out = generate(run, prompt_ids, max_new_tokens=_MAX_NEW.value,
-                       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, seed=_SEED.value + n,
+    prompt_ids = [tok.bos_id, *tok.encode(f.prompt)]
+    for n in range(f.num_samples):
+        out = generate(run, prompt_ids, max_new_tokens=f.max_new_tokens,
+                       temperature=f.temperature, top_k=f.top_k, seed=f.seed + n,
                        stop_ids=(tok.eos_id,))
-        if _NUM.value > 1:
+        if f.num_samples > 1:
             print(f"--- sample {n + 1} (step {run.step}) ---")
-        print(_PROMPT.value + tok.decode(out))
+        print(f.prompt + tok.decode(out))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags are defined only when run as a program (modules import freely)
+    flags.DEFINE_string("workdir", None, "Run directory to sample from.", required=True)
+    flags.DEFINE_string("prompt", "", "Text to continue.")
+    flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate.")
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+    flags.DEFINE_integer("top_k", 0, "Sample only among the k likeliest tokens; 0 = all.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("num_samples", 1, "Independent samples to print.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
     cli.run(main)

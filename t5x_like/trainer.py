@@ -13,6 +13,7 @@ import dataclasses
 import filecmp
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -79,7 +80,8 @@ def make_train_step(graphdef, tx, schedule, *, seed: int, z_loss: float, accum_s
                      "opt_state": opt_state}
         metrics = {"loss": stats["nll_sum"] / denom, "accuracy": stats["correct_sum"] / denom,
                    "grad_norm": optax.global_norm(grads),
-                   "learning_rate": schedule(state["step"]), "loss_tokens": stats["weight_sum"]}
+                   "learning_rate": schedule(state["step"]), "loss_tokens": stats["weight_sum"],
+                   "nonfinite_steps": optimizer_lib.nonfinite_steps(opt_state)}
         if z_loss:
             metrics["z_loss"] = stats["z_sum"] / denom
         return new_state, metrics
@@ -226,17 +228,6 @@ def evaluate(eval_step, params, batches: Iterator[dict], *, max_steps: int, loca
 # The run.
 
 
-def _check_resume_compatible(saved_path: str, cfg) -> None:
-    """A rerun in the same workdir must build the same model; other keys may change."""
-    saved = config_lib.to_dict(config_lib.load_json(saved_path))["model"]
-    now = config_lib.to_dict(cfg)["model"]
-    for key in sorted(set(saved) | set(now)):
-        if saved.get(key) != now.get(key):
-            raise UserError(f"config key 'model.{key}': {saved.get(key)} in this workdir's "
-                            f"checkpoints, {now.get(key)} now; use a new --workdir or the same "
-                            "model.")
-
-
 def _install_tokenizer(src: str, workdir: str) -> str:
     """Copies the tokenizer into the workdir, where sample/evaluate/serve and init_from find it."""
     dst = os.path.join(workdir, "tokenizer.model")
@@ -249,19 +240,77 @@ def _install_tokenizer(src: str, workdir: str) -> str:
     return dst
 
 
+def _inherit_tokenizer(cfg, init_dir: str):
+    """A run started from another one uses its vocabulary: the tokenizer travels with it."""
+    src = os.path.join(init_dir, "tokenizer.model")
+    if not os.path.isfile(src):
+        raise UserError(f"config key 'init_from': {init_dir} has no tokenizer.model.")
+    if cfg.data.tokenizer and not filecmp.cmp(cfg.data.tokenizer, src, shallow=False):
+        raise UserError(f"config key 'data.tokenizer': {cfg.data.tokenizer} is not the tokenizer "
+                        f"of init_from ({src}); leave data.tokenizer empty to inherit it.")
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.tokenizer = src
+    logging.info("init_from %s: inheriting its tokenizer", init_dir)
+    return cfg
+
+
+def _state_from_init(cfg, spec: StateSpec, init_dir: str, init_step: int | None) -> dict:
+    """Parameters of another run or model directory; fresh optimizer state; step 0."""
+    where = os.path.join(init_dir, "config.json")
+    config_lib.check_same_model(config_lib.load_json(where).model, cfg.model, where)
+    params, step = checkpoints.restore_params(init_dir, spec.abstract["params"], init_step)
+    logging.info("Initialized parameters from %s step %d (optimizer fresh, step 0)", init_dir, step)
+    opt_state = jax.jit(spec.tx.init, out_shardings=spec.shardings["opt_state"])(params)
+    return {"step": jax.device_put(jnp.zeros((), jnp.int32), spec.shardings["step"]),
+            "params": params, "opt_state": opt_state}
+
+
+class Preemption:
+    """Notices SIGTERM. One process: a signal handler sets a flag. Several: JAX's preemption
+    service agrees on one step at which every process saves (call `reached` every step)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.flag = False
+        if enabled and jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if not self.enabled:
+            return False
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.flag
+
+    def close(self) -> None:
+        if self.enabled and jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
-    """Trains `cfg` in `workdir` (resuming from its latest checkpoint); returns final eval."""
+    """Trains `cfg` in `workdir` (resuming from its latest checkpoint); returns final eval.
+
+    The result also has "preempted": True when SIGTERM stopped the run early (after saving).
+    """
     config_lib.validate(cfg)
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    init_dir, init_step = checkpoints.locate(cfg.init_from) if cfg.init_from else (None, None)
+    if init_dir:
+        cfg = _inherit_tokenizer(cfg, init_dir)
 
     prepared = prepare_data(cfg, workdir)
     tokenizer = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
     cfg = config_lib.resolve(cfg, tokenizer.vocab_size)
     config_path = os.path.join(workdir, "config.json")
     if os.path.exists(config_path):
-        _check_resume_compatible(config_path, cfg)
+        config_lib.check_same_model(config_lib.load_json(config_path).model, cfg.model,
+                                    "this workdir's checkpoints")
     _install_tokenizer(prepared.tokenizer_path, workdir)
     if primary:
         config_lib.save_json(cfg, config_path)
@@ -285,78 +334,126 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
         return iter(pipeline.make_dataset(eval_source, encode, batch_size=local_eval_batch,
                                           train=False, **data_kwargs))
 
+    c = cfg.checkpoint
     with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
         spec = state_spec(cfg, mesh)
         train_step, eval_step = compile_steps(cfg, spec, mesh)
-        ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
-                                        max_to_keep=cfg.checkpoint.max_to_keep,
-                                        async_save=cfg.checkpoint.async_save)
+        ckpt = checkpoints.Checkpointer(
+            checkpoints.checkpoint_dir(workdir), max_to_keep=c.max_to_keep,
+            async_save=c.async_save, keep_best_by=c.keep_best_by, keep_best=c.keep_best,
+            best_mode=c.best_mode)
         writer = MetricWriter(workdir, enabled=primary)
-        latest = ckpt.latest_step()
-        if latest is not None:
-            logging.info("Resuming from step %d", latest)
-            state = ckpt.restore(latest, spec.abstract, data_iter=train_iter)
-            writer.truncate_after(latest)
-        else:
-            state = init_state(cfg, spec)
-            logging.info("Initialized %s parameters", f"{model.count_params(state['params']):,}")
-        token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes()),
-                                     partitioning.replicated(mesh))
+        preemption = Preemption(c.save_on_preemption)
         try:
-            final = _loop(cfg, state, train_iter, eval_batches, train_step, eval_step, ckpt,
-                          writer, mesh, token_bytes, local_eval_batch)
+            state = ckpt.restore_newest_valid(spec.abstract, data_iter=train_iter)
+            if state is not None:
+                logging.info("Resuming from step %d", int(jax.device_get(state["step"])))
+            elif init_dir:
+                state = _state_from_init(cfg, spec, init_dir, init_step)
+            else:
+                state = init_state(cfg, spec)
+            # Lines logged after the restored step (or by a run killed before its first
+            # checkpoint) describe work that is being redone.
+            writer.truncate_after(int(jax.device_get(state["step"])))
+            logging.info("Model: %s parameters", f"{model.count_params(state['params']):,}")
+            token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes()),
+                                         partitioning.replicated(mesh))
+            loop = _Loop(cfg, train_step, eval_step, ckpt, writer, mesh, token_bytes,
+                         local_eval_batch, eval_batches, preemption)
+            return loop.run(state, train_iter)
         finally:
+            preemption.close()
             ckpt.close()
             writer.close()
-    return final
 
 
-def _loop(cfg, state, train_iter, eval_batches, train_step, eval_step, ckpt, writer, mesh,
-          token_bytes, local_eval_batch) -> dict[str, float]:
-    start = int(jax.device_get(state["step"]))
-    steps = cfg.steps
-    tokens_per_step = cfg.data.batch_size * cfg.model.max_len
-    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.model.max_len)
-    peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
+class _Loop:
+    """The training loop and what happens at its intervals: log, evaluate, save, stop."""
 
-    def run_eval(step):
-        result = evaluate(eval_step, state["params"], eval_batches(), max_steps=cfg.eval.steps,
-                          local_batch=local_eval_batch, max_len=cfg.model.max_len, mesh=mesh,
-                          token_bytes=token_bytes)
-        writer.write(step, result, split="validation")
+    def __init__(self, cfg, train_step, eval_step, ckpt, writer, mesh, token_bytes,
+                 local_eval_batch, eval_batches, preemption):
+        self.cfg, self.train_step, self.eval_step = cfg, train_step, eval_step
+        self.ckpt, self.writer, self.mesh = ckpt, writer, mesh
+        self.token_bytes, self.local_eval_batch = token_bytes, local_eval_batch
+        self.eval_batches, self.preemption = eval_batches, preemption
+        self.tokens_per_step = cfg.data.batch_size * cfg.model.max_len
+        self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.model.max_len)
+        self.peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
+
+    def evaluate(self, state, step: int) -> dict[str, float]:
+        result = evaluate(self.eval_step, state["params"], self.eval_batches(),
+                          max_steps=self.cfg.eval.steps, local_batch=self.local_eval_batch,
+                          max_len=self.cfg.model.max_len, mesh=self.mesh,
+                          token_bytes=self.token_bytes)
+        self.writer.write(step, result, split="validation")
         return result
 
-    final: dict[str, float] = {}
-    bar = tqdm.tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True,
-                    disable=jax.process_index() != 0 or not sys.stderr.isatty())
-    last_time, last_step = time.perf_counter(), start
-    for step in range(start + 1, steps + 1):
-        batch = global_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, batch)
-        bar.update(1)
-        if step == start + 1:  # keep compilation out of tokens/s
-            jax.block_until_ready(metrics)
-            last_time, last_step = time.perf_counter(), step
-        if step % cfg.log_every_steps == 0 or step == steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            if step > last_step:
-                tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
-                metrics["tokens_per_sec"] = tokens_per_sec
-                metrics["tflops_per_sec_per_device"] = (
-                    flops_per_token * tokens_per_sec / jax.device_count() / 1e12)
-                if peak:
-                    metrics["mfu"] = metrics["tflops_per_sec_per_device"] / peak
-            last_time, last_step = now, step
-            writer.write(step, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if step % cfg.checkpoint.every_steps == 0 or step == steps:
-            ckpt.save(step, state, train_iter)
-        if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == steps:
-            final = run_eval(step)
-            last_time = time.perf_counter()  # keep eval time out of tokens/s
-    bar.close()
-    if start >= steps:
-        logging.info("Already trained for %d steps; evaluating the final checkpoint.", steps)
-        final = run_eval(start)
-    return final
+    def log(self, step: int, metrics, elapsed: float, steps_done: int) -> None:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if steps_done:
+            tokens_per_sec = self.tokens_per_step * steps_done / elapsed
+            metrics["tokens_per_sec"] = tokens_per_sec
+            metrics["tflops_per_sec_per_device"] = (
+                self.flops_per_token * tokens_per_sec / jax.device_count() / 1e12)
+            if self.peak:
+                metrics["mfu"] = metrics["tflops_per_sec_per_device"] / self.peak
+        self.writer.write(step, metrics)
+
+    def check_finite(self, step: int, metrics, skipped_before: int) -> int:
+        """Stops the run (optimizer.on_nonfinite=stop) when a step's gradients were not finite.
+
+        Reads the previous step's counter, so the device is never left idle waiting."""
+        skipped = int(jax.device_get(metrics["nonfinite_steps"]))
+        if skipped > skipped_before:
+            logging.warning("Step %d: non-finite loss or gradients; the update was skipped "
+                            "(%d so far).", step, skipped)
+            if self.cfg.optimizer.on_nonfinite == "stop":
+                raise UserError(
+                    f"step {step}: the loss or gradients became NaN/Inf; the update was not "
+                    f"applied and training stopped. Lower optimizer.lr, check the data, or set "
+                    f"optimizer.on_nonfinite=skip. The last checkpoint is step "
+                    f"{self.ckpt.latest_step()}.")
+        return skipped
+
+    def run(self, state, train_iter) -> dict[str, float]:
+        cfg = self.cfg
+        start, steps = int(jax.device_get(state["step"])), cfg.steps
+        final: dict[str, float] = {}
+        bar = tqdm.tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True,
+                        disable=jax.process_index() != 0 or not sys.stderr.isatty())
+        last_time, last_step = time.perf_counter(), start
+        previous, skipped = None, 0
+        for step in range(start + 1, steps + 1):
+            batch = global_batch(next(train_iter), self.mesh)
+            state, metrics = self.train_step(state, batch)
+            bar.update(1)
+            if previous is not None:
+                skipped = self.check_finite(step - 1, previous, skipped)
+            previous = metrics
+            if step == start + 1:  # keep compilation out of tokens/s
+                jax.block_until_ready(metrics)
+                last_time, last_step = time.perf_counter(), step
+            if step % cfg.log_every_steps == 0 or step == steps:
+                now = time.perf_counter()
+                self.log(step, metrics, now - last_time, step - last_step)
+                last_time, last_step = now, step
+                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+            evaluated = None
+            if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == steps:
+                evaluated = final = self.evaluate(state, step)
+                last_time = time.perf_counter()  # keep eval time out of tokens/s
+            preempted = self.preemption.reached(step)
+            if step % cfg.checkpoint.every_steps == 0 or step == steps or preempted:
+                skipped = self.check_finite(step, metrics, skipped)
+                self.ckpt.save(step, state, train_iter, metrics=evaluated)
+            if preempted:
+                self.ckpt.wait()
+                logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; rerun the same "
+                                "command to resume.", step)
+                bar.close()
+                return {**final, "preempted": True, "step": step}
+        bar.close()
+        if start >= steps:
+            logging.info("Already trained for %d steps; evaluating the final checkpoint.", steps)
+            final = self.evaluate(state, start)
+        return final

@@ -2,6 +2,7 @@
 
 import jax
 import ml_collections
+import optax
 import numpy as np
 import pytest
 
@@ -69,7 +70,7 @@ def test_parameters_are_sharded_by_the_rules(tiny_cfg):
     assert shard(params["embed"]) == (192, 16)  # (vocab->tensor, embed->fsdp)
     assert shard(params["final_norm"]) == (32,)  # norms replicated
     # Adam moments shard like their parameters.
-    mu = state["opt_state"][1][0].mu
+    mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
     assert shard(mu["layers"]["wq"]) == (2, 16, 2, 8)
 
 

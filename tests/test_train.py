@@ -107,7 +107,7 @@ def test_resume_refuses_a_different_model(trained, tmp_path):
     small.checkpoint.every_steps = 2
     trainer.train_and_evaluate(small, str(tmp_path))
     small.model.num_layers = 3
-    with pytest.raises(UserError, match="'model.num_layers': 2 in this workdir's checkpoints, 3"):
+    with pytest.raises(UserError, match="model.num_layers: 2 in this workdir's checkpoints, 3 in config"):
         trainer.train_and_evaluate(small, str(tmp_path))
 
 
