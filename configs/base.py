@@ -78,6 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.vocab_size = 2048  # size of a trained tokenizer (fewer pieces if the text is small)
     cfg.data.tokenizer_max_chars = 50_000_000  # train the tokenizer on at most this much text
     cfg.data.worker_count = 0  # grain worker processes for tokenizing and packing; 0 = in-process
+    # Logical shards of the training data (t5x_like/batches.py); the data order depends on this,
+    # not on the process count, so a run resumes identically on any process count dividing it.
+    # 0 = one shard per process.
+    cfg.data.num_shards = 0
 
     cfg.mesh = ml_collections.ConfigDict()
     # Device mesh axes; -1 = all remaining devices. Batch shards over data x fsdp, parameters
@@ -85,6 +89,17 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.mesh.data = -1
     cfg.mesh.fsdp = 1
     cfg.mesh.tensor = 1
+    # Overrides of the logical-axis rules table, e.g. "embed=none,mlp=tensor+fsdp" (see
+    # partitioning.RULES for the names); "" = the table as it is.
+    cfg.mesh.rules = ""
+
+    cfg.distributed = ml_collections.ConfigDict()
+    # JAX multi-controller runtime (jax.distributed): several processes, one program. Leave
+    # empty on TPU VMs and under SLURM (detected); set all three for other clusters.
+    cfg.distributed.coordinator_address = ""  # host:port of process 0
+    cfg.distributed.num_processes = 0
+    cfg.distributed.process_id = -1
+    cfg.distributed.initialization_timeout = 300  # seconds to wait for every process to join
 
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.every_steps = 500  # also saved at the last step

@@ -4,7 +4,8 @@ A checkpoint `<dir>/checkpoints/<step>/` holds up to three items:
 
     params     the model parameters (pure dict)            -> sample / evaluate / init_from
     train      {"step", "opt_state"}                       -> resume
-    data_iter  the grain iterator state of this process    -> resume at exactly the next batch
+    data       the grain iterator state of every data shard (JSON, see batches.py)
+                                                           -> resume at exactly the next batch
 
 Orbax writes each checkpoint under a temporary name and renames it when every item has
 committed, and deletes old checkpoints only after a newer one committed, so a run killed at any
@@ -22,7 +23,6 @@ run's workdir with parameters only: `config.json`, `tokenizer.model`, `checkpoin
 import os
 import time
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -60,34 +60,39 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, data_iter=None, metrics: dict | None = None) -> None:
+    def save(self, step: int, state: dict, batches=None, metrics: dict | None = None) -> None:
         """Starts saving `state` ({"step", "params", "opt_state"}); returns before it commits.
 
+        `batches` (a batches.ShardedBatches) adds the data state; every process must call this.
         `metrics` (validation results at this step) rank the checkpoint for keep_best_by.
         """
         items = {"params": ocp.args.StandardSave(state["params"]),
                  "train": ocp.args.StandardSave({"step": state["step"],
                                                  "opt_state": state["opt_state"]})}
-        if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        if batches is not None:
+            items["data"] = ocp.args.JsonSave(batches.global_state())
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
-    def restore(self, step: int, target: dict, data_iter=None) -> dict:
+    def restore(self, step: int, target: dict, batches=None) -> dict:
         """Restores a full train state onto the shardings in `target` (abstract state)."""
         items = {"params": ocp.args.StandardRestore(target["params"]),
                  "train": ocp.args.StandardRestore({"step": target["step"],
                                                     "opt_state": target["opt_state"]})}
-        if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        if batches is not None:
+            items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if batches is not None:
+            batches.set_global_state(restored["data"])
         return {"step": restored["train"]["step"], "params": restored["params"],
                 "opt_state": restored["train"]["opt_state"]}
 
-    def restore_newest_valid(self, target: dict, data_iter=None) -> dict | None:
+    def restore_newest_valid(self, target: dict, batches=None) -> dict | None:
         """The newest checkpoint that restores; damaged ones are moved aside with a warning."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                return self.restore(step, target, data_iter)
+                return self.restore(step, target, batches)
+            except UserError:
+                raise
             except Exception as e:  # Orbax/TensorStore raise many types for damaged files
                 bad = os.path.join(self.directory, str(step))
                 logging.warning("Checkpoint %s cannot be restored (%s: %s); moving it aside and "

@@ -90,10 +90,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(not d.tokenizer or os.path.isfile(d.tokenizer), "data.tokenizer",
              f"file {d.tokenizer!r} does not exist; give a SentencePiece .model or leave it empty.")
 
+    _require(d.num_shards >= 0, "data.num_shards", "must be >= 0 (0 = one per process).")
+    _require(d.num_shards == 0 or d.batch_size % d.num_shards == 0, "data.num_shards",
+             f"{d.num_shards} must divide data.batch_size ({d.batch_size}).")
+    from t5x_like import partitioning  # local: partitioning imports jax
+
+    partitioning.rules_with_overrides(cfg.mesh.rules)  # raises UserError naming a bad entry
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     for name, size in zip(("data", "fsdp", "tensor"), sizes):
         _require(size == -1 or size >= 1, f"mesh.{name}", f"is {size}; use -1 or a positive size.")
     _require(sizes.count(-1) <= 1, "mesh", "at most one axis may be -1 (the remaining devices).")
+    dist = cfg.distributed
+    if dist.coordinator_address:
+        _require(":" in dist.coordinator_address, "distributed.coordinator_address",
+                 f"is {dist.coordinator_address!r}; use host:port of process 0.")
+        _require(dist.num_processes >= 1, "distributed.num_processes",
+                 "must be set (>= 1) with distributed.coordinator_address.")
+        _require(0 <= dist.process_id < dist.num_processes, "distributed.process_id",
+                 f"is {dist.process_id}; it must be in [0, distributed.num_processes).")
 
     c = cfg.checkpoint
     _require(c.every_steps > 0, "checkpoint.every_steps", "must be positive.")

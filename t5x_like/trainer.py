@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from data_pipelines import pipeline, prepare
 from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like import batches as batches_lib
 from t5x_like import checkpoints, config as config_lib, flops, losses, model
 from t5x_like import optimizer as optimizer_lib
 from t5x_like import partitioning
@@ -320,22 +321,27 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     logging.info("Mesh %s over %d devices (%s), %d processes", dict(mesh.shape),
                  jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
 
-    local_batch = cfg.data.batch_size // jax.process_count()
     local_eval_batch = cfg.eval.batch_size // jax.process_count()
     encode = pipeline.text_encoder(tokenizer, prepared.text_field)
-    data_kwargs = dict(max_len=cfg.model.max_len, seed=cfg.seed, packing=cfg.data.packing,
-                       process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = iter(pipeline.make_dataset(
-        prepared.data_source(cfg.data.train_split), encode, batch_size=local_batch, train=True,
-        worker_count=cfg.data.worker_count, **data_kwargs))
+    data_kwargs = dict(max_len=cfg.model.max_len, seed=cfg.seed, packing=cfg.data.packing)
+    train_source = prepared.data_source(cfg.data.train_split)
+    num_shards = cfg.data.num_shards or jax.process_count()
+    train_batches = batches_lib.ShardedBatches(
+        lambda shard: iter(pipeline.make_dataset(
+            train_source, encode, batch_size=cfg.data.batch_size // num_shards, train=True,
+            process_index=shard, process_count=num_shards, worker_count=cfg.data.worker_count,
+            **data_kwargs)),
+        batches_lib.local_shards(num_shards))
     eval_source = prepared.data_source(cfg.data.eval_split)
 
-    def eval_batches():
-        return iter(pipeline.make_dataset(eval_source, encode, batch_size=local_eval_batch,
-                                          train=False, **data_kwargs))
+    def eval_batches():  # evaluation sums over records, so any split over processes will do
+        return iter(pipeline.make_dataset(
+            eval_source, encode, batch_size=local_eval_batch, train=False,
+            process_index=jax.process_index(), process_count=jax.process_count(), **data_kwargs))
 
     c = cfg.checkpoint
-    with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
+    rules = partitioning.rules_with_overrides(cfg.mesh.rules)
+    with jax.set_mesh(mesh), partitioning.axis_rules(rules):
         spec = state_spec(cfg, mesh)
         train_step, eval_step = compile_steps(cfg, spec, mesh)
         ckpt = checkpoints.Checkpointer(
@@ -345,7 +351,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
         writer = MetricWriter(workdir, enabled=primary)
         preemption = Preemption(c.save_on_preemption)
         try:
-            state = ckpt.restore_newest_valid(spec.abstract, data_iter=train_iter)
+            state = ckpt.restore_newest_valid(spec.abstract, batches=train_batches)
             if state is not None:
                 logging.info("Resuming from step %d", int(jax.device_get(state["step"])))
             elif init_dir:
@@ -360,7 +366,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                                          partitioning.replicated(mesh))
             loop = _Loop(cfg, train_step, eval_step, ckpt, writer, mesh, token_bytes,
                          local_eval_batch, eval_batches, preemption)
-            return loop.run(state, train_iter)
+            return loop.run(state, train_batches)
         finally:
             preemption.close()
             ckpt.close()
@@ -415,7 +421,7 @@ class _Loop:
                     f"{self.ckpt.latest_step()}.")
         return skipped
 
-    def run(self, state, train_iter) -> dict[str, float]:
+    def run(self, state, train_batches) -> dict[str, float]:
         cfg = self.cfg
         start, steps = int(jax.device_get(state["step"])), cfg.steps
         final: dict[str, float] = {}
@@ -424,7 +430,7 @@ class _Loop:
         last_time, last_step = time.perf_counter(), start
         previous, skipped = None, 0
         for step in range(start + 1, steps + 1):
-            batch = global_batch(next(train_iter), self.mesh)
+            batch = global_batch(next(train_batches), self.mesh)
             state, metrics = self.train_step(state, batch)
             bar.update(1)
             if previous is not None:
@@ -445,7 +451,7 @@ class _Loop:
             preempted = self.preemption.reached(step)
             if step % cfg.checkpoint.every_steps == 0 or step == steps or preempted:
                 skipped = self.check_finite(step, metrics, skipped)
-                self.ckpt.save(step, state, train_iter, metrics=evaluated)
+                self.ckpt.save(step, state, train_batches, metrics=evaluated)
             if preempted:
                 self.ckpt.wait()
                 logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; rerun the same "
