@@ -31,43 +31,49 @@ def losses(workdir, split="train"):
             if r["split"] == split]
 
 
-def test_two_processes_reproduce_one_process_and_share_checkpoints(tmp_path):
+def _copy_run(src, dst, step):
+    """A workdir holding only `src`'s checkpoint `step` (as if the run had stopped there)."""
+    os.makedirs(dst / "checkpoints")
+    for name in ("config.json", "tokenizer.model"):
+        subprocess.run(["cp", str(src / name), str(dst)], check=True)
+    subprocess.run(["cp", "-r", str(src / "checkpoints" / str(step)), str(dst / "checkpoints")],
+                   check=True)
+
+
+def test_two_processes_match_one_and_checkpoints_cross_process_counts(tmp_path):
     cache = f"--config.data.cache_dir={tmp_path / 'cache'}"
-    multi, single, resumed = tmp_path / "multi", tmp_path / "single", tmp_path / "resumed"
-    run = subprocess.run(
-        ["bash", "launch/local_multiprocess.sh", "2", *TINY, cache, "--config.steps=4",
-         "--config.checkpoint.every_steps=4", f"--workdir={multi}"],
-        cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=600)
+    single, multi, back = tmp_path / "single", tmp_path / "multi", tmp_path / "back"
+    common = [*TINY, cache, "--config.steps=6", "--config.checkpoint.every_steps=2",
+              "--config.eval.every_steps=2"]
+    # Reference: one process with 4 devices and 2 data shards, 6 steps.
+    subprocess.run([sys.executable, "-m", "t5x_like.train", *common, f"--workdir={single}"],
+                   cwd=ROOT, env=env(4), check=True, capture_output=True, timeout=600)
+    want = dict(losses(single))
+    want_eval = dict(losses(single, "validation"))
+
+    # Two processes with 2 devices each resume the one-process checkpoint of step 2 and train
+    # to step 4: the same global batches (each process reads its shard), the same losses.
+    _copy_run(single, multi, 2)
+    run = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", *common,
+                          "--config.steps=4", f"--workdir={multi}"],
+                         cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(os.listdir(multi / "logs")) == ["process_0.log", "process_1.log"]
+    got = dict(losses(multi))
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    # Whole-split evaluation does not depend on how processes divide the split.
+    assert dict(losses(multi, "validation"))[4] == pytest.approx(want_eval[4], rel=1e-5)
 
-    # One process with the 4 devices and the same 2 data shards: the same global batches.
-    subprocess.run([sys.executable, "-m", "t5x_like.train", *TINY, cache, "--config.steps=6",
-                    "--config.checkpoint.every_steps=6", "--config.eval.every_steps=4",
-                    f"--workdir={single}"],
+    # And the checkpoint both processes wrote at step 4 resumes in one process.
+    _copy_run(multi, back, 4)
+    subprocess.run([sys.executable, "-m", "t5x_like.train", *common, f"--workdir={back}"],
                    cwd=ROOT, env=env(4), check=True, capture_output=True, timeout=600)
-    want = losses(single)
-    got = losses(multi)
-    assert [s for s, _ in got] == [1, 2, 3, 4]
-    for (step, a), (_, b) in zip(got, want):
-        assert a == pytest.approx(b, rel=1e-5), step
-    # Whole-split evaluation does not depend on how it is divided between processes.
-    assert losses(multi, "validation")[0] == pytest.approx(losses(single, "validation")[0],
-                                                           rel=1e-5)
-
-    # The 2-process checkpoint (one per job, written by both) resumes in a single process,
-    # with the data state of both shards: steps 5-6 match the uninterrupted single run.
-    os.makedirs(resumed)
-    subprocess.run(["cp", "-r", str(multi / "checkpoints"), str(multi / "config.json"),
-                    str(multi / "tokenizer.model"), str(multi / "metrics.jsonl"), str(resumed)],
-                   check=True)
-    subprocess.run([sys.executable, "-m", "t5x_like.train", *TINY, cache, "--config.steps=6",
-                    "--config.checkpoint.every_steps=6", f"--workdir={resumed}"],
-                   cwd=ROOT, env=env(4), check=True, capture_output=True, timeout=600)
-    got = losses(resumed)
-    assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
-    for (step, a), (_, b) in zip(got[4:], want[4:]):
-        assert a == pytest.approx(b, rel=1e-5), step
+    got = dict(losses(back))
+    assert sorted(got) == [5, 6]
+    for step in (5, 6):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
 
 
 def test_multiprocess_launcher_reports_a_failing_process(tmp_path):
