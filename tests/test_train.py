@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 from t5x_like import metrics as metrics_lib
-from t5x_like import runs, sample, trainer
+from t5x_like import decoding, runs, trainer
 
 
 def records(workdir, split):
@@ -62,12 +62,12 @@ def test_sample_continues_a_prompt(trained):
     assert run.step == 40
     tok = run.tokenizer
     ids = [tok.bos_id, *tok.encode("What is 12 + 30? ")]
-    greedy = sample.generate(run, ids, max_new_tokens=8, temperature=0, top_k=0, seed=0)
-    assert greedy == sample.generate(run, ids, max_new_tokens=8, temperature=0, top_k=0, seed=5)
-    assert len(greedy) == 8 and tok.decode(greedy)
-    hot = [sample.generate(run, ids, max_new_tokens=8, temperature=2.0, top_k=0, seed=s)
-           for s in range(3)]
-    assert len({tuple(h) for h in hot}) > 1  # temperature sampling depends on the seed
+    decoder = decoding.Decoder.from_run(run, max_batch=4)
+    greedy = [decoding.Sampling(max_new_tokens=8, seed=s) for s in (0, 5)]
+    a, b = decoder.generate([ids, ids], greedy)
+    assert a.tokens == b.tokens and len(a.tokens) == 8 and a.text  # greedy ignores the seed
+    hot = [decoding.Sampling(max_new_tokens=8, temperature=2.0, seed=s) for s in range(3)]
+    assert len({tuple(c.tokens) for c in decoder.generate([ids] * 3, hot)}) > 1
 
 
 def test_sample_cli(trained):
