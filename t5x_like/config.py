@@ -12,7 +12,7 @@ import ml_collections
 
 from t5x_like.errors import UserError
 
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "sft")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -90,6 +90,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(not d.tokenizer or os.path.isfile(d.tokenizer), "data.tokenizer",
              f"file {d.tokenizer!r} does not exist; give a SentencePiece .model or leave it empty.")
 
+    _require(d.loss_on in ("assistant", "last_assistant", "all"), "data.loss_on",
+             f"is {d.loss_on!r}; choose assistant, last_assistant or all.")
+    _require(d.on_long in ("truncate", "drop", "split"), "data.on_long",
+             f"is {d.on_long!r}; choose truncate, drop or split.")
     _require(d.num_shards >= 0, "data.num_shards", "must be >= 0 (0 = one per process).")
     _require(d.num_shards == 0 or d.batch_size % d.num_shards == 0, "data.num_shards",
              f"{d.num_shards} must divide data.batch_size ({d.batch_size}).")
@@ -120,6 +124,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = at the end only).")
     _require(cfg.eval.steps >= 0, "eval.steps", "must be >= 0 (0 = the whole split).")
     _require(cfg.eval.batch_size >= 0, "eval.batch_size", "must be >= 0.")
+    e = cfg.eval
+    _require(not e.early_stop_by or e.early_stop_by in EVAL_METRICS, "eval.early_stop_by",
+             f"is {e.early_stop_by!r}; choose one of {', '.join(EVAL_METRICS)} (or '' for off).")
+    _require(e.early_stop_mode in ("min", "max"), "eval.early_stop_mode",
+             f"is {e.early_stop_mode!r}; choose min or max.")
+    _require(e.patience >= 1, "eval.patience", "must be >= 1.")
+    _require(e.min_delta >= 0, "eval.min_delta", "must be >= 0.")
+    _require(not cfg.model_from_init or cfg.init_from, "model_from_init",
+             "needs init_from (the run or model directory to take the model config from).")
 
 
 def check_same_model(saved_model, model, where: str) -> None:

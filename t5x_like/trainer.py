@@ -33,6 +33,7 @@ from t5x_like import checkpoints, config as config_lib, flops, losses, model
 from t5x_like import optimizer as optimizer_lib
 from t5x_like import partitioning
 from t5x_like.errors import UserError
+from t5x_like import metrics as metrics_lib
 from t5x_like.metrics import MetricWriter
 
 
@@ -255,6 +256,20 @@ def _inherit_tokenizer(cfg, init_dir: str):
     return cfg
 
 
+def _inherit_model(cfg, init_dir: str):
+    """model_from_init: the parameter-defining model keys come from the init_from source."""
+    source = config_lib.to_dict(config_lib.load_json(os.path.join(init_dir, "config.json")).model)
+    cfg = cfg.copy_and_resolve_references()
+    for key, value in sorted(source.items()):
+        if key in config_lib.FREE_MODEL_KEYS or key not in cfg.model:
+            continue
+        if cfg.model[key] != value:
+            logging.info("model.%s = %r inherited from %s (the recipe had %r)", key, value,
+                         init_dir, cfg.model[key])
+        cfg.model[key] = value
+    return cfg
+
+
 def _state_from_init(cfg, spec: StateSpec, init_dir: str, init_step: int | None) -> dict:
     """Parameters of another run or model directory; fresh optimizer state; step 0."""
     where = os.path.join(init_dir, "config.json")
@@ -304,6 +319,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     init_dir, init_step = checkpoints.locate(cfg.init_from) if cfg.init_from else (None, None)
     if init_dir:
         cfg = _inherit_tokenizer(cfg, init_dir)
+        if cfg.model_from_init:
+            cfg = _inherit_model(cfg, init_dir)
 
     prepared = prepare_data(cfg, workdir)
     tokenizer = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
@@ -386,12 +403,31 @@ class _Loop:
         self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.model.max_len)
         self.peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
 
-    def evaluate(self, state, step: int) -> dict[str, float]:
+    def _early_stopping_state(self, start: int):
+        """(best, best step, evaluations without improvement), replayed from metrics.jsonl so a
+        resumed run keeps counting where it stopped."""
+        e = self.cfg.eval
+        if not e.early_stop_by or not start:
+            return None, 0, 0
+        lines = [r for r in metrics_lib.read_metrics(os.path.dirname(self.writer.path))
+                 if r.get("split") == "early_stopping" and r["step"] <= start]
+        state = np.array([np.nan, 0, 0], np.float64)
+        if lines:
+            last = lines[-1]
+            state[:] = (last[f"best_{e.early_stop_by}"], last["best_step"],
+                        last["evals_without_improvement"])
+        if jax.process_count() > 1:  # process 0 has the metrics file; all must agree
+            state = multihost_utils.broadcast_one_to_all(state)
+        best = None if np.isnan(state[0]) else float(state[0])
+        return best, int(state[1]), int(state[2])
+
+    def evaluate(self, state, step: int, write: bool = True) -> dict[str, float]:
         result = evaluate(self.eval_step, state["params"], self.eval_batches(),
                           max_steps=self.cfg.eval.steps, local_batch=self.local_eval_batch,
                           max_len=self.cfg.model.max_len, mesh=self.mesh,
                           token_bytes=self.token_bytes)
-        self.writer.write(step, result, split="validation")
+        if write:
+            self.writer.write(step, result, split="validation")
         return result
 
     def log(self, step: int, metrics, elapsed: float, steps_done: int) -> None:
@@ -406,10 +442,17 @@ class _Loop:
         self.writer.write(step, metrics)
 
     def check_finite(self, step: int, metrics, skipped_before: int) -> int:
-        """Stops the run (optimizer.on_nonfinite=stop) when a step's gradients were not finite.
+        """Stops the run (optimizer.on_nonfinite=stop) when a step's gradients were not finite,
+        and always when a step had no tokens to learn from (an empty loss mask is a data
+        problem, never a silent zero loss).
 
-        Reads the previous step's counter, so the device is never left idle waiting."""
-        skipped = int(jax.device_get(metrics["nonfinite_steps"]))
+        Reads the previous step's values, so the device is never left idle waiting."""
+        skipped, tokens = (int(x) for x in jax.device_get(
+            (metrics["nonfinite_steps"], metrics["loss_tokens"])))
+        if tokens == 0:
+            raise UserError(
+                f"step {step}: the batch has no tokens to learn from (every loss weight is 0); "
+                "check the data and data.loss_on (SFT learns only assistant turns).")
         if skipped > skipped_before:
             logging.warning("Step %d: non-finite loss or gradients; the update was skipped "
                             "(%d so far).", step, skipped)
@@ -421,10 +464,30 @@ class _Loop:
                     f"{self.ckpt.latest_step()}.")
         return skipped
 
+    def early_stop(self, step: int, result: dict) -> bool:
+        """True when eval.early_stop_by has not improved for eval.patience evaluations."""
+        e = self.cfg.eval
+        if not e.early_stop_by:
+            return False
+        value = result[e.early_stop_by]
+        sign = 1.0 if e.early_stop_mode == "min" else -1.0
+        if self.best is None or sign * (self.best - value) > e.min_delta:
+            self.best, self.best_step, self.stale = value, step, 0
+        else:
+            self.stale += 1
+        self.writer.write(step, {f"best_{e.early_stop_by}": self.best, "best_step": self.best_step,
+                                 "evals_without_improvement": self.stale}, split="early_stopping")
+        return self.stale >= e.patience
+
     def run(self, state, train_batches) -> dict[str, float]:
         cfg = self.cfg
         start, steps = int(jax.device_get(state["step"])), cfg.steps
         final: dict[str, float] = {}
+        self.best, self.best_step, self.stale = self._early_stopping_state(start)
+        if self.stale >= cfg.eval.patience:
+            logging.info("This run already stopped early at step %d; evaluating it.", start)
+            return {**self.evaluate(state, start, write=False), "early_stopped": True,
+                    "step": start}
         bar = tqdm.tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True,
                         disable=jax.process_index() != 0 or not sys.stderr.isatty())
         last_time, last_step = time.perf_counter(), start
@@ -444,12 +507,14 @@ class _Loop:
                 self.log(step, metrics, now - last_time, step - last_step)
                 last_time, last_step = now, step
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-            evaluated = None
+            evaluated, stop_early = None, False
             if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == steps:
                 evaluated = final = self.evaluate(state, step)
+                stop_early = self.early_stop(step, evaluated)
                 last_time = time.perf_counter()  # keep eval time out of tokens/s
             preempted = self.preemption.reached(step)
-            if step % cfg.checkpoint.every_steps == 0 or step == steps or preempted:
+            if (step % cfg.checkpoint.every_steps == 0 or step == steps or preempted
+                    or stop_early):
                 skipped = self.check_finite(step, metrics, skipped)
                 self.ckpt.save(step, state, train_batches, metrics=evaluated)
             if preempted:
@@ -458,8 +523,14 @@ class _Loop:
                                 "command to resume.", step)
                 bar.close()
                 return {**final, "preempted": True, "step": step}
+            if stop_early:
+                logging.warning("Early stopping at step %d: validation %s has not improved for %d "
+                                "evaluations (best %.4g at step %d).", step, cfg.eval.early_stop_by,
+                                cfg.eval.patience, self.best, self.best_step)
+                bar.close()
+                return {**final, "early_stopped": True, "step": step}
         bar.close()
         if start >= steps:
             logging.info("Already trained for %d steps; evaluating the final checkpoint.", steps)
-            final = self.evaluate(state, start)
+            final = self.evaluate(state, start, write=False)
         return final
