@@ -11,7 +11,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
-    cfg.task = "pretrain"  # pretrain (later: sft, reward, dpo, rl)
+    cfg.task = "pretrain"  # pretrain | sft (later: reward, dpo, rl)
     cfg.seed = 0  # model init, data order and dropout all derive from it
     cfg.steps = 1000  # optimizer steps in total (a rerun resumes until it reaches them)
     cfg.log_every_steps = 20  # train metrics to metrics.jsonl / TensorBoard / progress bar
@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     # imported model directory, or one checkpoint (<workdir>/checkpoints/<step>). Its tokenizer
     # comes along. Ignored when this workdir already has checkpoints (the run resumes instead).
     cfg.init_from = ""
+    # With init_from: take the parameter-defining model keys (sizes, vocab, RoPE...) from it,
+    # logging each one that the recipe had differently; otherwise a mismatch is an error.
+    cfg.model_from_init = False
     # Peak FLOP/s of one device for MFU; 0 = look it up from the device kind (TPU/GPU table in
     # flops.py). CPUs have no entry: set it to the measured matmul rate to get MFU there.
     cfg.peak_tflops_per_device = 0.0
@@ -141,6 +144,15 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.dedup.num_perm = 128  # MinHash permutations (more = sharper, slower)
     cfg.data.dedup.ngram = 5  # words per shingle
     cfg.data.dedup.seed = 1  # MinHash permutations; the same seed gives the same output
+    # SFT (chat data): which tokens the loss learns (data_pipelines/chat_template.py):
+    # assistant (every assistant turn) | last_assistant | all
+    cfg.data.loss_on = "assistant"
+    # SFT: a conversation longer than model.max_len: truncate (whole messages) | drop | split
+    cfg.data.on_long = "truncate"
+    # Logical shards of the training data (t5x_like/batches.py); the data order depends on this,
+    # not on the process count, so a run resumes identically on any process count dividing it.
+    # 0 = one shard per process.
+    cfg.data.num_shards = 0
 
     cfg.mesh = ml_collections.ConfigDict()
     # Device mesh axes; -1 = all remaining devices. Batch shards over data x fsdp, parameters
@@ -148,6 +160,17 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.mesh.data = -1
     cfg.mesh.fsdp = 1
     cfg.mesh.tensor = 1
+    # Overrides of the logical-axis rules table, e.g. "embed=none,mlp=tensor+fsdp" (see
+    # partitioning.RULES for the names); "" = the table as it is.
+    cfg.mesh.rules = ""
+
+    cfg.distributed = ml_collections.ConfigDict()
+    # JAX multi-controller runtime (jax.distributed): several processes, one program. Leave
+    # empty on TPU VMs and under SLURM (detected); set all three for other clusters.
+    cfg.distributed.coordinator_address = ""  # host:port of process 0
+    cfg.distributed.num_processes = 0
+    cfg.distributed.process_id = -1
+    cfg.distributed.initialization_timeout = 300  # seconds to wait for every process to join
 
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.every_steps = 500  # also saved at the last step
@@ -166,4 +189,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.eval.every_steps = 500  # also run at the last step; 0 = only at the last step
     cfg.eval.steps = 20  # batches per evaluation; 0 = the whole validation split
     cfg.eval.batch_size = 0  # 0 = data.batch_size
+    # Early stopping: stop when the validation metric early_stop_by ("" = off) has not improved
+    # by more than min_delta for `patience` evaluations in a row.
+    cfg.eval.early_stop_by = ""
+    cfg.eval.early_stop_mode = "min"  # min | max
+    cfg.eval.patience = 3
+    cfg.eval.min_delta = 0.0
     return cfg

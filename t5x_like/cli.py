@@ -13,7 +13,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-from t5x_like.errors import UserError  # noqa: F401 (re-exported for entry points)
+from t5x_like.errors import UserError
 
 
 def _put_config_package_on_path(argv: list[str]) -> None:

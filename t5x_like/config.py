@@ -12,7 +12,7 @@ import ml_collections
 
 from t5x_like.errors import UserError
 
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "sft")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -30,7 +30,7 @@ EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 # Model keys that may differ between a checkpoint and the run loading it: they change how the
 # same parameters are computed with, not what the parameters are.
 FREE_MODEL_KEYS = ("max_len", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
-                   "vocab_multiple")
+                   "vocab_multiple", "unpadded_vocab_size")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -111,10 +111,28 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
              f"file {d.tokenizer!r} does not exist; give a SentencePiece .model or leave it empty.")
     _validate_data_prep(d)
 
+    _require(d.loss_on in ("assistant", "last_assistant", "all"), "data.loss_on",
+             f"is {d.loss_on!r}; choose assistant, last_assistant or all.")
+    _require(d.on_long in ("truncate", "drop", "split"), "data.on_long",
+             f"is {d.on_long!r}; choose truncate, drop or split.")
+    _require(d.num_shards >= 0, "data.num_shards", "must be >= 0 (0 = one per process).")
+    _require(d.num_shards == 0 or d.batch_size % d.num_shards == 0, "data.num_shards",
+             f"{d.num_shards} must divide data.batch_size ({d.batch_size}).")
+    from t5x_like import partitioning  # local: partitioning imports jax
+
+    partitioning.rules_with_overrides(cfg.mesh.rules)  # raises UserError naming a bad entry
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     for name, size in zip(("data", "fsdp", "tensor"), sizes):
         _require(size == -1 or size >= 1, f"mesh.{name}", f"is {size}; use -1 or a positive size.")
     _require(sizes.count(-1) <= 1, "mesh", "at most one axis may be -1 (the remaining devices).")
+    dist = cfg.distributed
+    if dist.coordinator_address:
+        _require(":" in dist.coordinator_address, "distributed.coordinator_address",
+                 f"is {dist.coordinator_address!r}; use host:port of process 0.")
+        _require(dist.num_processes >= 1, "distributed.num_processes",
+                 "must be set (>= 1) with distributed.coordinator_address.")
+        _require(0 <= dist.process_id < dist.num_processes, "distributed.process_id",
+                 f"is {dist.process_id}; it must be in [0, distributed.num_processes).")
 
     c = cfg.checkpoint
     _require(c.every_steps > 0, "checkpoint.every_steps", "must be positive.")
@@ -127,6 +145,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = at the end only).")
     _require(cfg.eval.steps >= 0, "eval.steps", "must be >= 0 (0 = the whole split).")
     _require(cfg.eval.batch_size >= 0, "eval.batch_size", "must be >= 0.")
+    e = cfg.eval
+    _require(not e.early_stop_by or e.early_stop_by in EVAL_METRICS, "eval.early_stop_by",
+             f"is {e.early_stop_by!r}; choose one of {', '.join(EVAL_METRICS)} (or '' for off).")
+    _require(e.early_stop_mode in ("min", "max"), "eval.early_stop_mode",
+             f"is {e.early_stop_mode!r}; choose min or max.")
+    _require(e.patience >= 1, "eval.patience", "must be >= 1.")
+    _require(e.min_delta >= 0, "eval.min_delta", "must be >= 0.")
+    _require(not cfg.model_from_init or cfg.init_from, "model_from_init",
+             "needs init_from (the run or model directory to take the model config from).")
 
 
 def check_same_model(saved_model, model, where: str) -> None:
@@ -218,6 +245,9 @@ def resolve(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> ml_collecti
             f"config key 'model.unpadded_vocab_size': {cfg.model.unpadded_vocab_size} masks ids "
             f"of the tokenizer's {tokenizer_vocab} pieces; set it to 0 or at least "
             f"{tokenizer_vocab}.")
+    if cfg.model.get("unpadded_vocab_size", 0) == 0 and cfg.model.vocab_size > tokenizer_vocab:
+        # Rows past the tokenizer are never targets; mask them so nothing ever predicts them.
+        cfg.model.unpadded_vocab_size = tokenizer_vocab
     cfg.model.head_dim = head_dim(cfg.model)
     if cfg.eval.batch_size == 0:
         cfg.eval.batch_size = cfg.data.batch_size

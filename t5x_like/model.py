@@ -159,7 +159,7 @@ class Transformer(nnx.Module):
 
         def body(x, xs):
             params, key = xs
-            return layer(params, x, sin, cos, mask, cfg, rate, key), None
+            return layer(params, x, sin, cos, mask, cfg, rate, key)[0], None
 
         body = _remat(body, cfg.remat)
         params = self.layers.arrays()
@@ -169,6 +169,39 @@ class Transformer(nnx.Module):
             for i in range(cfg.num_layers):
                 x, _ = body(x, jax.tree.map(lambda a: a[i], (params, keys[:-1])))
         return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+
+    def decode(self, tokens, positions, segment_ids, cache: dict, index):
+        """One incremental step with a KV cache (prefill is the same call with T > 1).
+
+        tokens, positions, segment_ids [B, T]; cache {"k", "v": [L, B, S, K, D],
+        "segments": [B, S]} from `init_cache`; index: the cache slot of tokens[:, 0] (the same
+        for every row: prompts are left-padded, padding has segment 0 and is never attended).
+        Returns float32 logits [B, T, V] and the updated cache.
+        """
+        cfg = self.cfg
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
+        sin, cos = rope_for(cfg, positions)
+        segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))
+        mask = attention_mask(segment_ids, segments, q_offset=index)
+
+        def body(x, xs):
+            params, k_cache, v_cache = xs
+            x, (k_cache, v_cache) = layer(params, x, sin, cos, mask, cfg, 0.0, None,
+                                          kv_cache=(k_cache, v_cache, index))
+            return x, (k_cache, v_cache)
+
+        xs = (self.layers.arrays(), cache["k"], cache["v"])
+        if cfg.scan_layers:
+            x, (k, v) = jax.lax.scan(body, x, xs)
+        else:
+            outs = []
+            for i in range(cfg.num_layers):
+                x, kv = body(x, jax.tree.map(lambda a: a[i], xs))
+                outs.append(kv)
+            k, v = (jnp.stack(parts) for parts in zip(*outs))
+        h = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        return self.logits(h), {"k": k, "v": v, "segments": segments}
 
     def logits(self, h):
         """hidden [B, T, d] -> float32 logits [B, T, V]."""
@@ -183,10 +216,14 @@ class Transformer(nnx.Module):
         return partitioning.constrain(out, ("act_batch", "act_len", "act_vocab"))
 
 
-def layer(p, x, sin, cos, mask, cfg, rate, key):
-    """One transformer layer on per-layer parameters `p` (dict of arrays without "layers")."""
+def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None):
+    """One transformer layer on per-layer parameters `p` (dict of arrays without "layers").
+
+    With kv_cache=(k_cache, v_cache, index) the new keys/values are written into the caches at
+    slot `index` and attention reads the whole cache (mask [B, T, S]). Returns (x, caches).
+    """
     dtype = x.dtype
-    k_attn, k_mlp = jax.random.split(key)
+    k_attn, k_mlp = jax.random.split(key) if rate else (None, None)
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
     q = _bias(jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dtype)), p, "q_bias")
     k = _bias(jnp.einsum("btd,dhk->bthk", h, p["wk"].astype(dtype)), p, "k_bias")
@@ -195,7 +232,12 @@ def layer(p, x, sin, cos, mask, cfg, rate, key):
     k = partitioning.constrain(k, ("act_batch", "act_len", "act_kv_heads", None))
     v = partitioning.constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-    o = attention(q, k, v, mask)
+    if kv_cache is not None:
+        k_cache, v_cache, index = kv_cache
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        kv_cache = (k, v)
+    o = attention(q, k.astype(dtype), v.astype(dtype), mask)
     o = _bias(jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dtype)), p, "o_bias")
     x = x + _dropout(o, rate, k_attn)
     x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
@@ -206,7 +248,16 @@ def layer(p, x, sin, cos, mask, cfg, rate, key):
     hidden = partitioning.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
     out = _bias(jnp.einsum("btf,fd->btd", hidden, p["w_down"].astype(dtype)), p, "down_bias")
     x = x + _dropout(out, rate, k_mlp)
-    return partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
+    return partitioning.constrain(x, ("act_batch", "act_len", "act_embed")), kv_cache
+
+
+def init_cache(cfg, batch: int, length: int) -> dict:
+    """An empty KV cache for `batch` rows of `length` slots, in the compute dtype."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, _head_dim(cfg))
+    dtype = jnp.dtype(cfg.dtype)
+    names = ("layers", "act_batch", "act_len", "act_kv_heads", None)
+    zeros = lambda: partitioning.constrain(jnp.zeros(shape, dtype), names)  # noqa: E731
+    return {"k": zeros(), "v": zeros(), "segments": jnp.zeros((batch, length), jnp.int32)}
 
 
 def _bias(y, p, name):
@@ -335,6 +386,11 @@ def init_params(cfg, seed: int, shardings=None):
     def make():
         return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))))
     return jax.jit(make, out_shardings=shardings)()
+
+
+def bind(graphdef, params) -> Transformer:
+    """The model module for parameters `params` (a pure dict), to call its methods."""
+    return nnx.merge(graphdef, params)
 
 
 def apply(graphdef, params, tokens, **kwargs):

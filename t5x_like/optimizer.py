@@ -29,10 +29,22 @@ def decay_mask(params):
 
 
 def make(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+    """clip -> AdamW, wrapped so that a step with non-finite gradients changes nothing.
+
+    The wrapper's state counts skipped steps (`nonfinite_steps`); the loop stops or goes on
+    per optimizer.on_nonfinite. Parameters and moments never become NaN, so a checkpoint with
+    NaN/Inf cannot be written.
+    """
     parts = []
     if opt_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
     parts.append(optax.adamw(learning_rate(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
                              eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
                              mask=decay_mask))
-    return optax.chain(*parts)
+    # Never give up skipping (optax would apply the update after that many in a row).
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**31 - 1)
+
+
+def nonfinite_steps(opt_state):
+    """How many steps so far had non-finite gradients (and were not applied)."""
+    return opt_state.total_notfinite

@@ -45,6 +45,27 @@ RULES: tuple[tuple[str, Any], ...] = (
 _active_rules: list[tuple[tuple[str, Any], ...]] = [RULES]
 
 
+def rules_with_overrides(overrides: str) -> tuple[tuple[str, Any], ...]:
+    """RULES with entries replaced from `mesh.rules`, e.g. "embed=none,mlp=tensor+fsdp".
+
+    Each entry is logical_name=axis[+axis...] or =none (replicated); names not given keep the
+    table's rule. Unknown names or mesh axes are a UserError naming them.
+    """
+    table = dict(RULES)
+    for entry in filter(None, (e.strip() for e in overrides.split(","))):
+        name, sep, value = (part.strip() for part in entry.partition("="))
+        if not sep or name not in table:
+            raise UserError(f"config key 'mesh.rules': {entry!r} must be logical_name=axes with a "
+                            f"name from partitioning.RULES ({', '.join(table)}).")
+        axes = tuple(a.strip() for a in value.split("+")) if value.lower() != "none" else ()
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise UserError(f"config key 'mesh.rules': {entry!r} names mesh axis {bad[0]!r}; use "
+                            f"{', '.join(MESH_AXES)} (joined with +) or none.")
+        table[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return tuple(table.items())
+
+
 @contextlib.contextmanager
 def axis_rules(rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
     """Makes `rules` the table used by `constrain` while tracing inside this context."""

@@ -13,6 +13,7 @@ import dataclasses
 import filecmp
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -27,10 +28,12 @@ from jax.experimental import multihost_utils
 
 from data_pipelines import pipeline, prepare
 from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like import batches as batches_lib
 from t5x_like import checkpoints, config as config_lib, flops, losses, model
 from t5x_like import optimizer as optimizer_lib
 from t5x_like import partitioning
 from t5x_like.errors import UserError
+from t5x_like import metrics as metrics_lib
 from t5x_like.metrics import MetricWriter
 
 
@@ -79,7 +82,8 @@ def make_train_step(graphdef, tx, schedule, *, seed: int, z_loss: float, accum_s
                      "opt_state": opt_state}
         metrics = {"loss": stats["nll_sum"] / denom, "accuracy": stats["correct_sum"] / denom,
                    "grad_norm": optax.global_norm(grads),
-                   "learning_rate": schedule(state["step"]), "loss_tokens": stats["weight_sum"]}
+                   "learning_rate": schedule(state["step"]), "loss_tokens": stats["weight_sum"],
+                   "nonfinite_steps": optimizer_lib.nonfinite_steps(opt_state)}
         if z_loss:
             metrics["z_loss"] = stats["z_sum"] / denom
         return new_state, metrics
@@ -226,17 +230,6 @@ def evaluate(eval_step, params, batches: Iterator[dict], *, max_steps: int, loca
 # The run.
 
 
-def _check_resume_compatible(saved_path: str, cfg) -> None:
-    """A rerun in the same workdir must build the same model; other keys may change."""
-    saved = config_lib.to_dict(config_lib.load_json(saved_path))["model"]
-    now = config_lib.to_dict(cfg)["model"]
-    for key in sorted(set(saved) | set(now)):
-        if saved.get(key) != now.get(key):
-            raise UserError(f"config key 'model.{key}': {saved.get(key)} in this workdir's "
-                            f"checkpoints, {now.get(key)} now; use a new --workdir or the same "
-                            "model.")
-
-
 def _install_tokenizer(src: str, workdir: str) -> str:
     """Copies the tokenizer into the workdir, where sample/evaluate/serve and init_from find it."""
     dst = os.path.join(workdir, "tokenizer.model")
@@ -249,19 +242,93 @@ def _install_tokenizer(src: str, workdir: str) -> str:
     return dst
 
 
+def _inherit_tokenizer(cfg, init_dir: str):
+    """A run started from another one uses its vocabulary: the tokenizer travels with it."""
+    src = os.path.join(init_dir, "tokenizer.model")
+    if not os.path.isfile(src):
+        raise UserError(f"config key 'init_from': {init_dir} has no tokenizer.model.")
+    if cfg.data.tokenizer and not filecmp.cmp(cfg.data.tokenizer, src, shallow=False):
+        raise UserError(f"config key 'data.tokenizer': {cfg.data.tokenizer} is not the tokenizer "
+                        f"of init_from ({src}); leave data.tokenizer empty to inherit it.")
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.tokenizer = src
+    logging.info("init_from %s: inheriting its tokenizer", init_dir)
+    return cfg
+
+
+def _inherit_model(cfg, init_dir: str):
+    """model_from_init: the parameter-defining model keys come from the init_from source."""
+    source = config_lib.to_dict(config_lib.load_json(os.path.join(init_dir, "config.json")).model)
+    cfg = cfg.copy_and_resolve_references()
+    for key, value in sorted(source.items()):
+        if key in config_lib.FREE_MODEL_KEYS or key not in cfg.model:
+            continue
+        if cfg.model[key] != value:
+            logging.info("model.%s = %r inherited from %s (the recipe had %r)", key, value,
+                         init_dir, cfg.model[key])
+        cfg.model[key] = value
+    return cfg
+
+
+def _state_from_init(cfg, spec: StateSpec, init_dir: str, init_step: int | None) -> dict:
+    """Parameters of another run or model directory; fresh optimizer state; step 0."""
+    where = os.path.join(init_dir, "config.json")
+    config_lib.check_same_model(config_lib.load_json(where).model, cfg.model, where)
+    params, step = checkpoints.restore_params(init_dir, spec.abstract["params"], init_step)
+    logging.info("Initialized parameters from %s step %d (optimizer fresh, step 0)", init_dir, step)
+    opt_state = jax.jit(spec.tx.init, out_shardings=spec.shardings["opt_state"])(params)
+    return {"step": jax.device_put(jnp.zeros((), jnp.int32), spec.shardings["step"]),
+            "params": params, "opt_state": opt_state}
+
+
+class Preemption:
+    """Notices SIGTERM. One process: a signal handler sets a flag. Several: JAX's preemption
+    service agrees on one step at which every process saves (call `reached` every step)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.flag = False
+        if enabled and jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if not self.enabled:
+            return False
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.flag
+
+    def close(self) -> None:
+        if self.enabled and jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
-    """Trains `cfg` in `workdir` (resuming from its latest checkpoint); returns final eval."""
+    """Trains `cfg` in `workdir` (resuming from its latest checkpoint); returns final eval.
+
+    The result also has "preempted": True when SIGTERM stopped the run early (after saving).
+    """
     config_lib.validate(cfg)
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    init_dir, init_step = checkpoints.locate(cfg.init_from) if cfg.init_from else (None, None)
+    if init_dir:
+        cfg = _inherit_tokenizer(cfg, init_dir)
+        if cfg.model_from_init:
+            cfg = _inherit_model(cfg, init_dir)
 
     prepared = prepare_data(cfg, workdir)
     tokenizer = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
     cfg = config_lib.resolve(cfg, tokenizer.vocab_size)
     config_path = os.path.join(workdir, "config.json")
     if os.path.exists(config_path):
-        _check_resume_compatible(config_path, cfg)
+        config_lib.check_same_model(config_lib.load_json(config_path).model, cfg.model,
+                                    "this workdir's checkpoints")
     _install_tokenizer(prepared.tokenizer_path, workdir)
     if primary:
         config_lib.save_json(cfg, config_path)
@@ -271,92 +338,199 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     logging.info("Mesh %s over %d devices (%s), %d processes", dict(mesh.shape),
                  jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
 
-    local_batch = cfg.data.batch_size // jax.process_count()
     local_eval_batch = cfg.eval.batch_size // jax.process_count()
     encode = pipeline.text_encoder(tokenizer, prepared.text_field)
-    data_kwargs = dict(max_len=cfg.model.max_len, seed=cfg.seed, packing=cfg.data.packing,
-                       process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = iter(pipeline.make_dataset(
-        prepared.data_source(cfg.data.train_split), encode, batch_size=local_batch, train=True,
-        worker_count=cfg.data.worker_count, **data_kwargs))
+    data_kwargs = dict(max_len=cfg.model.max_len, seed=cfg.seed, packing=cfg.data.packing)
+    train_source = prepared.data_source(cfg.data.train_split)
+    num_shards = cfg.data.num_shards or jax.process_count()
+    train_batches = batches_lib.ShardedBatches(
+        lambda shard: iter(pipeline.make_dataset(
+            train_source, encode, batch_size=cfg.data.batch_size // num_shards, train=True,
+            process_index=shard, process_count=num_shards, worker_count=cfg.data.worker_count,
+            **data_kwargs)),
+        batches_lib.local_shards(num_shards))
     eval_source = prepared.data_source(cfg.data.eval_split)
 
-    def eval_batches():
-        return iter(pipeline.make_dataset(eval_source, encode, batch_size=local_eval_batch,
-                                          train=False, **data_kwargs))
+    def eval_batches():  # evaluation sums over records, so any split over processes will do
+        return iter(pipeline.make_dataset(
+            eval_source, encode, batch_size=local_eval_batch, train=False,
+            process_index=jax.process_index(), process_count=jax.process_count(), **data_kwargs))
 
-    with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
+    c = cfg.checkpoint
+    rules = partitioning.rules_with_overrides(cfg.mesh.rules)
+    with jax.set_mesh(mesh), partitioning.axis_rules(rules):
         spec = state_spec(cfg, mesh)
         train_step, eval_step = compile_steps(cfg, spec, mesh)
-        ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
-                                        max_to_keep=cfg.checkpoint.max_to_keep,
-                                        async_save=cfg.checkpoint.async_save)
+        ckpt = checkpoints.Checkpointer(
+            checkpoints.checkpoint_dir(workdir), max_to_keep=c.max_to_keep,
+            async_save=c.async_save, keep_best_by=c.keep_best_by, keep_best=c.keep_best,
+            best_mode=c.best_mode)
         writer = MetricWriter(workdir, enabled=primary)
-        latest = ckpt.latest_step()
-        if latest is not None:
-            logging.info("Resuming from step %d", latest)
-            state = ckpt.restore(latest, spec.abstract, data_iter=train_iter)
-            writer.truncate_after(latest)
-        else:
-            state = init_state(cfg, spec)
-            logging.info("Initialized %s parameters", f"{model.count_params(state['params']):,}")
-        token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes()),
-                                     partitioning.replicated(mesh))
+        preemption = Preemption(c.save_on_preemption)
         try:
-            final = _loop(cfg, state, train_iter, eval_batches, train_step, eval_step, ckpt,
-                          writer, mesh, token_bytes, local_eval_batch)
+            state = ckpt.restore_newest_valid(spec.abstract, batches=train_batches)
+            if state is not None:
+                logging.info("Resuming from step %d", int(jax.device_get(state["step"])))
+            elif init_dir:
+                state = _state_from_init(cfg, spec, init_dir, init_step)
+            else:
+                state = init_state(cfg, spec)
+            # Lines logged after the restored step (or by a run killed before its first
+            # checkpoint) describe work that is being redone.
+            writer.truncate_after(int(jax.device_get(state["step"])))
+            logging.info("Model: %s parameters", f"{model.count_params(state['params']):,}")
+            token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes()),
+                                         partitioning.replicated(mesh))
+            loop = _Loop(cfg, train_step, eval_step, ckpt, writer, mesh, token_bytes,
+                         local_eval_batch, eval_batches, preemption)
+            return loop.run(state, train_batches)
         finally:
+            preemption.close()
             ckpt.close()
             writer.close()
-    return final
 
 
-def _loop(cfg, state, train_iter, eval_batches, train_step, eval_step, ckpt, writer, mesh,
-          token_bytes, local_eval_batch) -> dict[str, float]:
-    start = int(jax.device_get(state["step"]))
-    steps = cfg.steps
-    tokens_per_step = cfg.data.batch_size * cfg.model.max_len
-    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.model.max_len)
-    peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
+class _Loop:
+    """The training loop and what happens at its intervals: log, evaluate, save, stop."""
 
-    def run_eval(step):
-        result = evaluate(eval_step, state["params"], eval_batches(), max_steps=cfg.eval.steps,
-                          local_batch=local_eval_batch, max_len=cfg.model.max_len, mesh=mesh,
-                          token_bytes=token_bytes)
-        writer.write(step, result, split="validation")
+    def __init__(self, cfg, train_step, eval_step, ckpt, writer, mesh, token_bytes,
+                 local_eval_batch, eval_batches, preemption):
+        self.cfg, self.train_step, self.eval_step = cfg, train_step, eval_step
+        self.ckpt, self.writer, self.mesh = ckpt, writer, mesh
+        self.token_bytes, self.local_eval_batch = token_bytes, local_eval_batch
+        self.eval_batches, self.preemption = eval_batches, preemption
+        self.tokens_per_step = cfg.data.batch_size * cfg.model.max_len
+        self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.model.max_len)
+        self.peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
+
+    def _early_stopping_state(self, start: int):
+        """(best, best step, evaluations without improvement), replayed from metrics.jsonl so a
+        resumed run keeps counting where it stopped."""
+        e = self.cfg.eval
+        if not e.early_stop_by or not start:
+            return None, 0, 0
+        lines = [r for r in metrics_lib.read_metrics(os.path.dirname(self.writer.path))
+                 if r.get("split") == "early_stopping" and r["step"] <= start]
+        state = np.array([np.nan, 0, 0], np.float64)
+        if lines:
+            last = lines[-1]
+            state[:] = (last[f"best_{e.early_stop_by}"], last["best_step"],
+                        last["evals_without_improvement"])
+        if jax.process_count() > 1:  # process 0 has the metrics file; all must agree
+            state = multihost_utils.broadcast_one_to_all(state)
+        best = None if np.isnan(state[0]) else float(state[0])
+        return best, int(state[1]), int(state[2])
+
+    def evaluate(self, state, step: int, write: bool = True) -> dict[str, float]:
+        result = evaluate(self.eval_step, state["params"], self.eval_batches(),
+                          max_steps=self.cfg.eval.steps, local_batch=self.local_eval_batch,
+                          max_len=self.cfg.model.max_len, mesh=self.mesh,
+                          token_bytes=self.token_bytes)
+        if write:
+            self.writer.write(step, result, split="validation")
         return result
 
-    final: dict[str, float] = {}
-    bar = tqdm.tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True,
-                    disable=jax.process_index() != 0 or not sys.stderr.isatty())
-    last_time, last_step = time.perf_counter(), start
-    for step in range(start + 1, steps + 1):
-        batch = global_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, batch)
-        bar.update(1)
-        if step == start + 1:  # keep compilation out of tokens/s
-            jax.block_until_ready(metrics)
-            last_time, last_step = time.perf_counter(), step
-        if step % cfg.log_every_steps == 0 or step == steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            if step > last_step:
-                tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
-                metrics["tokens_per_sec"] = tokens_per_sec
-                metrics["tflops_per_sec_per_device"] = (
-                    flops_per_token * tokens_per_sec / jax.device_count() / 1e12)
-                if peak:
-                    metrics["mfu"] = metrics["tflops_per_sec_per_device"] / peak
-            last_time, last_step = now, step
-            writer.write(step, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if step % cfg.checkpoint.every_steps == 0 or step == steps:
-            ckpt.save(step, state, train_iter)
-        if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == steps:
-            final = run_eval(step)
-            last_time = time.perf_counter()  # keep eval time out of tokens/s
-    bar.close()
-    if start >= steps:
-        logging.info("Already trained for %d steps; evaluating the final checkpoint.", steps)
-        final = run_eval(start)
-    return final
+    def log(self, step: int, metrics, elapsed: float, steps_done: int) -> None:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if steps_done:
+            tokens_per_sec = self.tokens_per_step * steps_done / elapsed
+            metrics["tokens_per_sec"] = tokens_per_sec
+            metrics["tflops_per_sec_per_device"] = (
+                self.flops_per_token * tokens_per_sec / jax.device_count() / 1e12)
+            if self.peak:
+                metrics["mfu"] = metrics["tflops_per_sec_per_device"] / self.peak
+        self.writer.write(step, metrics)
+
+    def check_finite(self, step: int, metrics, skipped_before: int) -> int:
+        """Stops the run (optimizer.on_nonfinite=stop) when a step's gradients were not finite,
+        and always when a step had no tokens to learn from (an empty loss mask is a data
+        problem, never a silent zero loss).
+
+        Reads the previous step's values, so the device is never left idle waiting."""
+        skipped, tokens = jax.device_get((metrics["nonfinite_steps"], metrics["loss_tokens"]))
+        skipped = int(skipped)
+        if float(tokens) == 0:  # (NaN weights are the non-finite case below, not this one)
+            raise UserError(
+                f"step {step}: the batch has no tokens to learn from (every loss weight is 0); "
+                "check the data and data.loss_on (SFT learns only assistant turns).")
+        if skipped > skipped_before:
+            logging.warning("Step %d: non-finite loss or gradients; the update was skipped "
+                            "(%d so far).", step, skipped)
+            if self.cfg.optimizer.on_nonfinite == "stop":
+                raise UserError(
+                    f"step {step}: the loss or gradients became NaN/Inf; the update was not "
+                    f"applied and training stopped. Lower optimizer.lr, check the data, or set "
+                    f"optimizer.on_nonfinite=skip. The last checkpoint is step "
+                    f"{self.ckpt.latest_step()}.")
+        return skipped
+
+    def early_stop(self, step: int, result: dict) -> bool:
+        """True when eval.early_stop_by has not improved for eval.patience evaluations."""
+        e = self.cfg.eval
+        if not e.early_stop_by:
+            return False
+        value = result[e.early_stop_by]
+        sign = 1.0 if e.early_stop_mode == "min" else -1.0
+        if self.best is None or sign * (self.best - value) > e.min_delta:
+            self.best, self.best_step, self.stale = value, step, 0
+        else:
+            self.stale += 1
+        self.writer.write(step, {f"best_{e.early_stop_by}": self.best, "best_step": self.best_step,
+                                 "evals_without_improvement": self.stale}, split="early_stopping")
+        return self.stale >= e.patience
+
+    def run(self, state, train_batches) -> dict[str, float]:
+        cfg = self.cfg
+        start, steps = int(jax.device_get(state["step"])), cfg.steps
+        final: dict[str, float] = {}
+        self.best, self.best_step, self.stale = self._early_stopping_state(start)
+        if self.stale >= cfg.eval.patience:
+            logging.info("This run already stopped early at step %d; evaluating it.", start)
+            return {**self.evaluate(state, start, write=False), "early_stopped": True,
+                    "step": start}
+        bar = tqdm.tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True,
+                        disable=jax.process_index() != 0 or not sys.stderr.isatty())
+        last_time, last_step = time.perf_counter(), start
+        previous, skipped = None, 0
+        for step in range(start + 1, steps + 1):
+            batch = global_batch(next(train_batches), self.mesh)
+            state, metrics = self.train_step(state, batch)
+            bar.update(1)
+            if previous is not None:
+                skipped = self.check_finite(step - 1, previous, skipped)
+            previous = metrics
+            if step == start + 1:  # keep compilation out of tokens/s
+                jax.block_until_ready(metrics)
+                last_time, last_step = time.perf_counter(), step
+            if step % cfg.log_every_steps == 0 or step == steps:
+                now = time.perf_counter()
+                self.log(step, metrics, now - last_time, step - last_step)
+                last_time, last_step = now, step
+                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+            evaluated, stop_early = None, False
+            if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == steps:
+                evaluated = final = self.evaluate(state, step)
+                stop_early = self.early_stop(step, evaluated)
+                last_time = time.perf_counter()  # keep eval time out of tokens/s
+            preempted = self.preemption.reached(step)
+            if (step % cfg.checkpoint.every_steps == 0 or step == steps or preempted
+                    or stop_early):
+                skipped = self.check_finite(step, metrics, skipped)
+                self.ckpt.save(step, state, train_batches, metrics=evaluated)
+            if preempted:
+                self.ckpt.wait()
+                logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; rerun the same "
+                                "command to resume.", step)
+                bar.close()
+                return {**final, "preempted": True, "step": step}
+            if stop_early:
+                logging.warning("Early stopping at step %d: validation %s has not improved for %d "
+                                "evaluations (best %.4g at step %d).", step, cfg.eval.early_stop_by,
+                                cfg.eval.patience, self.best, self.best_step)
+                bar.close()
+                return {**final, "early_stopped": True, "step": step}
+        bar.close()
+        if start >= steps:
+            logging.info("Already trained for %d steps; evaluating the final checkpoint.", steps)
+            final = self.evaluate(state, start, write=False)
+        return final

@@ -2,6 +2,7 @@
 
 import jax
 import ml_collections
+import optax
 import numpy as np
 import pytest
 
@@ -28,7 +29,7 @@ def fake_batch(cfg, seed=0):
             "positions": np.repeat(positions[None], B, 0).astype(np.int32)}
 
 
-def run_steps(cfg, devices, n=3):
+def run_steps(cfg, devices, n=5):
     mesh = partitioning.make_mesh(cfg.mesh, devices)
     with jax.set_mesh(mesh):
         spec = trainer.state_spec(cfg, mesh)
@@ -41,6 +42,8 @@ def run_steps(cfg, devices, n=3):
         return losses, jax.device_get(state["params"]), state
 
 
+# (data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,4,2), (2,1,4); the reference is (1,1,1)
+# on one device.
 MESHES = [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2),
           dict(data=2, tensor=4)]
 
@@ -58,19 +61,55 @@ def test_sharded_steps_match_one_device(tiny_cfg):
                      params, one_params)
 
 
-def test_parameters_are_sharded_by_the_rules(tiny_cfg):
-    cfg = resolved(tiny_cfg, data=2, fsdp=2, tensor=2)
-    _, _, state = run_steps(cfg, jax.devices(), n=1)
-    params = state["params"]
-    shard = lambda x: x.addressable_shards[0].data.shape
-    # wq [L, d, H, D] -> (layers, embed->fsdp, heads->tensor, head_dim)
-    assert shard(params["layers"]["wq"]) == (2, 16, 2, 8)
-    assert shard(params["layers"]["w_down"]) == (2, 32, 16)  # (layers, mlp->tensor, embed->fsdp)
-    assert shard(params["embed"]) == (192, 16)  # (vocab->tensor, embed->fsdp)
-    assert shard(params["final_norm"]) == (32,)  # norms replicated
+# Per-device shard shapes written out by hand from the rules table (not computed by the code
+# under test): model d=32, H=K=4, D=8, F=64, V=384, L=2.
+EXPECTED_SHARDS = {
+    "fsdp=8": {"embed": (384, 4), "layers/wq": (2, 4, 4, 8), "layers/wk": (2, 4, 4, 8),
+               "layers/wo": (2, 4, 8, 4), "layers/w_gate": (2, 4, 64), "layers/w_down": (2, 64, 4),
+               "lm_head": (4, 384), "layers/attn_norm": (2, 32), "final_norm": (32,)},
+    "data=2,fsdp=2,tensor=2": {
+        "embed": (192, 16), "layers/wq": (2, 16, 2, 8), "layers/wk": (2, 16, 2, 8),
+        "layers/wo": (2, 2, 8, 16), "layers/w_gate": (2, 16, 32), "layers/w_down": (2, 32, 16),
+        "lm_head": (16, 192), "layers/attn_norm": (2, 32), "final_norm": (32,)},
+    "data=2,tensor=4": {
+        "embed": (96, 32), "layers/wq": (2, 32, 1, 8), "layers/wk": (2, 32, 1, 8),
+        "layers/wo": (2, 1, 8, 32), "layers/w_gate": (2, 32, 16), "layers/w_down": (2, 16, 32),
+        "lm_head": (32, 96), "layers/attn_norm": (2, 32), "final_norm": (32,)},
+    "data=8": {"embed": (384, 32), "layers/wq": (2, 32, 4, 8), "layers/w_down": (2, 64, 32)},
+}
+
+
+@pytest.mark.parametrize("mesh", list(EXPECTED_SHARDS))
+def test_parameters_are_sharded_by_the_rules(tiny_cfg, mesh):
+    axes = {k: int(v) for k, v in (part.split("=") for part in mesh.split(","))}
+    cfg = resolved(tiny_cfg, **axes)
+    mesh_ = partitioning.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh_):
+        spec = trainer.state_spec(cfg, mesh_)
+    params = spec.abstract["params"]
+    for name, want in EXPECTED_SHARDS[mesh].items():
+        leaf = params
+        for part in name.split("/"):
+            leaf = leaf[part]
+        assert leaf.sharding.shard_shape(leaf.shape) == want, name
     # Adam moments shard like their parameters.
-    mu = state["opt_state"][1][0].mu
-    assert shard(mu["layers"]["wq"]) == (2, 16, 2, 8)
+    mu = optax.tree_utils.tree_get(spec.abstract["opt_state"], "mu")
+    assert mu["layers"]["wq"].sharding == params["layers"]["wq"].sharding
+
+
+def test_rules_can_be_overridden_from_config(tiny_cfg):
+    tiny_cfg.mesh.rules = "embed=none,mlp=fsdp+tensor"
+    cfg = resolved(tiny_cfg, fsdp=4, tensor=2)
+    mesh = partitioning.make_mesh(cfg.mesh)
+    rules = partitioning.rules_with_overrides(cfg.mesh.rules)
+    with jax.set_mesh(mesh), partitioning.axis_rules(rules):
+        params = trainer.state_spec(cfg, mesh).abstract["params"]
+    gate = params["layers"]["w_gate"]  # (layers, embed, mlp) -> (None, None, (fsdp, tensor))
+    assert gate.sharding.shard_shape(gate.shape) == (2, 32, 8)
+    for bad, message in [("embedd=fsdp", "name from partitioning.RULES"),
+                         ("embed=model", "names mesh axis 'model'"), ("embed", "logical_name=axes")]:
+        with pytest.raises(UserError, match=message):
+            partitioning.rules_with_overrides(bad)
 
 
 def test_impossible_meshes_fail_before_compute(tiny_cfg):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 from t5x_like import metrics as metrics_lib
-from t5x_like import runs, sample, trainer
+from t5x_like import decoding, runs, trainer
 
 
 def records(workdir, split):
@@ -62,12 +62,12 @@ def test_sample_continues_a_prompt(trained):
     assert run.step == 40
     tok = run.tokenizer
     ids = [tok.bos_id, *tok.encode("What is 12 + 30? ")]
-    greedy = sample.generate(run, ids, max_new_tokens=8, temperature=0, top_k=0, seed=0)
-    assert greedy == sample.generate(run, ids, max_new_tokens=8, temperature=0, top_k=0, seed=5)
-    assert len(greedy) == 8 and tok.decode(greedy)
-    hot = [sample.generate(run, ids, max_new_tokens=8, temperature=2.0, top_k=0, seed=s)
-           for s in range(3)]
-    assert len({tuple(h) for h in hot}) > 1  # temperature sampling depends on the seed
+    decoder = decoding.Decoder.from_run(run, max_batch=4)
+    greedy = [decoding.Sampling(max_new_tokens=8, seed=s) for s in (0, 5)]
+    a, b = decoder.generate([ids, ids], greedy)
+    assert a.tokens == b.tokens and len(a.tokens) == 8 and a.text  # greedy ignores the seed
+    hot = [decoding.Sampling(max_new_tokens=8, temperature=2.0, seed=s) for s in range(3)]
+    assert len({tuple(c.tokens) for c in decoder.generate([ids] * 3, hot)}) > 1
 
 
 def test_sample_cli(trained):
@@ -107,7 +107,7 @@ def test_resume_refuses_a_different_model(trained, tmp_path):
     small.checkpoint.every_steps = 2
     trainer.train_and_evaluate(small, str(tmp_path))
     small.model.num_layers = 3
-    with pytest.raises(UserError, match="'model.num_layers': 2 in this workdir's checkpoints, 3"):
+    with pytest.raises(UserError, match="model.num_layers: 2 in this workdir's checkpoints, 3 in config"):
         trainer.train_and_evaluate(small, str(tmp_path))
 
 
@@ -133,3 +133,20 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_cfg):
             return out
 
     np.testing.assert_allclose(losses(4), losses(1), rtol=1e-5)
+
+
+def test_early_stopping_stops_and_stays_stopped(tiny_cfg, tmp_path):
+    tiny_cfg.steps = 20
+    tiny_cfg.log_every_steps = 1
+    tiny_cfg.optimizer.update(dict(lr=1e-12, schedule="constant", warmup_steps=0))
+    tiny_cfg.eval.update(dict(every_steps=1, early_stop_by="loss", patience=2, min_delta=1e-3))
+    tiny_cfg.checkpoint.every_steps = 100
+    result = trainer.train_and_evaluate(tiny_cfg, str(tmp_path))
+    assert result["early_stopped"] and result["step"] == 3  # best at 1, no gain at 2 and 3
+    stops = records(tmp_path, "early_stopping")
+    assert [(r["step"], r["evals_without_improvement"]) for r in stops] == [(1, 0), (2, 1), (3, 2)]
+    assert stops[-1]["best_step"] == 1
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]  # saved where it stopped
+    again = trainer.train_and_evaluate(tiny_cfg, str(tmp_path))  # a rerun does not train on
+    assert again["early_stopped"] and again["step"] == 3
+    assert len(records(tmp_path, "train")) == len(records(tmp_path, "validation")) == 3

@@ -1,0 +1,246 @@
+"""Fast decoding: jitted prefill + incremental steps with a KV cache, batched prompts.
+
+    decoder = Decoder.from_run(runs.load("runs/sft"))
+    [completion] = decoder.generate([prompt_ids], Sampling(temperature=0.7, top_p=0.9))
+
+Prompts of different lengths share one batch: they are left-padded (padding has segment id 0,
+so it is never attended, and RoPE positions start at 0 at each prompt's first token), so every
+row writes the same cache slot at each step. Shapes are static: the batch, prompt and cache
+lengths are rounded up to powers of two, so a handful of programs serve every request.
+
+Sampling happens on the device, per row (each row has its own temperature, top-k, top-p, seed
+and logit-bias vector): the scaled, filtered logits get Gumbel noise and the device returns the
+row's best `candidates` tokens in sampled order (for temperature 0, simply the top logits).
+The host takes the first candidate that breaks no constraint; rejecting the first and taking
+the next is exactly sampling from the distribution with the rejected tokens removed. That is
+how banned words and banned token sequences can never appear (checked on the decoded text, so
+no tokenization of a banned word gets through), while single tokens can also be banned or
+boosted through the logit bias. Stop tokens end a row; stop strings end it and are cut off.
+"""
+
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_like import model
+
+_NEG = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+    stop_tokens: tuple[int, ...] = ()  # besides eos, which always stops
+    stop_strings: tuple[str, ...] = ()
+    banned_words: tuple[str, ...] = ()  # never in the output text (case-insensitive)
+    banned_sequences: tuple[tuple[int, ...], ...] = ()  # never in the output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit); -inf bans it
+
+
+@dataclasses.dataclass
+class Completion:
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (a stop token or string), "length", or "constraint"
+
+
+def _bucket(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+class Decoder:
+    def __init__(self, graphdef, params, model_cfg, tokenizer, *, max_batch: int = 16,
+                 max_len: int | None = None, candidates: int = 16, mesh=None):
+        self.graphdef, self.params, self.cfg, self.tokenizer = graphdef, params, model_cfg, tokenizer
+        self.max_batch = max_batch
+        self.max_len = max_len or model_cfg.max_len  # cache slots: prompt + new tokens
+        self.candidates = candidates
+        self.mesh = mesh
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len",))
+        self._step = jax.jit(self._step_fn, donate_argnames=("cache",))
+
+    @classmethod
+    def from_run(cls, run, **kwargs) -> "Decoder":
+        return cls(run.graphdef, run.params, run.cfg.model, run.tokenizer, mesh=run.mesh, **kwargs)
+
+    # -- device functions -------------------------------------------------------------------
+
+    def _choose(self, logits, controls, keys):
+        """[B, V] logits -> [B, C] candidate ids in sampled order."""
+        temperature, top_k, top_p, bias = controls
+        logits = logits.astype(jnp.float32) + bias
+        greedy = temperature <= 0
+        scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+        ranked = jnp.sort(scaled, axis=-1)[:, ::-1]
+        kth = jnp.take_along_axis(ranked, jnp.clip(top_k - 1, 0, None)[:, None], axis=-1)
+        scaled = jnp.where((top_k[:, None] > 0) & (scaled < kth), _NEG, scaled)
+        # Nucleus: keep the smallest set of top tokens whose probability reaches top_p.
+        probs = jax.nn.softmax(jnp.sort(scaled, axis=-1)[:, ::-1], axis=-1)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+        cutoff = jnp.min(jnp.where(keep, jnp.sort(scaled, axis=-1)[:, ::-1], jnp.inf), axis=-1)
+        scaled = jnp.where(scaled < cutoff[:, None], _NEG, scaled)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:]))(keys)
+        scores = jnp.where(greedy[:, None], logits, scaled + gumbel)
+        return jax.lax.top_k(scores, self.candidates)[1]
+
+    def _prefill_fn(self, params, tokens, positions, segments, controls, keys, *, cache_len):
+        net = model.bind(self.graphdef, params)
+        cache = model.init_cache(self.cfg, tokens.shape[0], cache_len)
+        logits, cache = net.decode(tokens, positions, segments, cache, 0)
+        return self._choose(logits[:, -1], controls, keys), cache
+
+    def _step_fn(self, params, cache, tokens, positions, index, controls, keys):
+        net = model.bind(self.graphdef, params)
+        segments = jnp.ones_like(tokens)
+        logits, cache = net.decode(tokens[:, None], positions[:, None], segments[:, None],
+                                   cache, index)
+        return self._choose(logits[:, 0], controls, keys), cache
+
+    # -- host loop ---------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling: Sampling | Sequence[Sampling] = Sampling()) -> list[Completion]:
+        """Completions of every prompt (token ids, already templated)."""
+        result: list[Completion] = []
+        for start in range(0, len(prompts), self.max_batch):
+            chunk = prompts[start:start + self.max_batch]
+            params = (sampling[start:start + self.max_batch] if not isinstance(sampling, Sampling)
+                      else [sampling] * len(chunk))
+            *_, done = self.stream(chunk, params)
+            result.extend(done)
+        return result
+
+    def stream(self, prompts: Sequence[Sequence[int]],
+               sampling: Sequence[Sampling]) -> Iterator[list[Completion]]:
+        """Yields the completions so far after every step; the last yield is final."""
+        if len(prompts) > self.max_batch:
+            raise ValueError(f"{len(prompts)} prompts; at most {self.max_batch} per batch")
+        n = len(prompts)
+        lengths = [len(p) for p in prompts]
+        max_new = max(s.max_new_tokens for s in sampling)
+        if min(lengths) == 0:
+            raise ValueError("a prompt is empty; it needs at least one token (e.g. bos)")
+        if max(lengths) + max_new > self.max_len:
+            raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new}) "
+                             f"exceeds the decoder's {self.max_len} positions")
+        B = _bucket(n)
+        P = min(_bucket(max(lengths), 8), self.max_len)
+        S = min(_bucket(P + max_new, 16), _bucket(self.max_len))
+        tokens = np.zeros((B, P), np.int32)
+        segments = np.zeros((B, P), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, P - len(p):] = p
+            segments[i, P - len(p):] = 1
+        positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+        rows = [_Row(self.tokenizer, s, len(p)) for s, p in zip(sampling, prompts)]
+        controls = self._controls(sampling, B)
+        base_keys = [jax.random.key(s.seed) for s in sampling] + [jax.random.key(0)] * (B - n)
+        keys = lambda step: jnp.stack([jax.random.fold_in(k, step) for k in base_keys])  # noqa
+
+        with _maybe_mesh(self.mesh):
+            candidates, cache = self._prefill(self.params, tokens, positions, segments,
+                                              controls, keys(0), cache_len=S)
+            next_pos = positions[:, -1] + 1
+            for step in range(max_new):
+                chosen = np.zeros(B, np.int32)
+                cands = np.asarray(candidates)
+                for i, row in enumerate(rows):
+                    chosen[i] = row.take(cands[i]) if not row.done else self.tokenizer.eos_id
+                yield [row.completion() for row in rows]
+                if all(row.done for row in rows) or step == max_new - 1:
+                    break
+                candidates, cache = self._step(self.params, cache, chosen, next_pos,
+                                               jnp.int32(P + step), controls, keys(step + 1))
+                next_pos = next_pos + 1
+        for row in rows:
+            row.finish("length")
+        yield [row.completion() for row in rows]
+
+    def _controls(self, sampling: Sequence[Sampling], B: int):
+        V = self.cfg.vocab_size
+        pad = B - len(sampling)
+        temperature = np.array([s.temperature for s in sampling] + [0.0] * pad, np.float32)
+        top_k = np.array([s.top_k for s in sampling] + [0] * pad, np.int32)
+        top_p = np.array([s.top_p for s in sampling] + [1.0] * pad, np.float32)
+        bias = np.zeros((B, V), np.float32)
+        bias[:, self.tokenizer.vocab_size:] = _NEG  # vocab padding rows are not tokens
+        for i, s in enumerate(sampling):
+            for token, value in s.logit_bias:
+                bias[i, token] = max(value, _NEG)
+        return tuple(jnp.asarray(x) for x in (temperature, top_k, top_p, bias))
+
+
+class _Row:
+    """One prompt's generation: constraint checks, stops and the text so far."""
+
+    def __init__(self, tokenizer, sampling: Sampling, prompt_len: int):
+        self.tok, self.s = tokenizer, sampling
+        self.tokens: list[int] = []
+        self.done = False
+        self.reason = ""
+        self.stops = {tokenizer.eos_id, *sampling.stop_tokens}
+        self.words = [w.lower() for w in sampling.banned_words if w]
+        self.tail = max([len(w) for w in self.words] + [len(x) for x in sampling.stop_strings]
+                        + [1]) + 8
+        self.text = ""
+
+    def _allowed(self, token: int) -> bool:
+        for seq in self.s.banned_sequences:
+            if seq and tuple(self.tokens[len(self.tokens) - len(seq) + 1:] + [token]) == tuple(seq):
+                return False
+        if self.words and token not in self.stops:
+            before = self.tok.decode(self.tokens[-self.tail:]).lower()
+            after = self.tok.decode(self.tokens[-self.tail:] + [token]).lower()
+            if any(w in after and after.count(w) > before.count(w) for w in self.words):
+                return False
+        return True
+
+    def take(self, candidates) -> int:
+        for token in (int(c) for c in candidates):
+            if self._allowed(token):
+                break
+        else:  # every candidate breaks a constraint: end here rather than emit one
+            self.finish("constraint")
+            return self.tok.eos_id
+        if token in self.stops:
+            self.finish("stop")
+            return token
+        self.tokens.append(token)
+        self.text = self.tok.decode(self.tokens)
+        for stop in self.s.stop_strings:
+            if stop and stop in self.text:
+                self.text = self.text[:self.text.index(stop)]
+                self.finish("stop")
+                break
+        if len(self.tokens) >= self.s.max_new_tokens and not self.done:
+            self.finish("length")
+        return token
+
+    def finish(self, reason: str) -> None:
+        if not self.done:
+            self.done, self.reason = True, reason
+
+    def completion(self) -> Completion:
+        text = self.text
+        if not self.done and text.endswith("\ufffd"):  # an unfinished multi-byte character
+            text = text.rstrip("\ufffd")
+        return Completion(list(self.tokens), text, self.reason if self.done else "")
+
+
+class _maybe_mesh:
+    def __init__(self, mesh):
+        self.ctx = jax.set_mesh(mesh) if mesh is not None else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else None

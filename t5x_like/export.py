@@ -1,0 +1,54 @@
+"""Export a run's parameters as a model directory:
+`python -m t5x_like.export --workdir=runs/x --out=models/x [--step=N] [--dtype=bfloat16]`.
+
+The model directory holds `config.json`, `tokenizer.model` and `checkpoints/<step>/params` (no
+optimizer state, no data state): what `sample`, `evaluate`, `serve` and `--config.init_from`
+load. It is written under a temporary name and renamed when complete.
+"""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import flags
+
+from t5x_like import checkpoints, cli, config as config_lib, runs
+from t5x_like.errors import UserError
+
+def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32") -> str:
+    """Writes the model directory `out` from `workdir`'s checkpoint; returns `out`."""
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        raise UserError(f"{out} already exists; choose a new --out (exports never overwrite).")
+    run = runs.load(workdir, step=step)
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), run.params)
+    cfg = config_lib.to_dict(run.cfg)
+    cfg["model"]["param_dtype"] = dtype
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        config_lib.save_json(ml_collections.ConfigDict(cfg), os.path.join(tmp, "config.json"))
+        shutil.copyfile(run.tokenizer.path, os.path.join(tmp, "tokenizer.model"))
+        checkpoints.save_params(tmp, run.step, params)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    out = export(f.workdir, f.out, step=f.step, dtype=f.dtype)
+    print(f"exported {f.workdir} -> {out}")
+
+
+if __name__ == "__main__":  # flags are defined only when run as a program (modules import freely)
+    flags.DEFINE_string("workdir", None, "Run (or model) directory to export.", required=True)
+    flags.DEFINE_string("out", None, "Model directory to create.", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+    cli.run(main)

@@ -1,0 +1,133 @@
+"""The KV-cache decoder: equal to full recomputation, and its sampling constraints."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from data_pipelines import synthetic
+from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like import decoding, model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    texts = [synthetic.text_document(i) for i in range(300)]
+    tok = tokenizer_lib.train(texts, str(tmp_path_factory.mktemp("tok") / "t.model"),
+                              vocab_size=400)
+    cfg = ml_collections.FrozenConfigDict(dict(
+        vocab_size=384, vocab_multiple=128, hidden_dim=32, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, mlp_dim=64, max_len=64, rope_theta=10000.0, norm_eps=1e-5,
+        tie_embeddings=False, dropout=0.0, dtype="float32", param_dtype="float32",
+        scan_layers=True, remat="none"))
+    graphdef, _, _ = model.abstract_model(cfg)
+    params = model.init_params(cfg, seed=3)
+    return tok, cfg, graphdef, params
+
+
+def naive_greedy(graphdef, params, prompt, n, stop, vocab):
+    """Reference: recompute the whole sequence for every new token."""
+    forward = jax.jit(lambda p, t: model.apply(graphdef, p, t))
+    ids, out = list(prompt), []
+    for _ in range(n):
+        # Right-padded to one length (one compile); causal attention ignores what follows.
+        window = np.zeros((1, 64), np.int32)
+        window[0, :len(ids)] = ids
+        token = int(jnp.argmax(forward(params, window)[0, len(ids) - 1, :vocab]))
+        if token in stop:
+            break
+        ids.append(token)
+        out.append(token)
+    return out
+
+
+def test_cached_greedy_equals_recomputation_for_a_ragged_batch(setup):
+    tok, cfg, graphdef, params = setup
+    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=4)
+    prompts = [[tok.bos_id, *tok.encode(t)] for t in
+               ["What is 12 + 30? ", "7", "Q: What is 99 - 1? A: 98\n12 plus", "3 - 4 ="]]
+    completions = decoder.generate(prompts, decoding.Sampling(max_new_tokens=12))
+    for prompt, completion in zip(prompts, completions):
+        assert completion.tokens == naive_greedy(graphdef, params, prompt, 12, {tok.eos_id},
+                                                 tok.vocab_size)
+        assert completion.text == tok.decode(completion.tokens)
+        assert completion.finish_reason in ("length", "stop")
+
+
+def sample_many(setup, n=8, **kw):
+    tok, cfg, graphdef, params = setup
+    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=8)
+    prompt = [tok.bos_id, *tok.encode("What is 1")]
+    sampling = [decoding.Sampling(max_new_tokens=24, temperature=1.5, seed=s, **kw)
+                for s in range(n)]
+    return tok, decoder.generate([prompt] * n, sampling)
+
+
+def test_banned_words_never_appear(setup):
+    tok, free = sample_many(setup)
+    assert any("1" in c.text or "2" in c.text for c in free)  # they would, unconstrained
+    _, banned = sample_many(setup, banned_words=("1", "2"))
+    for c in banned:
+        assert "1" not in c.text and "2" not in c.text
+        assert c.finish_reason in ("length", "stop", "constraint")
+
+
+def test_banned_token_sequences_and_logit_bias(setup):
+    tok, cfg, graphdef, params = setup
+    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=2)
+    prompt = [tok.bos_id, *tok.encode("What is")]
+    forced = tok.encode("7")[0]
+    out = decoder.generate([prompt], decoding.Sampling(max_new_tokens=6,
+                                                      logit_bias=((forced, 100.0),)))[0]
+    assert out.tokens == [forced] * 6
+    pair = (forced, forced)
+    out = decoder.generate([prompt], decoding.Sampling(
+        max_new_tokens=6, logit_bias=((forced, 100.0),), banned_sequences=(pair,)))[0]
+    assert all(a != forced or b != forced for a, b in zip(out.tokens, out.tokens[1:]))
+    assert out.tokens[0] == forced
+    out = decoder.generate([prompt], decoding.Sampling(max_new_tokens=6,
+                                                      logit_bias=((forced, -np.inf),)))[0]
+    assert forced not in out.tokens
+
+
+def test_stop_strings_and_stop_tokens(setup):
+    tok, cfg, graphdef, params = setup
+    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=2)
+    prompt = [tok.bos_id, *tok.encode("What is")]
+    free = decoder.generate([prompt], decoding.Sampling(max_new_tokens=20))[0]
+    assert len(free.text) > 3
+    stop = free.text[2:4]
+    cut = decoder.generate([prompt], decoding.Sampling(max_new_tokens=20,
+                                                      stop_strings=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.index(stop)]
+    third = free.tokens[2]
+    ended = decoder.generate([prompt], decoding.Sampling(max_new_tokens=20,
+                                                        stop_tokens=(third,)))[0]
+    assert ended.finish_reason == "stop" and ended.tokens == free.tokens[:2]
+
+
+def test_sampling_controls(setup):
+    tok, cfg, graphdef, params = setup
+    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=8)
+    prompt = [tok.bos_id, *tok.encode("12 +")]
+    greedy = decoder.generate([prompt], decoding.Sampling(max_new_tokens=10))[0]
+    # top_k=1 and a tiny top_p leave one token: the greedy choice, at any temperature.
+    for s in (decoding.Sampling(max_new_tokens=10, temperature=5.0, top_k=1, seed=1),
+              decoding.Sampling(max_new_tokens=10, temperature=5.0, top_p=1e-6, seed=2)):
+        assert decoder.generate([prompt], s)[0].tokens == greedy.tokens
+    hot = [decoding.Sampling(max_new_tokens=10, temperature=1.5, seed=s) for s in (7, 7, 8)]
+    a, b, c = decoder.generate([prompt] * 3, hot)
+    assert a.tokens == b.tokens and a.tokens != c.tokens  # a seed reproduces a sample
+    # Rows of one batch keep their own settings.
+    mixed = decoder.generate([prompt] * 2, [decoding.Sampling(max_new_tokens=10),
+                                            decoding.Sampling(max_new_tokens=10, temperature=1.5,
+                                                              seed=8)])
+    assert mixed[0].tokens == greedy.tokens and mixed[1].tokens == c.tokens
+
+
+def test_prompt_too_long_is_refused(setup):
+    tok, cfg, graphdef, params = setup
+    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=1, max_len=32)
+    with pytest.raises(ValueError, match="exceeds the decoder's 32 positions"):
+        decoder.generate([[tok.bos_id] * 30], decoding.Sampling(max_new_tokens=8))
