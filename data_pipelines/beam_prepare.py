@@ -181,7 +181,7 @@ def make_transform(named: dict, data_cfg, opts: dict, fields: tuple[str, ...]):
     threshold = opts["threshold"]
     tasks = []
     for s_index, (name, (source, _)) in enumerate(named.items()):
-        kind = sources.RECORD_KIND[source.kind]
+        kind = sources.record_kind(source)
         if source.kind in ("synthetic", "tfds"):
             tasks.append((s_index, name, kind, source, 0, None))
         else:
@@ -288,7 +288,7 @@ def run(named: dict, data_cfg, opts: dict, tmp: str, fields: tuple[str, ...], re
                 info["funnel"][stage] = value
 
     splits = tfds_builder.data_sources(dataset_dir)
-    kinds = {n: sources.RECORD_KIND[named[n][0].kind] for n in names}
+    kinds = {n: sources.record_kind(named[n][0]) for n in names}
 
     def decoded(name, split):
         source = splits.get(f"{name}-{split}")

@@ -405,7 +405,7 @@ def _run_local(named: dict, data_cfg, opts: dict, spool: str, report: dict) -> N
     workers = _Workers(data_cfg.num_workers)
     try:
         for s_index, (name, (source, _)) in enumerate(named.items()):
-            kind = sources.RECORD_KIND[source.kind]
+            kind = sources.record_kind(source)
             info = report["sources"][name]
             funnel, changed, dup_of = info["funnel"], info["changed"], info["duplicate_of"]
             read_counts: dict = {}
@@ -574,7 +574,7 @@ def _new_report(named: dict, data_cfg, opts: dict, description: str) -> dict:
                             "train records that nearly duplicate a validation record are dropped."
                             if opts["decontaminate"] else
                             "OFF (data.dedup.near and data.dedup.decontaminate are both off)."),
-        "sources": {name: {"source": source.spec, "kind": sources.RECORD_KIND[source.kind],
+        "sources": {name: {"source": source.spec, "kind": sources.record_kind(source),
                            "weight": weight, "funnel": {"read": 0}, "changed": {},
                            "duplicate_of": {}, "bad_examples": [], "input_bytes": 0,
                            "splits": {}}
@@ -585,7 +585,7 @@ def _new_report(named: dict, data_cfg, opts: dict, description: str) -> dict:
 def _build(named: dict, data_cfg, tmp: str, description: str) -> dict:
     opts = options(data_cfg)
     report = _new_report(named, data_cfg, opts, description)
-    kinds = {name: sources.RECORD_KIND[source.kind] for name, (source, _) in named.items()}
+    kinds = {name: sources.record_kind(source) for name, (source, _) in named.items()}
     fields = tuple(f for kind in records_lib.KINDS if kind in kinds.values()
                    for f in records_lib.FIELDS[kind])
     tok_path = os.path.join(tmp, "tokenizer.model")

@@ -43,7 +43,7 @@ def source_files(source: sources.Source) -> list[str]:
 def items(source: sources.Source, data_cfg, counts: dict | None = None) -> Iterator[Item]:
     """Every record of a source; bad ones raise or come back marked (data.on_bad_record)."""
     if source.kind == "synthetic":
-        yield from _synthetic(data_cfg)
+        yield from _synthetic(source.path, data_cfg)
         return
     if source.kind == "tfds":
         yield from _check(_tfds(source, data_cfg), data_cfg.on_bad_record)
@@ -218,14 +218,14 @@ def _json_array(path: str, utf8: str, counts: dict | None):
 # Sources without files.
 
 
-def _synthetic(data_cfg) -> Iterator[Item]:
+def _synthetic(task: str, data_cfg) -> Iterator[Item]:
     from data_pipelines import synthetic
 
     n_valid = max(1, round(data_cfg.synthetic_docs * data_cfg.validation_fraction))
     for split, n, file_index in (("train", data_cfg.synthetic_docs, 0), ("validation", n_valid, 1)):
         for i in range(n):
-            yield Item(make_key(file_index, i), f"synthetic {split} {i}",
-                       {"text": synthetic.text_document(i, split)}, split=split)
+            yield Item(make_key(file_index, i), f"synthetic {task} {split} {i}",
+                       synthetic.record(task, i, split), split=split)
 
 
 def _tfds(source: sources.Source, data_cfg) -> Iterator[Item]:

@@ -31,10 +31,19 @@ from t5x_like.errors import UserError
 
 KINDS = ("synthetic", "text", "jsonl", "json", "alpaca", "chat", "sgd", "preference", "tfds",
          "prepared")
-# The record kind (records.py) each source kind produces.
-RECORD_KIND = {"synthetic": "text", "text": "text", "jsonl": "text", "json": "text",
+# The record kind (records.py) each source kind produces (synthetic: by task, see record_kind).
+RECORD_KIND = {"text": "text", "jsonl": "text", "json": "text",
                "tfds": "text", "alpaca": "chat", "chat": "chat", "sgd": "chat",
                "preference": "preference"}
+
+
+def record_kind(source: "Source") -> str:
+    """The record kind (text | chat | preference) a source produces."""
+    if source.kind == "synthetic":
+        from data_pipelines import synthetic
+
+        return synthetic.TASKS[source.path]
+    return RECORD_KIND[source.kind]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ The train state is a plain dict {"step", "params", "opt_state"} of arrays: param
 pure dict (see model.abstract_model), so checkpoints, shardings and optax all see one pytree.
 """
 
+import collections
 import dataclasses
 import filecmp
 import os
@@ -26,7 +27,7 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from data_pipelines import pipeline, prepare
+from data_pipelines import chat_data, pipeline, prepare
 from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like import batches as batches_lib
 from t5x_like import checkpoints, config as config_lib, flops, losses, model
@@ -168,6 +169,30 @@ def prepare_data(cfg, workdir: str) -> prepare.Prepared:
         if jax.process_index() != 0:
             prepared = prepare.prepare(cfg.data, cache_dir)
     return prepared
+
+
+# The record kind each task trains on (data_pipelines/records.py).
+TASK_KINDS = {"pretrain": "text", "sft": "chat"}
+
+
+def example_encoder(cfg, tokenizer, text_field: str, counts: collections.Counter) -> Callable:
+    """record -> {"tokens", "weights"} for the task: plain text, or a chat rendered by the one
+    chat template with its loss mask (data_pipelines/chat_data.py)."""
+    if cfg.task == "sft":
+        return chat_data.encoder(tokenizer, loss_on=cfg.data.loss_on, max_len=cfg.model.max_len,
+                                 on_long=cfg.data.on_long, counts=counts)
+    return pipeline.text_encoder(tokenizer, text_field)
+
+
+def check_learnable(source, encode, split: str, probe: int = 100) -> None:
+    """Refuses a split whose first records give nothing to learn from (an all-zero loss mask
+    would otherwise train on nothing, or loop forever looking for a non-empty example)."""
+    n = min(len(source), probe)
+    if not any(encode(source[i])["weights"].any() for i in range(n)):
+        raise UserError(f"none of the first {n} records of the {split} split has a token to "
+                        "learn from (an empty loss mask): SFT learns only assistant turns "
+                        "(data.loss_on); check that the conversations have them, or that "
+                        "data.on_long does not drop them all.")
 
 
 def check_batch(cfg, mesh) -> None:
@@ -312,15 +337,15 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
 
     The result also has "preempted": True when SIGTERM stopped the run early (after saving).
     """
-    config_lib.validate(cfg)
-    workdir = os.path.abspath(workdir)
-    primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
     init_dir, init_step = checkpoints.locate(cfg.init_from) if cfg.init_from else (None, None)
     if init_dir:
         cfg = _inherit_tokenizer(cfg, init_dir)
         if cfg.model_from_init:
             cfg = _inherit_model(cfg, init_dir)
+    config_lib.validate(cfg)
+    workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
 
     prepared = prepare_data(cfg, workdir)
     tokenizer = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
@@ -339,9 +364,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                  jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
 
     local_eval_batch = cfg.eval.batch_size // jax.process_count()
-    encode = pipeline.text_encoder(tokenizer, prepared.text_field)
+    example_counts: collections.Counter = collections.Counter()
+    encode = example_encoder(cfg, tokenizer, prepared.text_field, example_counts)
     data_kwargs = dict(max_len=cfg.model.max_len, seed=cfg.seed, packing=cfg.data.packing)
-    train_source = prepared.data_source(cfg.data.train_split)
+    train_source = prepared.data_source(cfg.data.train_split, kind=TASK_KINDS[cfg.task])
     num_shards = cfg.data.num_shards or jax.process_count()
     train_batches = batches_lib.ShardedBatches(
         lambda shard: iter(pipeline.make_dataset(
@@ -349,7 +375,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
             process_index=shard, process_count=num_shards, worker_count=cfg.data.worker_count,
             **data_kwargs)),
         batches_lib.local_shards(num_shards))
-    eval_source = prepared.data_source(cfg.data.eval_split)
+    eval_source = prepared.data_source(cfg.data.eval_split, kind=TASK_KINDS[cfg.task])
+    check_learnable(train_source, encode, cfg.data.train_split)
+    check_learnable(eval_source, encode, cfg.data.eval_split)
 
     def eval_batches():  # evaluation sums over records, so any split over processes will do
         return iter(pipeline.make_dataset(
@@ -382,7 +410,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
             token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes()),
                                          partitioning.replicated(mesh))
             loop = _Loop(cfg, train_step, eval_step, ckpt, writer, mesh, token_bytes,
-                         local_eval_batch, eval_batches, preemption)
+                         local_eval_batch, eval_batches, preemption, example_counts)
             return loop.run(state, train_batches)
         finally:
             preemption.close()
@@ -394,7 +422,8 @@ class _Loop:
     """The training loop and what happens at its intervals: log, evaluate, save, stop."""
 
     def __init__(self, cfg, train_step, eval_step, ckpt, writer, mesh, token_bytes,
-                 local_eval_batch, eval_batches, preemption):
+                 local_eval_batch, eval_batches, preemption, example_counts):
+        self.example_counts = example_counts  # SFT: conversations truncated / dropped so far
         self.cfg, self.train_step, self.eval_step = cfg, train_step, eval_step
         self.ckpt, self.writer, self.mesh = ckpt, writer, mesh
         self.token_bytes, self.local_eval_batch = token_bytes, local_eval_batch
@@ -439,6 +468,9 @@ class _Loop:
                 self.flops_per_token * tokens_per_sec / jax.device_count() / 1e12)
             if self.peak:
                 metrics["mfu"] = metrics["tflops_per_sec_per_device"] / self.peak
+        if self.cfg.task == "sft":
+            metrics["sft_truncated"] = self.example_counts["truncated"]
+            metrics["sft_dropped"] = self.example_counts["dropped"]
         self.writer.write(step, metrics)
 
     def check_finite(self, step: int, metrics, skipped_before: int) -> int:
