@@ -191,6 +191,7 @@ def follow_up(pretrained, task, **data):
     return cfg, str(root / task)
 
 
+@pytest.mark.slow  # ~2 minutes on 2 busy cores (a pretraining run, then the task)
 def test_dpo_task_runs_from_a_pretrained_model(pretrained):
     cfg, workdir = follow_up(pretrained, "dpo", source="synthetic:arithmetic_pairs")
     result = trainer.train_and_evaluate(cfg, workdir)
@@ -202,6 +203,7 @@ def test_dpo_task_runs_from_a_pretrained_model(pretrained):
     assert train[1]["kl"] > 0
 
 
+@pytest.mark.slow  # ~2 minutes on 2 busy cores (a pretraining run, then the task)
 def test_reward_task_trains_a_scalar_head_and_scores(pretrained, tmp_path):
     cfg, workdir = follow_up(pretrained, "reward", source="synthetic:arithmetic_pairs")
     with pytest.raises(UserError, match="model.reward_head"):
@@ -227,6 +229,7 @@ def test_reward_task_trains_a_scalar_head_and_scores(pretrained, tmp_path):
         score.read_pairs(str(path))
 
 
+@pytest.mark.slow  # ~2 minutes on 2 busy cores (a pretraining run, then the task)
 def test_rl_task_samples_and_evaluates(pretrained):
     cfg, workdir = follow_up(pretrained, "rl", source="synthetic:arithmetic_chat", batch_size=8)
     cfg.rl.update(group_size=2, max_new_tokens=4, eval_prompts=8)
