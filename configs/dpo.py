@@ -5,7 +5,8 @@
         --config.dpo.loss=ipo --config.dpo.beta=0.5
     python -m t5x_like.train --config=configs/dpo.py --workdir=runs/dpo_hh \
         --config.init_from=runs/sft_alpaca --config.model.max_len=512 \
-        --config.data.source=preference:../shared/data/preference/hh_rlhf_harmless_base_test_shared.jsonl.gz
+        --config.data.source=preference:../shared/data/preference/hh_rlhf_harmless_base_test_shared.jsonl.gz \
+        --config.data.on_bad_record=skip
 
 The policy and the reference both start as init_from (model and tokenizer from it,
 model_from_init); the reference never changes. Pairs come from a preference source

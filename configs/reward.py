@@ -3,7 +3,8 @@
     python -m t5x_like.train --config=configs/reward.py --workdir=runs/rm --config.init_from=runs/sft
     python -m t5x_like.train --config=configs/reward.py --workdir=runs/rm_hh \
         --config.init_from=runs/sft \
-        --config.data.source=preference:../shared/data/preference/hh_rlhf_harmless_base_test_shared.jsonl.gz
+        --config.data.source=preference:../shared/data/preference/hh_rlhf_harmless_base_test_shared.jsonl.gz \
+        --config.data.on_bad_record=skip
     python -m t5x_like.score --workdir=runs/rm --prompt="What is 2 + 3?" --reply=5
 
 The model is init_from's (model_from_init) plus `reward_head` (a vector on the last reply
