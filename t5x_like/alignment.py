@@ -36,8 +36,6 @@ from t5x_like import trainer
 from t5x_like.errors import UserError
 from t5x_like.metrics import MetricWriter
 
-TASKS = ("reward", "dpo", "rl")
-
 
 def reward_state_from_init(cfg, spec: trainer.StateSpec, init_dir: str, init_step) -> dict:
     """A reward model from a chat model: its parameters, plus the head at zero."""
