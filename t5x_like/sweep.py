@@ -162,6 +162,26 @@ def check_against_job(cfg) -> None:
             apply_overrides(job, {name: value}, where="space", config_path=cfg.config)
 
 
+def share_data(cfg, workdir: str) -> dict[str, str]:
+    """Training trials read one copy of the data, prepared here once, instead of each preparing
+    its own (or several racing to write one cache). Returns the override that points them at it.
+
+    Not for runs that take their tokenizer from init_from (the trainer fingerprints the data
+    with it), nor when the job config names its own data.cache_dir."""
+    if cfg.program != "t5x_like.train":
+        return {}
+    job = apply_overrides(load_job_config(cfg.config), flatten(cfg.fixed), where="fixed",
+                          config_path=cfg.config)
+    if job.init_from or job.data.cache_dir:
+        return {}
+    from data_pipelines import prepare  # local: TFDS and SentencePiece load slowly
+
+    cache_dir = os.path.abspath(os.path.join(workdir, "data"))
+    logging.info("Preparing %s once for every trial in %s", job.data.source, cache_dir)
+    prepare.prepare(job.data, cache_dir)
+    return {"data.cache_dir": cache_dir}
+
+
 def grid(cfg) -> dict[str, list]:
     return {name: list(spec["values"]) for name, spec in flatten(cfg.space).items()}
 
@@ -269,9 +289,10 @@ def recover(study: optuna.Study) -> list[int]:
 
 
 def counted(study: optuna.Study) -> int:
-    """Trials that use the budget: all but interrupted ones (those run again)."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted")))
+    """Trials that used the budget or are using it: not interrupted ones (they run again) nor
+    waiting ones (the next trial any worker starts takes them)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING
+               and not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,9 +368,9 @@ def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
 class _Objective:
     """What Optuna calls per trial: start the job, follow its metrics, return its value."""
 
-    def __init__(self, cfg, workdir: str):
+    def __init__(self, cfg, workdir: str, shared: dict[str, Any]):
         self.cfg, self.workdir = cfg, workdir
-        self.space, self.fixed = flatten(cfg.space), flatten(cfg.fixed)
+        self.space, self.fixed = flatten(cfg.space), {**shared, **flatten(cfg.fixed)}
 
     def command(self, trial_dir: str, params: dict) -> list[str]:
         overrides = {**self.fixed, **params}
@@ -485,7 +506,7 @@ def run_sweep(cfg, workdir: str, *, parallel: int = 1, storage: str = "") -> opt
 
     try:
         if remaining > 0:
-            study.optimize(_Objective(cfg, workdir), n_trials=remaining, n_jobs=parallel,
+            study.optimize(_Objective(cfg, workdir, share_data(cfg, workdir)), n_trials=remaining, n_jobs=parallel,
                            catch=(TrialFailed,), callbacks=[stop_at_budget])
     finally:
         sweep_report.write(study, cfg, workdir)
