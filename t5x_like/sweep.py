@@ -397,7 +397,15 @@ class _Objective:
             {"trial": trial.number, **record}, indent=2, sort_keys=True) + "\n")
         logging.info("Trial %d: %s", trial.number,
                      " ".join(override_arg(k, v)[len("--config."):] for k, v in params.items()))
-        return self.follow(trial, cmd, trial_dir)
+        try:
+            value = self.follow(trial, cmd, trial_dir)
+        except (TrialFailed, optuna.TrialPruned) as e:
+            logging.info("Trial %d %s: %s", trial.number,
+                         "pruned" if isinstance(e, optuna.TrialPruned) else "failed", e)
+            raise
+        logging.info("Trial %d: %s %s = %.6g", trial.number, self.cfg.objective.split,
+                     self.cfg.objective.metric, value)
+        return value
 
     def follow(self, trial: optuna.Trial, cmd: list[str], trial_dir: str) -> float:
         o, start = self.cfg.objective, time.time()

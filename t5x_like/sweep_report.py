@@ -127,7 +127,8 @@ def best_config(study, cfg) -> str | None:
         f"{cfg.objective.split} {cfg.objective.metric} = {best.value:.6g} "
         f"({cfg.objective.reduce}, {cfg.objective.mode}).\n\n"
         f"{cfg.config} with the sweep's fixed overrides and these swept values:\n{swept}\n\n"
-        f"    python -m {cfg.program} --config=<this file> --workdir=<new run dir>\n"
+        f"    python -m {cfg.program} --config=<this file> --workdir=<new run dir> {cfg.args}"
+        .rstrip() + "\n"
         '"""\n\nimport ml_collections\n\n'
         f"CONFIG = {pprint.pformat(config_lib.to_dict(job), indent=1, width=99, sort_dicts=True)}"
         "\n\n\ndef get_config():\n    return ml_collections.ConfigDict(CONFIG)\n")
