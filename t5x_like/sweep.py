@@ -525,10 +525,14 @@ def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; options look like --config.x=y.")
     f = flags.FLAGS
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are logged here, one line each
     if f.report_only:
         from t5x_like import sweep_report
 
         validate(f.config)
+        if not f.storage and not os.path.isfile(os.path.join(f.workdir, "study.db")):
+            raise UserError(f"{f.workdir} holds no study (study.db); run the sweep first, or "
+                            "give --storage for a study in a database.")
         study = open_study(f.config, f.workdir, f.storage)
         print(sweep_report.write(study, f.config, f.workdir))
         return
