@@ -242,27 +242,33 @@ def test_bad_sweep_configs_fail_before_any_trial(tmp_path, monkeypatch, change, 
     assert not (tmp_path / "sw" / "study.db").exists()
 
 
-def test_grid_on_the_tiny_config_trains_four_runs(tiny_cfg, tmp_path, monkeypatch):
-    """The real trainer: 2 learning rates x 2 batch sizes, two trials at a time."""
+def tiny_sweep(tiny_cfg, monkeypatch, **fixed):
+    """A sweep config over the real trainer with the tests' tiny model (configs/base.py plus
+    tiny_cfg's differences as fixed overrides); trials get one CPU device each."""
     from configs import base
 
-    # Trials are fresh processes: one CPU device each (not the tests' 8 fake ones).
-    monkeypatch.setenv("XLA_FLAGS", TEST_XLA_FLAGS)
+    monkeypatch.setenv("XLA_FLAGS", TEST_XLA_FLAGS)  # not the tests' 8 fake devices
     monkeypatch.chdir(ROOT)
     default = sweep.flatten(base.get_config())
-    fixed = {k: v for k, v in sweep.flatten(tiny_cfg).items()
-             if v != default.get(k) and k != "data.cache_dir"}
-    fixed.update({"steps": 2, "checkpoint.every_steps": 100})
-    cfg = common.sweep()
-    cfg.config = "configs/base.py"
+    flat = {k: v for k, v in sweep.flatten(tiny_cfg).items()
+            if v != default.get(k) and k != "data.cache_dir"}  # the sweep prepares the data
+    flat.update(fixed)
     nested: dict = {}
-    for key, value in fixed.items():
+    for key, value in flat.items():
         *parents, name = key.split(".")
         node = nested
         for part in parents:
             node = node.setdefault(part, {})
         node[name] = value
+    cfg = common.sweep()
+    cfg.config = "configs/base.py"
     cfg.fixed = ml_collections.ConfigDict(nested)
+    return cfg
+
+
+def test_grid_on_the_tiny_config_trains_four_runs(tiny_cfg, tmp_path, monkeypatch):
+    """The real trainer: 2 learning rates x 2 batch sizes, two trials at a time."""
+    cfg = tiny_sweep(tiny_cfg, monkeypatch, **{"steps": 2, "checkpoint.every_steps": 100})
     cfg.space = ml_collections.ConfigDict({"optimizer": {"lr": common.choice(3e-3, 1e-2)},
                                            "data": {"batch_size": common.choice(4, 8)}})
     workdir = tmp_path / "sw"
@@ -286,3 +292,16 @@ def test_grid_on_the_tiny_config_trains_four_runs(tiny_cfg, tmp_path, monkeypatc
     best = runpy.run_path(str(workdir / "best_config.py"))["get_config"]()
     winner = min(done, key=lambda t: t.value)
     assert best.optimizer.lr == winner.params["optimizer.lr"] and best.model.hidden_dim == 32
+
+
+@pytest.mark.slow
+def test_a_nan_loss_fails_its_trial_with_the_trainers_reason(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_sweep(tiny_cfg, monkeypatch, **{"steps": 4, "checkpoint.every_steps": 100})
+    cfg.space = ml_collections.ConfigDict({"optimizer": {"lr": common.choice(1e30, 3e-3)}})
+    workdir = tmp_path / "sw"
+    sweep.run_sweep(cfg, str(workdir))
+
+    by_lr = {t.params["optimizer.lr"]: t for t in trials(workdir)}
+    assert by_lr[3e-3].state.name == "COMPLETE"
+    assert by_lr[1e30].state.name == "FAIL"
+    assert "the loss or gradients became NaN/Inf" in by_lr[1e30].user_attrs["note"]
