@@ -109,11 +109,13 @@ def validate(cfg) -> None:
         require(kind in DISTRIBUTIONS, f"{key}.distribution",
                 f"is {kind!r}; choose one of {', '.join(DISTRIBUTIONS)}.")
         require(cfg.sampler != "grid" or kind == "choice", key,
-                f"is a {kind} range; a grid takes choice() values only (or use sampler=random/tpe).")
+                f"is a {kind} range; a grid takes choice() values only (or use sampler "
+                "random or tpe).")
         if kind == "choice":
             require(len(spec["values"]) > 0, key, "choice() needs at least one value.")
         else:
-            require(spec.low < spec.high, key, f"low ({spec.low}) must be below high ({spec.high}).")
+            require(spec.low < spec.high, key,
+                    f"low ({spec.low}) must be below high ({spec.high}).")
             require(spec.low > 0 or not (kind == "log_uniform" or spec.get("log")), key,
                     f"low is {spec.low}; a log scale needs low > 0.")
 
@@ -143,8 +145,8 @@ def apply_overrides(job_cfg: ml_collections.ConfigDict, overrides: dict[str, Any
         try:
             node[parts[-1]] = value
         except TypeError as e:
-            raise UserError(f"sweep config key '{where}.{name}': {value!r} does not fit config key "
-                            f"{name} of {config_path} ({e}).") from None
+            raise UserError(f"sweep config key '{where}.{name}': {value!r} does not fit config "
+                            f"key {name} of {config_path} ({e}).") from None
     return job_cfg
 
 
@@ -282,7 +284,8 @@ def recover(study: optuna.Study) -> list[int]:
     trials = study.get_trials(deepcopy=False)
     retried, again = _retried(trials), []
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
+        interrupted = t.state == TrialState.FAIL and t.user_attrs.get("interrupted")
+        if interrupted and t.number not in retried:
             _retry_callback(max_retry=None)(study, t)
             again.append(t.number)
     return again
@@ -341,7 +344,8 @@ def failure_reason(returncode: int, log_tail: str) -> str:
         return errors[-1][len("error:"):].strip()[:500]
     exception = next((line for line in reversed(lines)
                       if line.split(":")[0].endswith(("Error", "Exception"))), None)
-    return f"exit status {returncode}: {(exception or (lines[-1] if lines else 'no output'))[:500]}"
+    last = exception or (lines[-1] if lines else "no output")
+    return f"exit status {returncode}: {last[:500]}"
 
 
 def _die_with_parent() -> None:
@@ -411,8 +415,9 @@ class _Objective:
         o, start = self.cfg.objective, time.time()
         log_path = os.path.join(trial_dir, "trial.log")
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         values: dict[int, float] = {}
         records: list[dict] = []
         try:
@@ -514,7 +519,8 @@ def run_sweep(cfg, workdir: str, *, parallel: int = 1, storage: str = "") -> opt
 
     try:
         if remaining > 0:
-            study.optimize(_Objective(cfg, workdir, share_data(cfg, workdir)), n_trials=remaining, n_jobs=parallel,
+            objective = _Objective(cfg, workdir, share_data(cfg, workdir))
+            study.optimize(objective, n_trials=remaining, n_jobs=parallel,
                            catch=(TrialFailed,), callbacks=[stop_at_budget])
     finally:
         sweep_report.write(study, cfg, workdir)
@@ -538,7 +544,8 @@ def main(argv):
         return
 
     def stop(signum, frame):  # running trials end (and will run again on the next start)
-        logging.warning("Stopping the sweep (signal %d); rerun the same command to resume.", signum)
+        logging.warning("Stopping the sweep (signal %d); rerun the same command to resume.",
+                        signum)
         _STOP.set()
 
     signal.signal(signal.SIGTERM, stop)

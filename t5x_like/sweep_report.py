@@ -52,7 +52,8 @@ def rows(study, cfg) -> list[dict]:
     def key(row):
         rank = _ORDER.index(row["state"]) if row["state"] in _ORDER else len(_ORDER)
         value = row["objective"]
-        value = sign * value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        value = sign * value if finite else math.inf
         return rank, value, row["trial"]
 
     return sorted(out, key=key)
@@ -91,7 +92,8 @@ def markdown(table: list[dict], cfg, study=None) -> str:
         wall = wall_minutes(study)
         lines.append(f"Sweep `{study.study_name}`: {cfg.program} {cfg.config}; objective "
                      f"{o.split} {o.metric} ({o.reduce}, {o.mode}); sampler {cfg.sampler}, "
-                     f"pruner {cfg.pruner}; " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+                     f"pruner {cfg.pruner}; "
+                     + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
                      + (f"; wall time {wall:.1f} min." if wall is not None else "."))
         lines.append("")
     columns = _columns(table, cfg)
