@@ -27,6 +27,7 @@ import ctypes
 import json
 import math
 import os
+import queue
 import runpy
 import shlex
 import signal
@@ -98,6 +99,7 @@ def validate(cfg) -> None:
             f"is 0; sampler {cfg.sampler} needs a trial budget (e.g. --config.trials=20).")
     require(cfg.halving_rate >= 2, "halving_rate", "must be >= 2.")
     require(cfg.poll_s > 0, "poll_s", "must be positive.")
+    require(cfg.gpus_per_trial >= 0, "gpus_per_trial", "must be >= 0 (0 = leave devices alone).")
     space = flatten(cfg.space)
     require(bool(space), "space", "is empty; add at least one swept key, e.g. "
             "cfg.space = ConfigDict({'optimizer': {'lr': common.choice(1e-3, 3e-3)}}).")
@@ -372,9 +374,21 @@ def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
 class _Objective:
     """What Optuna calls per trial: start the job, follow its metrics, return its value."""
 
-    def __init__(self, cfg, workdir: str, shared: dict[str, Any]):
+    def __init__(self, cfg, workdir: str, shared: dict[str, Any], parallel: int):
         self.cfg, self.workdir = cfg, workdir
         self.space, self.fixed = flatten(cfg.space), {**shared, **flatten(cfg.fixed)}
+        # Slots of the trials running at once on this worker: with gpus_per_trial, slot i gets
+        # GPUs [i*k, (i+1)*k) of the host, so parallel trials never share an accelerator.
+        self.slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(parallel):
+            self.slots.put(slot)
+
+    def env(self, slot: int) -> dict[str, str]:
+        env = dict(os.environ)
+        k = self.cfg.gpus_per_trial
+        if k:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * k + i) for i in range(k))
+        return env
 
     def command(self, trial_dir: str, params: dict) -> list[str]:
         overrides = {**self.fixed, **params}
@@ -412,10 +426,17 @@ class _Objective:
         return value
 
     def follow(self, trial: optuna.Trial, cmd: list[str], trial_dir: str) -> float:
+        slot = self.slots.get()
+        try:
+            return self._follow(trial, cmd, trial_dir, self.env(slot))
+        finally:
+            self.slots.put(slot)
+
+    def _follow(self, trial: optuna.Trial, cmd: list[str], trial_dir: str, env: dict) -> float:
         o, start = self.cfg.objective, time.time()
         log_path = os.path.join(trial_dir, "trial.log")
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                     preexec_fn=_die_with_parent)
         values: dict[int, float] = {}
@@ -519,7 +540,7 @@ def run_sweep(cfg, workdir: str, *, parallel: int = 1, storage: str = "") -> opt
 
     try:
         if remaining > 0:
-            objective = _Objective(cfg, workdir, share_data(cfg, workdir))
+            objective = _Objective(cfg, workdir, share_data(cfg, workdir), parallel)
             study.optimize(objective, n_trials=remaining, n_jobs=parallel,
                            catch=(TrialFailed,), callbacks=[stop_at_budget])
     finally:

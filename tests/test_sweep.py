@@ -47,6 +47,8 @@ workdir = args["workdir"]
 os.makedirs(workdir, exist_ok=True)
 with open(os.path.join(os.path.dirname(__file__), "calls.txt"), "a") as f:
     f.write(workdir + "\\n")
+with open(os.path.join(os.path.dirname(__file__), "devices.txt"), "a") as f:
+    f.write(os.environ.get("CUDA_VISIBLE_DEVICES", "-") + "\\n")
 path = os.path.join(workdir, "metrics.jsonl")
 done = sum(1 for _ in open(path)) if os.path.exists(path) else 0
 for step in range(done + 1, cfg.steps + 1):
@@ -102,8 +104,11 @@ def loss(lr, width, step):
 
 def test_grid_runs_every_point_reports_and_resumes(fake, tmp_path):
     cfg, job_dir = fake
+    cfg.gpus_per_trial = 1
     workdir = tmp_path / "sw"
     sweep.run_sweep(cfg, str(workdir), parallel=2)
+    devices = (job_dir / "devices.txt").read_text().split()
+    assert len(devices) == 4 and set(devices) <= {"0", "1"}  # one GPU per trial, two slots
 
     done = trials(workdir)
     assert len(done) == 4 and all(t.state.name == "COMPLETE" for t in done)
