@@ -191,7 +191,10 @@ def test_pruning_stops_a_clearly_bad_trial_early(fake, tmp_path):
     assert "| pruned |" in (workdir / "results.md").read_text()
 
 
-def test_an_interrupted_trial_runs_again_in_its_own_workdir(fake, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_an_interrupted_trial_runs_again_in_its_own_workdir(fake, tmp_path, stop):
+    """SIGKILL: the sweep dies and its trial with it (no orphan); SIGTERM (or Ctrl-C): the sweep
+    stops its trial and exits. Either way the next start runs that trial again."""
     cfg, job_dir = fake
     cfg.space = ml_collections.ConfigDict({"lr": common.choice(0.3)})
     cfg.fixed = ml_collections.ConfigDict({"steps": 40, "sleep_s": 0.1})
@@ -210,8 +213,8 @@ def test_an_interrupted_trial_runs_again_in_its_own_workdir(fake, tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text()) > 100):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)  # the sweep dies; its trial with it (no orphan)
-    proc.wait()
+    proc.send_signal(stop)
+    assert proc.wait(60) == (-9 if stop == signal.SIGKILL else 0)
     time.sleep(0.5)
     stopped_at = len(metrics.read_text().splitlines())
     assert 0 < stopped_at < 40
