@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from t5x_like.errors import UserError
 
-KINDS = ("train", "eval", "export", "feedback")
+KINDS = ("prepare", "train", "eval", "export", "feedback")
 STATE = "lifecycle.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,15 +100,36 @@ def _quick_train_args(cfg) -> list[str]:
             "--config.log_every_steps=1"]
 
 
+def prepare_stage(cfg, name, st, workdir, record) -> None:
+    out = os.path.join(workdir, name)
+    cmd = [sys.executable, "-m", "data_pipelines.prepare", f"--config={st.config}",
+           f"--out={out}"] + [a if a.startswith("--") else f"--config.{a}" for a in _args(cfg, st)]
+    record["command"] = cmd
+    _run(cmd, os.path.join(workdir, f"{name}.log"))
+    record["run"] = out
+
+
+def _expand(arg: str, workdir: str) -> str:
+    """{stage:NAME} in a stage argument is that stage's directory."""
+    while "{stage:" in arg:
+        start = arg.index("{stage:")
+        end = arg.index("}", start)
+        arg = arg[:start] + os.path.join(workdir, arg[start + 7:end]) + arg[end + 1:]
+    return arg
+
+
 def train_stage(cfg, name, st, workdir, record) -> None:
     out = os.path.join(workdir, name)
-    cmd = [sys.executable, "-m", "t5x_like.train", f"--config={st.config}", f"--workdir={out}"]
+    # On a TPU pod the launcher runs the same train command on every worker (launch/).
+    launcher = shlex.split(cfg.train_launcher) or [sys.executable, "-m", "t5x_like.train"]
+    cmd = launcher + [f"--config={st.config}", f"--workdir={out}"]
     if st.init_from:
         cmd.append(f"--config.init_from={os.path.join(workdir, st.init_from)}")
     if st.data_from:
         pairs = os.path.join(workdir, st.data_from, "preference.jsonl")
         cmd.append(f"--config.data.source=preference:{pairs}")
-    cmd += [a if a.startswith("--") else f"--config.{a}" for a in _args(cfg, st)]
+    cmd += [_expand(a if a.startswith("--") else f"--config.{a}", workdir)
+            for a in _args(cfg, st)]
     cmd += _quick_train_args(cfg)
     record["command"] = cmd
     _run(cmd, os.path.join(workdir, f"{name}.log"))
@@ -119,10 +140,7 @@ def eval_stage(cfg, name, st, workdir, record) -> None:
     run = os.path.join(workdir, st.run)
     cmd = [sys.executable, "-m", "t5x_like.evaluate", f"--workdir={run}",
            f"--config={st.suite}", f"--checkpoint={st.checkpoint}"]
-    if cfg.quick:
-        cmd += [f"--config.tasks.arithmetic.n={cfg.quick_n}",
-                f"--config.tasks.arithmetic_chat.n={cfg.quick_n}"]
-    cmd += _args(cfg, st)
+    cmd += [a if a.startswith("--") else f"--config.{a}" for a in _args(cfg, st)]
     record["command"] = cmd
     started = time.time()
     _run(cmd, os.path.join(workdir, f"{name}.log"))
@@ -159,23 +177,59 @@ def _post(url: str, body: dict, timeout: float = 600) -> dict:
         return json.loads(r.read())
 
 
-def demo_judge(question: str, reply: str) -> tuple[str, str | None]:
-    """The simulated user of the demo: (rating, correction) from the exact answer."""
+def demo_judge(messages: list[dict], replies: list[str]) -> list[tuple[str, str | None]]:
+    """The demo's simulated user: (rating, correction) per reply from the exact answer."""
     from data_pipelines import synthetic
-    if synthetic.check_answer(question, reply):
-        return "up", None
-    return "down", str(synthetic.parse_question(question).answer)
+    question = messages[-1]["content"]
+    right = str(synthetic.parse_question(question).answer)
+    return [("up", None) if synthetic.check_answer(question, r) else ("down", right)
+            for r in replies]
 
 
-def simulated_conversations(n: int) -> list[list[dict]]:
-    """Training-split demo questions (evaluation only ever asks held-out ones)."""
+def reward_judge(run_dir: str):
+    """A simulated user for open-ended chat: of the replies to one prompt, the reward model's
+    favourite is rated up and the others down (no corrections)."""
+    from t5x_like import reward_model, runs
+    rm = reward_model.RewardModel(runs.load(run_dir))
+
+    def judge(messages, replies):
+        scores = rm.score([messages] * len(replies), replies)
+        best = max(range(len(replies)), key=lambda i: scores[i])
+        return [("up" if i == best else "down", None) for i in range(len(replies))]
+    return judge
+
+
+def simulated_conversations(source: str, n: int, data_root: str) -> list[list[dict]]:
+    """The prompts simulated users send: training-split demo questions (evaluation only ever
+    asks held-out ones), or the first user turns of a chat JSONL / Alpaca file."""
     from data_pipelines import synthetic
-    return [synthetic.answer_pair(i, "train", seed=7)["prompt"] for i in range(n)]
+    if source == "demo":
+        return [synthetic.answer_pair(i, "train", seed=7)["prompt"] for i in range(n)]
+    path = source.replace("{data}", os.path.abspath(data_root))
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    records = json.loads(text) if text.lstrip().startswith("[") else [
+        json.loads(line) for line in text.splitlines() if line.strip()]
+    prompts = []
+    for r in records:
+        if "messages" in r:
+            user = next((m["content"] for m in r["messages"] if m["role"] == "user"), None)
+        else:  # Alpaca
+            user = "\n\n".join(x for x in (r.get("instruction", ""), r.get("input", "")) if x)
+        if user:
+            prompts.append([{"role": "user", "content": user}])
+        if len(prompts) == n:
+            break
+    return prompts
 
 
 def feedback_stage(cfg, name, st, workdir, record) -> None:
     opts = dict(a.split("=", 1) for a in _args(cfg, st))
-    conversations = simulated_conversations(int(opts.get("conversations", 32)))
+    conversations = simulated_conversations(opts.get("prompts", "demo"),
+                                            int(opts.get("conversations", 32)), cfg.data_root)
+    judge_spec = opts.get("judge", "demo")
+    judge = (demo_judge if judge_spec == "demo"
+             else reward_judge(os.path.join(workdir, judge_spec.split(":", 1)[1])))
     out = os.path.join(workdir, name)
     os.makedirs(out, exist_ok=True)
     db = os.path.join(out, "feedback.db")
@@ -205,12 +259,13 @@ def feedback_stage(cfg, name, st, workdir, record) -> None:
 
         def one(messages):
             reply = _post(base + "/v1/chat/completions", {
-                "model": "lifecycle", "messages": messages, "max_tokens": 8,
+                "model": "lifecycle", "messages": messages,
+                "max_tokens": int(opts.get("max_tokens", 8)),
                 "n": int(opts.get("n", 1)), "temperature": float(opts.get("temperature", 0.8))})
+            choices = reply["choices"]
+            verdicts = judge(messages, [c["message"]["content"] for c in choices])
             rated = []
-            for choice in reply["choices"]:
-                rating, correction = demo_judge(messages[-1]["content"],
-                                                choice["message"]["content"])
+            for choice, (rating, correction) in zip(choices, verdicts):
                 body = {"response_id": reply["id"], "index": choice["index"], "rating": rating}
                 if correction is not None:
                     body["correction"] = correction
@@ -241,7 +296,7 @@ def feedback_stage(cfg, name, st, workdir, record) -> None:
                            "was rated up); ask more conversations or raise the temperature.")
 
 
-RUNNERS = {"train": train_stage, "eval": eval_stage, "export": export_stage,
+RUNNERS = {"prepare": prepare_stage, "train": train_stage, "eval": eval_stage, "export": export_stage,
            "feedback": feedback_stage}
 
 
