@@ -91,13 +91,16 @@ def _args(cfg, st) -> list[str]:
     return shlex.split(text.replace("{data}", os.path.abspath(cfg.data_root)))
 
 
-def _quick_train_args(cfg) -> list[str]:
+def _quick_train_args(cfg, st) -> list[str]:
     if not cfg.quick:
         return []
     n = cfg.quick_steps
-    return [f"--config.steps={n}", "--config.eval.steps=2", f"--config.eval.every_steps={n}",
+    args = [f"--config.steps={n}", "--config.eval.steps=2", f"--config.eval.every_steps={n}",
             f"--config.checkpoint.every_steps={n}", "--config.data.synthetic_docs=300",
             "--config.log_every_steps=1"]
+    if not st.init_from:  # later stages take the model from init_from
+        args += [f"--config.{a}" for a in shlex.split(cfg.quick_model)]
+    return args
 
 
 def prepare_stage(cfg, name, st, workdir, record) -> None:
@@ -130,7 +133,7 @@ def train_stage(cfg, name, st, workdir, record) -> None:
         cmd.append(f"--config.data.source=preference:{pairs}")
     cmd += [_expand(a if a.startswith("--") else f"--config.{a}", workdir)
             for a in _args(cfg, st)]
-    cmd += _quick_train_args(cfg)
+    cmd += _quick_train_args(cfg, st)
     record["command"] = cmd
     _run(cmd, os.path.join(workdir, f"{name}.log"))
     record["run"] = out

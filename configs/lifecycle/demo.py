@@ -40,6 +40,7 @@ def get_config():
     cfg.data_root = "../shared/data"  # --data=... in launch/lifecycle.sh; {data} in args
     cfg.quick = False  # every train stage runs quick_steps, stages use quick_args (tests)
     cfg.quick_steps = 4
+    cfg.quick_model = "model.hidden_dim=64 model.num_layers=2 model.mlp_dim=192"  # under --quick
     # Train stages run `python -m t5x_like.train <args>` here; a launcher prefix runs them on a
     # pod instead, e.g. "bash launch/tpu_pod.sh --tpu=NAME --zone=Z --accelerator=v5p-8 --"
     # (the workdir must then be on storage every worker and this host see, e.g. gs://).
