@@ -313,3 +313,16 @@ def test_a_nan_loss_fails_its_trial_with_the_trainers_reason(tiny_cfg, tmp_path,
     assert by_lr[3e-3].state.name == "COMPLETE"
     assert by_lr[1e30].state.name == "FAIL"
     assert "the loss or gradients became NaN/Inf" in by_lr[1e30].user_attrs["note"]
+
+
+@pytest.mark.parametrize("recipe", ["pretrain_lr_batch", "sft_search", "generate_sampling"])
+def test_recipes_name_keys_their_jobs_have(recipe, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = runpy.run_path(os.path.join(ROOT, "configs", "sweeps", f"{recipe}.py"))["get_config"]()
+    sweep.validate(cfg)
+    if not os.path.exists(cfg.config):  # the sampling recipe's evaluation suite (branch eval)
+        assert recipe == "generate_sampling"
+        with pytest.raises(UserError, match="configs/eval/demo.py does not exist"):
+            sweep.check_against_job(cfg)
+        return
+    sweep.check_against_job(cfg)
