@@ -524,7 +524,8 @@ def run_sweep(cfg, workdir: str, *, parallel: int = 1, storage: str = "") -> opt
         raise UserError(f"--parallel={parallel}: run at least 1 trial at a time.")
     os.makedirs(workdir, exist_ok=True)
     _check_unchanged(cfg, workdir)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are logged here, one line each
+    # Each trial's outcome is logged here in one line; Optuna would add a traceback per failure.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(cfg, workdir, storage)
     again = recover(study)
     if again:
@@ -552,7 +553,7 @@ def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; options look like --config.x=y.")
     f = flags.FLAGS
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are logged here, one line each
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are logged here, one line each
     if f.report_only:
         from t5x_like import sweep_report
 

@@ -36,8 +36,8 @@ def rows(study, cfg) -> list[dict]:
         state = _STATES[t.state]
         if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
             state = "interrupted"
-        value = t.value
-        if value is None and t.intermediate_values:
+        value = t.value  # a pruned or running trial: its latest evaluation; a failed one: none
+        if value is None and t.intermediate_values and state in ("pruned", "running"):
             value = t.intermediate_values[max(t.intermediate_values)]
         final = {k: v for k, v in t.user_attrs.get("final", {}).items() if k not in _COUNTS}
         out.append({"trial": t.number, "state": state, **t.params, "objective": value,
