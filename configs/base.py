@@ -206,7 +206,9 @@ def get_config() -> ml_collections.ConfigDict:
     # exact_answer: 1 when the reply's first integer answers the demo question, else 0 (the
     # embedded arithmetic task) | model:<workdir>: the score of a trained reward model.
     cfg.rl.reward = "exact_answer"
-    cfg.rl.eval_prompts = 200  # validation prompts decoded greedily at each evaluation
+    # Validation prompts decoded greedily at each evaluation (at most eval.steps batches of
+    # eval.batch_size when eval.steps > 0).
+    cfg.rl.eval_prompts = 200
 
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.every_steps = 500  # also run at the last step; 0 = only at the last step

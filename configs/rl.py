@@ -53,4 +53,5 @@ def get_config():
     cfg.checkpoint.keep_best_by = "accuracy"
     cfg.checkpoint.best_mode = "max"
     cfg.eval.every_steps = 20
+    cfg.eval.steps = 0  # all rl.eval_prompts
     return cfg

@@ -213,9 +213,12 @@ def _rl_steps(cfg, spec, mesh, tokenizer, reference, state, eval_source):
                                     cfg.rl, seed=cfg.seed, max_len=cfg.model.max_len, mesh=mesh)
     prompt_len = cfg.model.max_len - cfg.rl.max_new_tokens - 1
     encode = preference_data.prompt_encoder(tokenizer, max_len=prompt_len)
+    # eval.steps batches of eval.batch_size prompts at most (0 = rl.eval_prompts of them).
+    limit = cfg.rl.eval_prompts if not cfg.eval.steps else min(
+        cfg.rl.eval_prompts, cfg.eval.steps * cfg.eval.batch_size)
     prompts = []
     for i in range(len(eval_source)):
-        if len(prompts) >= cfg.rl.eval_prompts:
+        if len(prompts) >= limit:
             break
         encoded = encode(eval_source[i])
         if encoded is not None:
