@@ -132,7 +132,10 @@ class Decoder:
             raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new}) "
                              f"exceeds the decoder's {self.max_len} positions")
         B = _bucket(n)
-        P = min(_bucket(max(lengths), 8), self.max_len)
+        # The padded prompt plus every new token must fit the cache: a bucketed prompt near
+        # the limit is padded only up to what leaves room for max_new (else the cache writes
+        # past its end, which dynamic_update_slice clamps onto the last prompt slot).
+        P = min(_bucket(max(lengths), 8), self.max_len - max_new)
         S = min(_bucket(P + max_new, 16), _bucket(self.max_len))
         tokens = np.zeros((B, P), np.int32)
         segments = np.zeros((B, P), np.int32)

@@ -131,3 +131,14 @@ def test_prompt_too_long_is_refused(setup):
     decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=1, max_len=32)
     with pytest.raises(ValueError, match="exceeds the decoder's 32 positions"):
         decoder.generate([[tok.bos_id] * 30], decoding.Sampling(max_new_tokens=8))
+
+
+def test_a_prompt_near_the_cache_limit_still_equals_recomputation(setup):
+    """40 prompt tokens pad to 64 = max_len: the padding must leave room for the new tokens."""
+    tok, cfg, graphdef, params = setup
+    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=1)
+    prompt = [tok.bos_id, *tok.encode("What is 12 + 30? " * 6)][:40]
+    assert len(prompt) == 40
+    completion = decoder.generate([prompt], decoding.Sampling(max_new_tokens=20))[0]
+    assert completion.tokens == naive_greedy(graphdef, params, prompt, 20, {tok.eos_id},
+                                             tok.vocab_size)
