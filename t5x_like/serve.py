@@ -38,7 +38,7 @@ import re
 import secrets
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 from fastapi import FastAPI, Request
@@ -86,6 +86,33 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
                                    "param": param, "code": code}}, status_code=status)
 
 
+# -- generation ---------------------------------------------------------------------------------
+
+
+Requests = Sequence[tuple[list[int], list[decoding.Sampling]]]
+
+
+def generate(decoder: decoding.Decoder,
+             requests: Requests) -> Iterator[list[list[decoding.Completion]]]:
+    """The server's generation path for one device batch.
+
+    Each request is (prompt token ids, one Sampling per choice); yields, after every decode
+    step, each request's completions so far (the last yield is final). This is the one place
+    to change how replies are made: e.g. best-of-N decodes N rows per choice here, scores them
+    with a reward model on the last step and yields the best; pass the new function to
+    `create_app(generate=...)`. The queue fills batches up to the decoder's max_batch choices,
+    so such a function decodes N times as many rows: in chunks, or from a larger decoder.
+    """
+    prompts = [prompt for prompt, samplings in requests for _ in samplings]
+    samplings = [s for _, request_samplings in requests for s in request_samplings]
+    for step in decoder.stream(prompts, samplings):
+        out, start = [], 0
+        for _, request_samplings in requests:
+            out.append(step[start:start + len(request_samplings)])
+            start += len(request_samplings)
+        yield out
+
+
 # -- the batching queue -------------------------------------------------------------------------
 
 
@@ -111,8 +138,10 @@ class _Job:
 class Batcher:
     """Gathers waiting requests into device batches; one worker thread decodes them in turn."""
 
-    def __init__(self, decoder: decoding.Decoder, *, wait_s: float = 0.005, max_queue: int = 256):
+    def __init__(self, decoder: decoding.Decoder, *, wait_s: float = 0.005, max_queue: int = 256,
+                 generate: Callable[[decoding.Decoder, Requests], Iterator] = generate):
         self.decoder, self.wait_s, self.max_queue = decoder, wait_s, max_queue
+        self.generate = generate
         self._queue: queue.Queue = queue.Queue()
         self._held: collections.deque = collections.deque()  # taken but did not fit a batch
         self._lock = threading.Lock()
@@ -174,26 +203,21 @@ class Batcher:
                     self._waiting -= len(batch)
 
     def _decode(self, batch: list[_Job]) -> None:
-        prompts = [j.prompt for j in batch for _ in range(j.rows)]
-        samplings = [s for j in batch for s in j.samplings]
-        self.stats.update(batches=1, requests=len(batch), rows=len(prompts))
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(prompts))
+        rows = sum(j.rows for j in batch)
+        self.stats.update(batches=1, requests=len(batch), rows=rows)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
         try:
             last = None
-            for last in self.decoder.stream(prompts, samplings):
-                start = 0
-                for j in batch:
+            for last in self.generate(self.decoder, [(j.prompt, j.samplings) for j in batch]):
+                for j, mine in zip(batch, last):
                     if j.stream:
-                        j.post("step", last[start:start + j.rows])
-                    start += j.rows
+                        j.post("step", mine)
         except Exception:  # noqa: BLE001 - logged here, a plain message to each client
-            logging.exception("decoding a batch of %d rows failed", len(prompts))
+            logging.exception("decoding a batch of %d rows failed", rows)
             for j in batch:
                 j.post("error", "generation failed on the server; see its log.")
             return
-        start = 0
-        for j in batch:
-            mine, start = last[start:start + j.rows], start + j.rows
+        for j, mine in zip(batch, last):
             try:
                 j.post("done", j.finish(mine))
             except Exception:  # noqa: BLE001
@@ -405,14 +429,17 @@ def _visible(text: str, stops: tuple[str, ...]) -> str:
 
 def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits = Limits(),
                model_name: str = "t5x_like", max_batch: int = 16, batch_wait_s: float = 0.005,
-               max_len: int | None = None, default_temperature: float = 0.7) -> FastAPI:
+               max_len: int | None = None, default_temperature: float = 0.7,
+               generate: Callable[[decoding.Decoder, Requests], Iterator] = generate) -> FastAPI:
     """The FastAPI app serving `run` (from `runs.load`); its decode worker starts now.
 
+    `generate` makes the replies of one device batch (see `generate` above).
     Tests drive it with `fastapi.testclient.TestClient(app)` or a uvicorn server in a thread.
     """
     decoder = decoding.Decoder.from_run(run, max_batch=max_batch, max_len=max_len)
     store = feedback.Store(db_path)
-    batcher = Batcher(decoder, wait_s=batch_wait_s, max_queue=limits.max_queue)
+    batcher = Batcher(decoder, wait_s=batch_wait_s, max_queue=limits.max_queue,
+                      generate=generate)
     tokenizer = run.tokenizer
     fingerprint = f"{model_name}-step-{run.step}"
     started = int(time.time())

@@ -164,3 +164,61 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     assert stores[0].count("conversations") == 8
     for store in stores:
         store.close()
+
+
+def test_exports_load_as_the_sft_and_preference_data_sources(db, tmp_path):
+    """The exported files are read by the data pipeline's chat: and preference: sources as is,
+    and a chat record becomes a training example with the reply (only) to learn from."""
+    from configs import base
+    from data_pipelines import chat_data, chat_template, readers, sources, synthetic
+    from data_pipelines import tokenizer as tokenizer_lib
+
+    data_cfg = base.get_config().data
+    for fmt, spec in (("sft", "chat:{}"), ("preference", "preference:{}")):
+        out = tmp_path / f"{fmt}.jsonl"
+        feedback.export(db, str(out), fmt)
+        got = [item.record for item in readers.items(sources.parse_source(spec.format(out)),
+                                                       data_cfg)]
+        assert got == read_jsonl(out) and got, fmt
+        assert sources.record_kind(sources.parse_source(spec.format(out))) == (
+            "chat" if fmt == "sft" else "preference")
+
+    tok = tokenizer_lib.train([chat_template.render(synthetic.dialogue(i)) for i in range(100)],
+                              str(tmp_path / "t.model"), vocab_size=300)
+    encode = chat_data.encoder(tok, loss_on="last_assistant", max_len=64, on_long="truncate")
+    chats = read_jsonl(tmp_path / "sft.jsonl")
+    for record in chats:
+        example = encode({"messages": json.dumps(record["messages"])})
+        learned = [t for t, w in zip(example["tokens"], example["weights"]) if w]
+        reply = record["messages"][-1]["content"]
+        assert tok.decode([t for t in learned if t not in tok.marker_ids.values()]) == reply
+
+
+def test_the_feedback_loop_trains_an_sft_step_on_its_export(tiny_cfg, tmp_path):
+    """Upvoted and corrected replies, exported, are the data.source of an SFT run."""
+    from data_pipelines import synthetic
+    from t5x_like import metrics as metrics_lib
+    from t5x_like import trainer
+
+    store = feedback.Store(str(tmp_path / feedback.DB_NAME))
+    for i in range(150):
+        dialogue = synthetic.dialogue(i)
+        prompt, reply = dialogue[:-1], dialogue[-1]["content"]
+        rid = f"r{i}"
+        add(store, rid, prompt, reply if i % 3 else "0", conversation=f"conv-{i}")
+        store.add_feedback(response_id=rid, **({"rating": "up"} if i % 3 else
+                                               {"rating": "down", "correction": reply}))
+    store.close()
+    out = tmp_path / "fb_sft.jsonl"
+    counts = feedback.export(str(tmp_path / feedback.DB_NAME), str(out), "sft")
+    assert counts["upvoted"] == 100 and counts["corrected"] == 50
+
+    tiny_cfg.task = "sft"
+    tiny_cfg.data.source = f"chat:{out}"
+    tiny_cfg.model.max_len = 64
+    tiny_cfg.data.vocab_size = 400
+    tiny_cfg.steps = 1
+    tiny_cfg.log_every_steps = 1
+    trainer.train_and_evaluate(tiny_cfg, str(tmp_path / "run"))
+    train = [r for r in metrics_lib.read_metrics(str(tmp_path / "run")) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1] and 0 < train[0]["loss"] < 20

@@ -225,6 +225,35 @@ def test_requests_that_arrive_together_share_a_batch_that_fits():
     assert batcher.stats["batches"] == 2 and batcher.stats["requests"] == 7
 
 
+def test_the_generation_path_is_one_function_a_server_can_replace():
+    """A best-of-N-style generate: decodes N rows per choice, keeps one per choice."""
+    decoder = FakeDecoder()
+
+    def best_of_three(decoder, requests):
+        wide = [(prompt, [s for s in samplings for _ in range(3)]) for prompt, samplings in requests]
+        *_, final = serve.generate(decoder, wide)  # no partial replies: a choice is made at the end
+        yield [[max(c[k:k + 3], key=lambda x: len(x.text)) for k in range(0, len(c), 3)]
+               for c in final]
+
+    batcher = serve.Batcher(decoder, wait_s=0.3, generate=best_of_three)
+
+    async def ask(n):
+        job = serve._Job([1] * 4, [decoding.Sampling(max_new_tokens=4)] * n, False,
+                         finish=lambda completions: [c.text for c in completions])
+        batcher.submit(job)
+        while (event := await job.events.get())[0] != "done":
+            pass
+        return event[1]
+
+    async def main():
+        return await asyncio.gather(ask(1), ask(1))
+
+    results = asyncio.run(main())
+    batcher.close()
+    assert decoder.batches == [[4] * 6]  # 2 choices x 3 candidates in one device batch
+    assert results == [["batch of 6"], ["batch of 6"]]
+
+
 def post(server, body=None, *, path="/v1/chat/completions", headers=AUTH, **kw):
     with httpx.Client(base_url=server.url, timeout=300) as http:
         if body is not None:
