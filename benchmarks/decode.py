@@ -1,7 +1,7 @@
 """Decode speed of the KV-cache decoder: tokens/s at batch 1 and 16, for the tiny and 125M configs.
 
     python -m benchmarks.decode [--configs=configs/pretrain_tiny.py,configs/llama_125m.py] \
-        [--batches=1,16] [--prompt_len=32] [--new_tokens=64] [--repeats=3]
+        [--batches=1,16] [--prompt_len=32] [--new_tokens=64] [--repeats=3] [--dtype=float32]
 
 Times `Decoder.generate` exactly as the server calls it: the jitted prefill, then one jitted step
 per new token, with the host choosing each row's token among the device's candidates (stops,
@@ -45,8 +45,10 @@ def small_tokenizer(directory: str):
     return tokenizer_lib.train(texts, os.path.join(directory, "tokenizer.model"), vocab_size=400)
 
 
-def build_decoder(config_path: str, tok, max_batch: int):
+def build_decoder(config_path: str, tok, max_batch: int, dtype: str = ""):
     cfg = runpy.run_path(os.path.join(ROOT, config_path))["get_config"]()
+    if dtype:
+        cfg.model.dtype = dtype
     cfg = config_lib.resolve(cfg, tok.vocab_size)
     graphdef, _, _ = model.abstract_model(cfg.model)
     params = model.init_params(cfg.model, seed=0)
@@ -91,14 +93,18 @@ def main():
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="",
+                        help="compute dtype for every config (default: each config's own); "
+                        "the results go to decode_<dtype>.json then")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    load_before = os.getloadavg()[0]  # on a shared machine, how busy it was
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tok = small_tokenizer(tmp)
         for path in args.configs.split(","):
-            decoder, cfg, count = build_decoder(path, tok, max(batches))
+            decoder, cfg, count = build_decoder(path, tok, max(batches), args.dtype)
             for batch in batches:
                 row = measure(decoder, tok, batch, args.prompt_len, args.new_tokens,
                               args.repeats)
@@ -107,9 +113,10 @@ def main():
                 print(rows[-1], flush=True)
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row, "
           f"median of {args.repeats}")
-    common.report("decode", rows, args.out,
+    common.report(f"decode_{args.dtype}" if args.dtype else "decode", rows, args.out,
                   {"configs": args.configs, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, "repeats": args.repeats,
+                   "load_avg_1min": [load_before, os.getloadavg()[0]],
                    "command": "python -m benchmarks.decode " + " ".join(sys.argv[1:])})
 
 

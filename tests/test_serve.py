@@ -302,6 +302,14 @@ def test_bad_requests_get_documented_status_codes(server, kw, status, says):
     assert "Traceback" not in r.text and 'File "' not in r.text
 
 
+def test_a_full_queue_answers_503(server, monkeypatch):
+    monkeypatch.setattr(server.app.state.batcher, "max_queue", 0)  # as if 256 were waiting
+    r = post(server, {"messages": QUESTION, "max_tokens": 4})
+    assert r.status_code == 503, r.text
+    assert "(limit --max_queue)" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "server_busy"
+
+
 def test_feedback_is_checked_against_the_stored_response(server):
     out = client(server).chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4)
     for body, status, says in [
