@@ -132,7 +132,9 @@ class Decoder:
             raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new}) "
                              f"exceeds the decoder's {self.max_len} positions")
         B = _bucket(n)
-        P = min(_bucket(max(lengths), 8), self.max_len)
+        # The padded prompt must leave max_new cache slots: a bucket reaching past
+        # max_len - max_new would make the new tokens overwrite the last slot.
+        P = max(min(_bucket(max(lengths), 8), self.max_len - max_new), max(lengths))
         S = min(_bucket(P + max_new, 16), _bucket(self.max_len))
         tokens = np.zeros((B, P), np.int32)
         segments = np.zeros((B, P), np.int32)
