@@ -11,7 +11,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
-    cfg.task = "pretrain"  # pretrain (later: sft, reward, dpo, rl)
+    cfg.task = "pretrain"  # pretrain | sft (later: reward, dpo, rl)
     cfg.seed = 0  # model init, data order and dropout all derive from it
     cfg.steps = 1000  # optimizer steps in total (a rerun resumes until it reaches them)
     cfg.log_every_steps = 20  # train metrics to metrics.jsonl / TensorBoard / progress bar
@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     # imported model directory, or one checkpoint (<workdir>/checkpoints/<step>). Its tokenizer
     # comes along. Ignored when this workdir already has checkpoints (the run resumes instead).
     cfg.init_from = ""
+    # With init_from: take the parameter-defining model keys (sizes, vocab, RoPE...) from it,
+    # logging each one that the recipe had differently; otherwise a mismatch is an error.
+    cfg.model_from_init = False
     # Peak FLOP/s of one device for MFU; 0 = look it up from the device kind (TPU/GPU table in
     # flops.py). CPUs have no entry: set it to the measured matmul rate to get MFU there.
     cfg.peak_tflops_per_device = 0.0
@@ -34,8 +37,22 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.mlp_dim = 704  # SwiGLU hidden size
     cfg.model.max_len = 256  # sequence length of training examples (and the RoPE range used)
     cfg.model.rope_theta = 10000.0
+    # RoPE scaling for long contexts, as in HF transformers: none | linear (frequencies / factor)
+    # | llama3 (Llama 3.1: long wavelengths / factor, short ones kept, blended between).
+    cfg.model.rope_scaling = "none"
+    cfg.model.rope_scaling_factor = 1.0  # linear and llama3
+    cfg.model.rope_low_freq_factor = 1.0  # llama3 only
+    cfg.model.rope_high_freq_factor = 4.0  # llama3 only
+    cfg.model.rope_original_max_len = 8192  # llama3 only: the context length of pretraining
     cfg.model.norm_eps = 1e-5
     cfg.model.tie_embeddings = False
+    # Biases (off in Llama; Qwen2 has them on q/k/v). Set by `t5x_like.hf import` from the model.
+    cfg.model.attn_qkv_bias = False  # on the query, key and value projections
+    cfg.model.attn_out_bias = False  # on the attention output projection
+    cfg.model.mlp_bias = False  # on the three SwiGLU projections
+    # Rows of vocab_size a tokenizer can produce; the logits of the padding rows above are masked
+    # (never predicted or sampled). 0 = none masked. Set by `t5x_like.hf import`.
+    cfg.model.unpadded_vocab_size = 0
     cfg.model.dropout = 0.0  # on embeddings and on each residual branch
     cfg.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     cfg.model.param_dtype = "float32"
@@ -59,8 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.optimizer.on_nonfinite = "stop"
 
     cfg.data = ml_collections.ConfigDict()
-    # synthetic:arithmetic | text:<path or glob> | jsonl:<path>:<field>
-    # | tfds:<name>[/<config>][:<version>]
+    # synthetic:arithmetic | text:<path or glob> | jsonl:<path>:<field> | alpaca:<path>
+    # | chat:<path>[:<field>] | sgd:<path> | preference:<path>
+    # | tfds:<name>[/<config>][:<version>] | prepared:<dir>   (data_pipelines/sources.py)
     cfg.data.source = "synthetic:arithmetic"
     cfg.data.batch_size = 16  # global batch, in sequences of model.max_len tokens
     cfg.data.packing = True  # pack documents into sequences (segment ids keep them apart)
@@ -78,6 +96,59 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.vocab_size = 2048  # size of a trained tokenizer (fewer pieces if the text is small)
     cfg.data.tokenizer_max_chars = 50_000_000  # train the tokenizer on at most this much text
     cfg.data.worker_count = 0  # grain worker processes for tokenizing and packing; 0 = in-process
+    # Several sources in one preparation (then data.source is not used): recipes add entries
+    # cfg.data.sources.<name> = ConfigDict({"source": "<spec>", "weight": 1.0}); names are
+    # lower_case, processed in name order (on a duplicate the earlier source's copy is kept).
+    # Weights: share of training records drawn from each, relative to the other sources of the
+    # same kind (pretraining mixes the text sources); 0 = prepared but not trained on.
+    cfg.data.sources = ml_collections.ConfigDict()
+    # Training-time weights overriding the prepared ones, "name=weight,..."; "" = as prepared.
+    cfg.data.mixture = ""
+    cfg.data.on_bad_record = "error"  # error | skip (skipped records are counted in the report)
+    cfg.data.num_workers = 0  # prepare: processes cleaning and hashing records; 0 = in-process
+    cfg.data.runner = "local"  # prepare: local | beam (Apache Beam inside the TFDS builder)
+    # runner=beam: Beam pipeline flags, e.g. "--runner=DataflowRunner --project=... --region=..."
+    cfg.data.beam_options = "--runner=DirectRunner"
+    cfg.data.report = True  # prepare: write report.md / report.json / plots next to the data
+    cfg.data.character_coverage = 0.9995  # tokenizer: rarer characters go through byte fallback
+    cfg.data.special_tokens = ""  # tokenizer: extra single-piece symbols, comma-separated
+
+    # Cleaning stages and filters (data_pipelines/clean.py); each is counted in the report.
+    cfg.data.clean = ml_collections.ConfigDict()
+    cfg.data.clean.html = True  # strip HTML/XML markup from text records that contain tags
+    cfg.data.clean.fix_text = True  # ftfy: mojibake, control characters, terminal escapes
+    cfg.data.clean.unicode = "NFC"  # Unicode normalization: NFC | NFKC | "" (off)
+    cfg.data.clean.whitespace = True  # odd spaces, zero-widths, trailing spaces, blank-line runs
+    cfg.data.clean.boilerplate = True  # drop short web-furniture lines (cookies, "click here")
+    cfg.data.clean.repair_utf8 = False  # read invalid UTF-8 bytes as Windows-1252 (else bad record)
+    # Non-LM uses only (they remove what a language model must learn): off by default.
+    cfg.data.clean.lowercase = False
+    cfg.data.clean.stopwords = ""  # a language code ("en") drops its stop words; "" = off
+    cfg.data.clean.min_chars = 0  # drop records shorter than this (0 = no limit)
+    cfg.data.clean.max_chars = 0  # drop records longer than this (0 = no limit)
+    cfg.data.clean.min_tokens = 0  # drop records with fewer tokens (0 = no limit)
+    cfg.data.clean.max_tokens = 0  # drop records with more tokens (0 = no limit)
+    # Repetition (Gopher-style), per message: share of characters in repeated lines, and share
+    # of words in repeated word n-grams (n = dup_ngram), above which a record is dropped; 1 = off.
+    cfg.data.clean.max_dup_line_fraction = 0.5
+    cfg.data.clean.max_dup_ngram_fraction = 0.3
+    cfg.data.clean.dup_ngram = 10
+
+    # Deduplication across all sources (data_pipelines/dedup.py).
+    cfg.data.dedup = ml_collections.ConfigDict()
+    cfg.data.dedup.exact = True  # same text after normalization (case, punctuation, spaces)
+    cfg.data.dedup.near = True  # MinHash + LSH near-duplicates (datasketch)
+    # With near off: still drop train records that nearly duplicate a validation record.
+    cfg.data.dedup.decontaminate = True
+    cfg.data.dedup.threshold = 0.8  # estimated Jaccard similarity of word n-gram sets
+    cfg.data.dedup.num_perm = 128  # MinHash permutations (more = sharper, slower)
+    cfg.data.dedup.ngram = 5  # words per shingle
+    cfg.data.dedup.seed = 1  # MinHash permutations; the same seed gives the same output
+    # SFT (chat data): which tokens the loss learns (data_pipelines/chat_template.py):
+    # assistant (every assistant turn) | last_assistant | all
+    cfg.data.loss_on = "assistant"
+    # SFT: a conversation longer than model.max_len: truncate (whole messages) | drop | split
+    cfg.data.on_long = "truncate"
     # Logical shards of the training data (t5x_like/batches.py); the data order depends on this,
     # not on the process count, so a run resumes identically on any process count dividing it.
     # 0 = one shard per process.
@@ -118,4 +189,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.eval.every_steps = 500  # also run at the last step; 0 = only at the last step
     cfg.eval.steps = 20  # batches per evaluation; 0 = the whole validation split
     cfg.eval.batch_size = 0  # 0 = data.batch_size
+    # Early stopping: stop when the validation metric early_stop_by ("" = off) has not improved
+    # by more than min_delta for `patience` evaluations in a row.
+    cfg.eval.early_stop_by = ""
+    cfg.eval.early_stop_mode = "min"  # min | max
+    cfg.eval.patience = 3
+    cfg.eval.min_delta = 0.0
     return cfg

@@ -1,6 +1,8 @@
 """grain input pipelines: records -> tokens -> chunks -> packed sequences -> batches.
 
     source (random access) -> shard by process -> shuffle (seed, per epoch) -> repeat
+      [a Mixture: each source sharded, shuffled and repeated on its own, then grain's
+       MapDataset.mix draws from them in proportion to their weights, deterministically]
       -> encode (tokens + per-token loss weights) -> cut into pieces of at most max_len
       -> pack several documents per row (segment ids, positions restart per document)
       -> batch
@@ -17,6 +19,7 @@ The iterator's state (`get_state` / `set_state`) is saved in every checkpoint, s
 continues with exactly the next batch.
 """
 
+import dataclasses
 from typing import Callable
 
 import grain
@@ -24,6 +27,40 @@ import numpy as np
 from grain import experimental as grain_exp
 
 FEATURES = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Several random-access sources to train on in proportion to `weights` (per record).
+
+    `make_dataset` mixes them with grain for training; read directly (len, [i]) it is their
+    concatenation, in order, which is what one evaluation pass over all of them needs.
+    """
+
+    names: tuple[str, ...]
+    sources: tuple
+    weights: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def __getitem__(self, index: int):
+        for source in self.sources:
+            if index < len(source):
+                return source[index]
+            index -= len(source)
+        raise IndexError(index)
+
+
+def _mixed(mixture: Mixture, *, seed: int, train: bool, process_index: int,
+           process_count: int) -> grain.MapDataset:
+    parts = [grain.MapDataset.source(s)[process_index::process_count] for s in mixture.sources]
+    if not train:
+        return grain.MapDataset.concatenate(parts)
+    # Each source reshuffles every epoch with its own seed and repeats forever, so a small
+    # source weighted up is revisited without pulling the others along.
+    parts = [p.shuffle(seed=seed + 7919 * i).repeat() for i, p in enumerate(parts)]
+    return grain.MapDataset.mix(parts, weights=list(mixture.weights))
 
 
 def text_encoder(tokenizer, text_field: str) -> Callable[[dict], dict]:
@@ -82,10 +119,15 @@ def make_dataset(source, encode: Callable[[dict], dict], *, batch_size: int, max
     """Batches for one process. Train: shuffled, repeated forever, full batches only.
 
     Evaluation (train=False): one pass in order, the last batch may be short.
+    `source` may be a Mixture: training then draws from its sources by weight.
     """
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if train:
-        ds = ds.shuffle(seed=seed).repeat()
+    if isinstance(source, Mixture):
+        ds = _mixed(source, seed=seed, train=train, process_index=process_index,
+                    process_count=process_count)
+    else:
+        ds = grain.MapDataset.source(source)[process_index::process_count]
+        if train:
+            ds = ds.shuffle(seed=seed).repeat()
     ds = ds.map(encode)
     it = grain_exp.FlatMapIterDataset(ds.to_iter_dataset(), _ShiftAndCut(max_len))
     if packing:

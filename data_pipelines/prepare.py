@@ -1,34 +1,81 @@
-"""Preparing a data source once: records -> deterministic train/validation split -> TFDS
-(ArrayRecord) -> SentencePiece tokenizer trained on the train split.
+"""Preparing data once: read -> clean -> filter -> dedup -> split -> tokenizer -> TFDS -> report.
 
+    python -m data_pipelines.prepare --config=configs/data/shared_all.py --out=data/all
     python -m data_pipelines.prepare --config=configs/pretrain_tiny.py --out=data/shk \
         --config.data.source=text:../shared/data/pretrain/tinyshakespeare.txt
 
-writes
-    data/shk/prepare.json       source, settings, record counts, fingerprint
-    data/shk/tokenizer.model    (and tokenizer.vocab)
-    data/shk/tfds/records/1.0.0 the TFDS dataset, splits "train" and "validation"
+A recipe names one source (`data.source`) or several (`data.sources.<name> = {source, weight}`,
+processed in name order). For each record, in order:
 
-and training reads it with `--config.data.source=prepared:data/shk`. Training on any other
-source prepares it the same way into `data.cache_dir` (default <workdir>/data), keyed by a
-fingerprint of the source files and settings, so reruns reuse it. A folder is written under a
-temporary name and renamed when complete: an interrupted preparation leaves nothing behind.
+    readers.py   stream and normalize to the text / chat / preference schema (records.py);
+                 a bad record stops the run naming file and line, or is skipped and counted
+                 (data.on_bad_record)
+    clean.py     cleaning stages and quality filters (data.clean.*)
+    dedup.py     exact and MinHash near-duplicates across all sources; the split (train or
+                 validation, data.validation_fraction) comes from a hash of the normalized
+                 text, and no train record nearly duplicates a validation one (data.dedup.*)
+    tokenizer    one SentencePiece model for all sources, trained on their train splits
+    tfds         one TFDS ArrayRecord dataset; split "<source>-<train|validation>" per source;
+                 token-length filters (data.clean.min_tokens / max_tokens) apply here
+    stats.py     report.json, report.md and plots/ (counts per stage, lengths, roles, ...)
+
+and writes
+
+    <out>/prepare.json          sources (kind, weight, per-split counts), tokenizer, fingerprint
+    <out>/tokenizer.model       (and tokenizer.vocab)
+    <out>/tfds/records/1.0.0    the TFDS dataset
+    <out>/report.md, report.json, plots/*.png
+
+Training reads it with `--config.data.source=prepared:<out>`; pretraining mixes its text
+sources by weight (grain), and `data.mixture="a=0.7,b=0.3"` overrides the weights. Training on
+any other source prepares it the same way into `data.cache_dir`, keyed by a fingerprint of the
+input files and settings, so reruns reuse it. The folder is written under a temporary name and
+renamed when complete: an interrupted preparation leaves nothing behind.
+
+`data.num_workers` processes clean and hash records in parallel (order and output unchanged);
+`data.runner=beam` runs the same stages as an Apache Beam pipeline inside the TFDS builder
+(beam_prepare.py) for corpora beyond one machine.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
-import functools
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
+import re
 import shutil
+import time
 from typing import Iterator
 
-from data_pipelines import sources, synthetic, tfds_builder
+# tfds_builder (TFDS) is imported where used: worker processes import this module for
+# _process_batch and should not pay seconds of TFDS import each.
+from data_pipelines import clean, dedup, readers, sources
+from data_pipelines import records as records_lib
+from data_pipelines import stats as stats_lib
 from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TEXT_FIELD = "text"
+SPLITS = ("train", "validation")
+# Stages that drop records, in order (the report's funnel columns).
+STAGE_ORDER = ("bad", "empty", "chosen_is_rejected", "min_chars", "max_chars", "dup_lines",
+               "dup_ngrams", "exact", "near", "contaminated", "min_tokens", "max_tokens")
+NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """One source of a prepared folder."""
+
+    kind: str  # text | chat | preference
+    source: str  # the spec it was read from
+    weight: float  # mixing weight recorded at preparation
+    splits: dict[str, int]  # split -> records
+    tfds_splits: dict[str, str]  # split -> TFDS split name ("<source>-<split>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,139 +85,647 @@ class Prepared:
     dataset_dir: str  # a TFDS dataset folder
     tokenizer_path: str
     text_field: str
-    splits: dict[str, int]  # split name -> records
+    splits: dict[str, int]  # split -> records of the text sources data_source() mixes
+    datasets: dict[str, Dataset] = dataclasses.field(default_factory=dict)
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> mixing weight
 
-    def data_source(self, split: str):
-        """Random-access source of one split (what grain's MapDataset.source takes)."""
-        if split not in self.splits:
-            raise UserError(f"split {split!r} does not exist in {self.dataset_dir} (it has "
-                            f"{', '.join(self.splits)}); set data.train_split / data.eval_split.")
-        return tfds_builder.data_sources(self.dataset_dir)[split]
+    def data_source(self, split: str, kind: str = "text"):
+        """Random-access source of one split: what grain's MapDataset.source takes.
+
+        The `kind` sources with a weight above 0: one source is returned as is, several as a
+        pipeline.Mixture, which make_dataset mixes by weight. Records hold exactly the fields
+        of their kind (records.FIELDS), strings as bytes.
+        """
+        if not self.datasets:  # a TFDS dataset read in place
+            if split not in self.splits:
+                raise UserError(f"split {split!r} does not exist in {self.dataset_dir} (it has "
+                                f"{', '.join(self.splits)}); set data.train_split / "
+                                "data.eval_split.")
+            from data_pipelines import tfds_builder
+
+            return tfds_builder.data_sources(self.dataset_dir)[split]
+        names = [n for n, d in self.datasets.items()
+                 if d.kind == kind and self.weights.get(n, d.weight) > 0]
+        if not names:
+            raise UserError(f"{os.path.dirname(self.dataset_dir.rstrip('/'))} has no {kind} "
+                            f"source with a weight above 0 (it has "
+                            f"{', '.join(f'{n} ({d.kind})' for n, d in self.datasets.items())}); "
+                            "check data.mixture.")
+        missing = [n for n in names if split not in self.datasets[n].tfds_splits]
+        if missing:
+            raise UserError(f"split {split!r} does not exist for source {missing[0]} (splits are "
+                            f"{', '.join(SPLITS)}); set data.train_split / data.eval_split.")
+        from data_pipelines import tfds_builder
+
+        all_splits = tfds_builder.data_sources(self.dataset_dir)
+        fields = records_lib.FIELDS[kind]
+        parts = [_Fields(all_splits[self.datasets[n].tfds_splits[split]], fields)
+                 for n in names]
+        if len(parts) == 1:
+            return parts[0].source if parts[0].exact else parts[0]
+        from data_pipelines import pipeline
+
+        return pipeline.Mixture(tuple(names), tuple(parts),
+                                tuple(float(self.weights.get(n, self.datasets[n].weight))
+                                      for n in names))
 
 
-def in_validation(text: str, fraction: float) -> bool:
-    """Deterministic split by a hash of the record: stable as records are added or reordered."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0 ** 64 < fraction
+class _Fields:
+    """A TFDS source whose records keep only `fields` (a dataset mixing kinds stores the union
+    of their fields, the unused ones empty)."""
+
+    def __init__(self, source, fields: tuple[str, ...]):
+        self.source, self.fields = source, fields
+        self.exact = tuple(source.dataset_info.features.keys()) == fields
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        record = self.source[index]
+        return {f: record[f] for f in self.fields}
+
+    def __getitems__(self, indices):
+        return [{f: r[f] for f in self.fields} for r in self.source.__getitems__(indices)]
 
 
-def iter_records(source: sources.Source, data_cfg) -> Iterator[str]:
-    """Every text record of a file-based source, streamed."""
-    paths = sources.expand_paths(source.path)
-    if source.kind == "text":
-        return sources.read_text(paths, data_cfg.text_unit, data_cfg.min_doc_chars)
-    return sources.read_jsonl(paths, source.field)
+# ---------------------------------------------------------------------------------------------
+# Settings.
 
 
-def split_records(source: sources.Source, data_cfg, split: str) -> Iterator[str]:
-    """The records of one split ("train" or "validation")."""
-    if source.kind == "synthetic":
-        n = data_cfg.synthetic_docs if split == "train" else max(
-            1, round(data_cfg.synthetic_docs * data_cfg.validation_fraction))
-        return (synthetic.text_document(i, split) for i in range(n))
-    want_validation = split != "train"
-    return (r for r in iter_records(source, data_cfg)
-            if in_validation(r, data_cfg.validation_fraction) == want_validation)
+def named_sources(data_cfg) -> dict[str, tuple[sources.Source, float]]:
+    """{name: (source, weight)} in processing order: data.sources, or data.source alone."""
+    entries = data_cfg.get("sources") or {}
+    if not entries:
+        source = sources.parse_source(data_cfg.source)
+        return {source.kind: (source, 1.0)}
+    out = {}
+    for name in sorted(entries):
+        entry = entries[name]
+        try:
+            out[name] = (sources.parse_source(entry["source"]), float(entry["weight"]))
+        except UserError as e:
+            raise UserError(str(e).replace("'data.source'", f"'data.sources.{name}.source'")
+                            ) from None
+    return out
 
 
-def fingerprint(source: sources.Source, data_cfg) -> str:
+def options(data_cfg) -> dict:
+    """The cleaning and dedup settings as one plain dict (sent to worker processes)."""
+    c, d = data_cfg.clean, data_cfg.dedup
+    return {"html": c.html, "fix_text": c.fix_text, "unicode": c.unicode,
+            "whitespace": c.whitespace, "boilerplate": c.boilerplate, "lowercase": c.lowercase,
+            "stopwords": c.stopwords, "min_chars": c.min_chars, "max_chars": c.max_chars,
+            "max_dup_line_fraction": c.max_dup_line_fraction,
+            "max_dup_ngram_fraction": c.max_dup_ngram_fraction, "dup_ngram": c.dup_ngram,
+            "min_tokens": c.min_tokens, "max_tokens": c.max_tokens,
+            "exact": d.exact, "near": d.near, "decontaminate": d.decontaminate,
+            "threshold": d.threshold, "num_perm": d.num_perm, "ngram": d.ngram, "seed": d.seed}
+
+
+def _special_tokens(data_cfg) -> list[str]:
+    return [t.strip() for t in data_cfg.special_tokens.split(",") if t.strip()]
+
+
+def fingerprint(named: dict, data_cfg) -> str:
     """Hash of everything the prepared data depends on (file sizes and mtimes, not contents)."""
-    parts: dict = {"format": FORMAT_VERSION, "source": source.spec,
+    parts: dict = {"format": FORMAT_VERSION, "options": options(data_cfg),
                    "validation_fraction": data_cfg.validation_fraction,
+                   "on_bad_record": data_cfg.on_bad_record,
+                   "repair_utf8": data_cfg.clean.repair_utf8,
                    "tokenizer_type": data_cfg.tokenizer_type, "vocab_size": data_cfg.vocab_size,
-                   "tokenizer_max_chars": data_cfg.tokenizer_max_chars}
-    if source.kind == "synthetic":
-        parts["synthetic_docs"] = data_cfg.synthetic_docs
-    elif source.kind in ("text", "jsonl"):
-        parts["files"] = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns)
-                          for p in sources.expand_paths(source.path)]
-        if source.kind == "text":
-            parts["text"] = (data_cfg.text_unit, data_cfg.min_doc_chars)
+                   "tokenizer_max_chars": data_cfg.tokenizer_max_chars,
+                   "character_coverage": data_cfg.character_coverage,
+                   "special_tokens": _special_tokens(data_cfg), "sources": {}}
+    for name, (source, weight) in named.items():
+        entry: dict = {"spec": source.spec, "weight": weight}
+        if source.kind == "synthetic":
+            entry["synthetic_docs"] = data_cfg.synthetic_docs
+        elif source.kind == "tfds":
+            entry["tfds"] = (data_cfg.tfds_data_dir, data_cfg.train_split, data_cfg.text_field)
+        else:
+            entry["files"] = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns)
+                              for p in sources.expand_paths(source.path)]
+            if source.kind == "text":
+                entry["text"] = (data_cfg.text_unit, data_cfg.min_doc_chars)
+        parts["sources"][name] = entry
     if data_cfg.tokenizer:
         path = os.path.abspath(data_cfg.tokenizer)
         parts["tokenizer"] = (path, os.path.getsize(path), os.stat(path).st_mtime_ns)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _slug(source: sources.Source) -> str:
+def _slug(named: dict) -> str:
+    if len(named) > 1:
+        return "mix-" + "_".join(named)[:40]
+    source = next(iter(named.values()))[0]
     base = os.path.basename(source.path.rstrip("/*")) or source.kind
     keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:40]
     return f"{source.kind}-{keep}"
 
 
+# ---------------------------------------------------------------------------------------------
+# Entry points for training and the CLI.
+
+
 def prepare(data_cfg, cache_dir: str) -> Prepared:
-    """Prepares `data_cfg.source` (or finds it already prepared) and returns it."""
+    """Prepares the configured sources (or finds them already prepared) and returns them."""
     source = sources.parse_source(data_cfg.source)
-    if source.kind == "prepared":
-        return load(source.path)
-    if source.kind == "tfds":
+    if source.kind == "prepared":  # wins over data.sources: a recipe's output, trained on
+        return load(source.path, data_cfg.get("mixture", ""))
+    if source.kind == "tfds" and not data_cfg.get("sources"):
         return _prepare_tfds(source, data_cfg, cache_dir)
-    out = os.path.join(cache_dir, f"{_slug(source)}-{fingerprint(source, data_cfg)}")
+    named = named_sources(data_cfg)
+    out = os.path.join(cache_dir, f"{_slug(named)}-{fingerprint(named, data_cfg)}")
     if not os.path.isfile(os.path.join(out, "prepare.json")):
-        write(source, data_cfg, out)
-    return load(out)
+        write_sources(named, data_cfg, out)
+    return load(out, data_cfg.get("mixture", ""))
 
 
-def write(source: sources.Source, data_cfg, out: str) -> None:
-    """Builds the prepared folder `out` from a file-based or synthetic source, atomically."""
+def write(source: sources.Source, data_cfg, out: str) -> dict:
+    """Prepares a single source into `out` (see write_sources)."""
+    return write_sources({source.kind: (source, 1.0)}, data_cfg, out)
+
+
+def write_sources(named: dict[str, tuple[sources.Source, float]], data_cfg, out: str,
+                  description: str = "") -> dict:
+    """Builds the prepared folder `out` from named sources, atomically; returns the report."""
+    for name, (source, _) in named.items():
+        if not NAME_RE.fullmatch(name):
+            raise UserError(f"config key 'data.sources.{name}': source names must be lower-case "
+                            "letters, digits and underscores, starting with a letter.")
+        if source.kind == "prepared":
+            raise UserError(f"config key 'data.sources.{name}.source': {source.spec} is already "
+                            "prepared; point training at it instead.")
     tmp = f"{out}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        counts = {"train": 0, "validation": 0}
-
-        def records(split):
-            for text in split_records(source, data_cfg, split):
-                counts[split] += 1
-                yield {TEXT_FIELD: text}
-
-        try:
-            dataset_dir = tfds_builder.build(
-                os.path.join(tmp, "tfds"), (TEXT_FIELD,),
-                {split: functools.partial(records, split) for split in counts},
-                description=f"t5x_like prepared {source.spec}")
-        except AssertionError as e:  # TFDS refuses to write an empty split
-            if "No examples were yielded" not in str(e):
-                raise
-        if not counts["train"]:
-            raise UserError(f"config key 'data.source': {source.spec} produced no records; is "
-                            "it empty (or all blank lines)?")
-        if not counts["validation"]:
-            raise UserError(
-                f"config key 'data.source': {source.spec} gave {counts['train']} records and none "
-                "for validation; raise data.validation_fraction or lower data.min_doc_chars.")
-        tok_path = os.path.join(tmp, "tokenizer.model")
-        if data_cfg.tokenizer:
-            shutil.copyfile(data_cfg.tokenizer, tok_path)
-            tokenizer_lib.Tokenizer(tok_path)  # checks it is one of ours
-        else:
-            tokenizer_lib.train(split_records(source, data_cfg, "train"), tok_path,
-                                vocab_size=data_cfg.vocab_size,
-                                model_type=data_cfg.tokenizer_type,
-                                max_chars=data_cfg.tokenizer_max_chars)
-        meta = {"format": FORMAT_VERSION, "source": source.spec, "text_field": TEXT_FIELD,
-                "dataset_dir": os.path.relpath(dataset_dir, tmp), "tokenizer": "tokenizer.model",
-                "splits": counts, "fingerprint": fingerprint(source, data_cfg)}
-        with open(os.path.join(tmp, "prepare.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
+        report = _build(named, data_cfg, tmp, description)
         shutil.rmtree(os.path.join(tmp, "tfds", "downloads"), ignore_errors=True)
+        shutil.rmtree(os.path.join(tmp, "spool"), ignore_errors=True)
         if os.path.exists(out):  # a previous or concurrent preparation: replace it
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return report
 
 
-def load(folder: str) -> Prepared:
+def load(folder: str, mixture: str = "") -> Prepared:
+    """Opens a prepared folder; `mixture` ("a=0.7,b=0.3") overrides the recorded weights."""
     meta_path = os.path.join(folder, "prepare.json")
     if not os.path.isfile(meta_path):
         raise UserError(f"{folder} is not a prepared dataset (no prepare.json); create it with "
                         "python -m data_pipelines.prepare.")
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
-    return Prepared(dataset_dir=os.path.join(folder, meta["dataset_dir"]),
-                    tokenizer_path=os.path.join(folder, meta["tokenizer"]),
-                    text_field=meta["text_field"], splits=meta["splits"])
+    dataset_dir = os.path.join(folder, meta["dataset_dir"])
+    tokenizer_path = os.path.join(folder, meta["tokenizer"])
+    if "datasets" not in meta:  # format 1: one text dataset with splits train/validation
+        return Prepared(dataset_dir, tokenizer_path, meta["text_field"], meta["splits"])
+    datasets = {n: Dataset(d["kind"], d["source"], d["weight"], d["splits"], d["tfds_splits"])
+                for n, d in meta["datasets"].items()}
+    weights = {n: d.weight for n, d in datasets.items()}
+    weights.update(parse_mixture(mixture, datasets, folder))
+    totals = collections.Counter()
+    for n, d in datasets.items():
+        if d.kind == "text" and weights[n] > 0:
+            totals.update(d.splits)
+    return Prepared(dataset_dir, tokenizer_path, TEXT_FIELD, dict(totals), datasets, weights)
+
+
+def parse_mixture(spec: str, datasets: dict, folder: str) -> dict[str, float]:
+    """"a=0.7, b=0.3" -> {"a": 0.7, "b": 0.3}; names must be sources of the folder."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or weight < 0:
+            raise UserError(f"config key 'data.mixture': {part!r} is not name=weight (a number "
+                            ">= 0), e.g. data.mixture='shakespeare=0.7,alpaca=0.3'.")
+        if name not in datasets:
+            raise UserError(f"config key 'data.mixture': {folder} has no source {name!r} (it has "
+                            f"{', '.join(datasets)}).")
+        out[name] = weight
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The local path.
+
+
+def _process_batch(kind: str, opts: dict, batch: list) -> list:
+    """Worker side: clean, filter, hash and sign a batch of (key, record, error, split).
+
+    Returns per record (changed stages, drop reason, stored record, exact key, signature,
+    input bytes). Records with a fixed split (synthetic) are generated clean: passed through.
+    """
+    stages = clean.stage_functions(opts, kind)
+    out, texts = [], []
+    for key, record, error, split in batch:
+        if error:
+            out.append(([], "bad", None, None, None, 0))
+            continue
+        size = len(records_lib.text_view(record, kind).encode("utf-8"))
+        if split:
+            out.append(([], "", records_lib.encode(record, kind), None, None, size))
+            continue
+        cleaned, changed, reason = clean.clean_record(record, kind, opts, stages)
+        if reason:
+            out.append((changed, reason, None, None, None, size))
+            continue
+        text = records_lib.text_view(cleaned, kind)
+        normalized = dedup.normalize(text)
+        out.append((changed, "", records_lib.encode(cleaned, kind),
+                    dedup.exact_key(text, normalized), None, size))
+        if normalized:
+            texts.append((len(out) - 1, normalized))
+    if texts and (opts["near"] or opts["decontaminate"]):
+        sigs = dedup.signatures([t for _, t in texts], num_perm=opts["num_perm"],
+                                seed=opts["seed"], ngram=opts["ngram"])
+        for (i, _), sig in zip(texts, sigs):
+            changed, reason, stored, ekey, _, size = out[i]
+            out[i] = (changed, reason, stored, ekey, sig, size)
+    return out
+
+
+class _Workers:
+    """Ordered parallel map with a bounded number of batches in flight (so reading never
+    runs ahead of processing by more than a few batches); in-process when n == 0."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.pool = None
+        if n:
+            # spawn, not fork: this may run inside a JAX process (training), which must not fork.
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                n, mp_context=multiprocessing.get_context("spawn"))
+
+    def map(self, fn, args_iter: Iterator) -> Iterator:
+        if not self.pool:
+            for args in args_iter:
+                yield fn(*args)
+            return
+        pending = collections.deque()
+        for args in args_iter:
+            pending.append(self.pool.submit(fn, *args))
+            if len(pending) >= 3 * self.n:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def close(self):
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _batches(item_iter, size: int = 256):
+    while True:
+        batch = list(itertools.islice(item_iter, size))
+        if not batch:
+            return
+        yield batch
+
+
+def _spool_path(spool: str, name: str, split: str) -> str:
+    return os.path.join(spool, f"{name}-{split}.jsonl")
+
+
+def _run_local(named: dict, data_cfg, opts: dict, spool: str, report: dict) -> None:
+    """Read, clean, dedup and split every source into spool/<name>-<split>.jsonl."""
+    deduper = dedup.Deduper(exact=opts["exact"], near=opts["near"],
+                            decontaminate=opts["decontaminate"], threshold=opts["threshold"],
+                            num_perm=opts["num_perm"], seed=opts["seed"])
+    names = list(named)
+    workers = _Workers(data_cfg.num_workers)
+    try:
+        for s_index, (name, (source, _)) in enumerate(named.items()):
+            kind = sources.record_kind(source)
+            info = report["sources"][name]
+            funnel, changed, dup_of = info["funnel"], info["changed"], info["duplicate_of"]
+            read_counts: dict = {}
+            stream = readers.items(source, data_cfg, read_counts)
+            files = {split: open(_spool_path(spool, name, split), "w", encoding="utf-8")
+                     for split in SPLITS}
+            in_flight: collections.deque = collections.deque()
+
+            def work(stream=stream, kind=kind, in_flight=in_flight):
+                for batch in _batches(stream):
+                    in_flight.append(batch)
+                    yield kind, opts, [(it.key, it.record, it.error, it.split) for it in batch]
+
+            try:
+                for results in workers.map(_process_batch, work()):
+                    for item, result in zip(in_flight.popleft(), results):
+                        _take(item, result, s_index, names, deduper, data_cfg, funnel, changed,
+                              dup_of, info, files)
+            finally:
+                for f in files.values():
+                    f.close()
+            if read_counts.get("utf8_repaired"):
+                changed["utf8_repaired"] = read_counts["utf8_repaired"]
+        if deduper.decontaminate:
+            _decontaminate(named, deduper, spool, report)
+    finally:
+        workers.close()
+
+
+def _take(item, result, s_index, names, deduper, data_cfg, funnel, changed, dup_of, info,
+          files):
+    """Main-process side of one record: count it, dedup it, pick its split, spool it."""
+    stages, reason, stored, ekey, sig, size = result
+    funnel["read"] += 1
+    info["input_bytes"] += size
+    for stage in stages:
+        changed[stage] = changed.get(stage, 0) + 1
+    if reason:
+        funnel[reason] = funnel.get(reason, 0) + 1
+        if reason == "bad" and len(info["bad_examples"]) < 5:
+            info["bad_examples"].append(f"{item.where}: {item.error}")
+        return
+    if item.split:
+        split = item.split
+    else:
+        split = "validation" if dedup.in_validation(ekey, data_cfg.validation_fraction) else "train"
+        verdict, other = deduper.offer((s_index, item.key), s_index, ekey, sig,
+                                       split == "validation")
+        if verdict:
+            funnel[verdict] = funnel.get(verdict, 0) + 1
+            dup_of[names[other]] = dup_of.get(names[other], 0) + 1
+            return
+    line = {"k": item.key, "r": stored}
+    if deduper.decontaminate and split == "train" and sig is not None:
+        line["s"] = sig.hashvalues.tolist()
+    files[split].write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def _decontaminate(named: dict, deduper, spool: str, report: dict) -> None:
+    """Near dedup is off: drop train records that nearly duplicate any validation record."""
+    import numpy as np
+
+    names = list(named)
+    for name in named:
+        info = report["sources"][name]
+        path = _spool_path(spool, name, "train")
+        with open(path, encoding="utf-8") as src, open(path + ".new", "w", encoding="utf-8") as dst:
+            for line in src:
+                entry = json.loads(line)
+                sig = (dedup.lean(np.asarray(entry.pop("s"), np.uint32), deduper.seed)
+                       if "s" in entry else None)
+                other = deduper.contaminated(sig)
+                if other >= 0:
+                    funnel, dup_of = info["funnel"], info["duplicate_of"]
+                    funnel["contaminated"] = funnel.get("contaminated", 0) + 1
+                    dup_of[names[other]] = dup_of.get(names[other], 0) + 1
+                    continue
+                dst.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        os.replace(path + ".new", path)
+
+
+def _spooled(spool: str, name: str, split: str) -> Iterator[tuple[int, dict]]:
+    with open(_spool_path(spool, name, split), encoding="utf-8") as f:
+        for line in f:
+            entry = json.loads(line)
+            yield entry["k"], entry["r"]
+
+
+def _spooled_texts(spool: str, name: str, kind: str) -> Iterator[str]:
+    for _, stored in _spooled(spool, name, "train"):
+        yield records_lib.text_view(records_lib.decode(stored, kind), kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by both paths: tokenizer, writing with token filters and statistics, the report.
+
+
+def _round_robin(iterators: list[Iterator]) -> Iterator:
+    """Interleaves sources so the tokenizer's character budget is shared among them."""
+    active = list(iterators)
+    while active:
+        for it in list(active):
+            value = next(it, None)
+            if value is None:
+                active.remove(it)
+            else:
+                yield value
+
+
+def _encode(tok, recs: list[dict], kind: str) -> list[tuple[list[int], dict]]:
+    """Token ids of each record's text view (+ chosen/rejected token counts)."""
+    texts = [records_lib.text_view(r, kind) for r in recs]
+    ids = tok.encode_batch(texts)
+    if kind != "preference":
+        return [(i, {}) for i in ids]
+    replies = tok.encode_batch([x for r in recs for x in (r["chosen"], r["rejected"])])
+    return [(i, {"chosen": len(replies[2 * j]), "rejected": len(replies[2 * j + 1])})
+            for j, i in enumerate(ids)]
+
+
+class _Writer:
+    """Per split: token-length filter, statistics, and the stored record with all fields."""
+
+    def __init__(self, tok, stats: stats_lib.Stats, opts: dict, fields: tuple[str, ...],
+                 report: dict, timing: dict):
+        self.tok, self.stats, self.opts, self.fields = tok, stats, opts, fields
+        self.report, self.timing = report, timing
+
+    def records(self, name: str, kind: str, split: str, entries: Iterator[tuple[int, dict]]):
+        info = self.report["sources"][name]
+        for batch in _batches(entries):
+            recs = [records_lib.decode(stored, kind) for _, stored in batch]
+            start = time.perf_counter()
+            encoded = _encode(self.tok, recs, kind)
+            self.timing["tokenize_s"] += time.perf_counter() - start
+            for (key, stored), rec, (ids, parts) in zip(batch, recs, encoded):
+                n, lo, hi = len(ids), self.opts["min_tokens"], self.opts["max_tokens"]
+                reason = "min_tokens" if lo and n < lo else "max_tokens" if hi and n > hi else ""
+                if reason:
+                    info["funnel"][reason] = info["funnel"].get(reason, 0) + 1
+                    continue
+                info["splits"][split] = info["splits"].get(split, 0) + 1
+                self.stats.add(name, split, rec, ids, parts)
+                yield key, {f: stored.get(f, "") for f in self.fields}
+
+
+def _train_tokenizer(named: dict, data_cfg, train_texts: Iterator[str], path: str):
+    if data_cfg.tokenizer:
+        shutil.copyfile(data_cfg.tokenizer, path)
+        return tokenizer_lib.Tokenizer(path), "given: " + data_cfg.tokenizer
+    tok = tokenizer_lib.train(train_texts, path, vocab_size=data_cfg.vocab_size,
+                              model_type=data_cfg.tokenizer_type,
+                              max_chars=data_cfg.tokenizer_max_chars,
+                              character_coverage=data_cfg.character_coverage,
+                              special_tokens=_special_tokens(data_cfg))
+    return tok, f"trained on the train splits of {', '.join(named)}"
+
+
+def _new_report(named: dict, data_cfg, opts: dict, description: str) -> dict:
+    return {
+        "description": description, "runner": data_cfg.runner,
+        "num_workers": data_cfg.num_workers, "options": opts, "stage_order": list(STAGE_ORDER),
+        "lsh": list(dedup.lsh_params(opts["threshold"], opts["num_perm"])),
+        "decontamination": ("near-duplicate removal across all records and splits implies it."
+                            if opts["near"] else
+                            "train records that nearly duplicate a validation record are dropped."
+                            if opts["decontaminate"] else
+                            "OFF (data.dedup.near and data.dedup.decontaminate are both off)."),
+        "sources": {name: {"source": source.spec, "kind": sources.record_kind(source),
+                           "weight": weight, "funnel": {"read": 0}, "changed": {},
+                           "duplicate_of": {}, "bad_examples": [], "input_bytes": 0,
+                           "splits": {}}
+                    for name, (source, weight) in named.items()},
+    }
+
+
+def _build(named: dict, data_cfg, tmp: str, description: str) -> dict:
+    opts = options(data_cfg)
+    report = _new_report(named, data_cfg, opts, description)
+    kinds = {name: sources.record_kind(source) for name, (source, _) in named.items()}
+    fields = tuple(f for kind in records_lib.KINDS if kind in kinds.values()
+                   for f in records_lib.FIELDS[kind])
+    tok_path = os.path.join(tmp, "tokenizer.model")
+    timing = {"tokenize_s": 0.0}
+    start = time.perf_counter()
+    if data_cfg.runner == "beam":
+        from data_pipelines import beam_prepare
+
+        dataset_dir, tok, origin = beam_prepare.run(named, data_cfg, opts, tmp, fields, report,
+                                                    timing, lambda texts: _train_tokenizer(
+                                                        named, data_cfg, texts, tok_path))
+        stats = timing.pop("stats")
+    else:
+        spool = os.path.join(tmp, "spool")
+        os.makedirs(spool)
+        _run_local(named, data_cfg, opts, spool, report)
+        _check_counts(named, report, spooled=spool)
+        timing["clean_dedup_s"] = time.perf_counter() - start
+        t = time.perf_counter()
+        tok, origin = _train_tokenizer(named, data_cfg, _round_robin([
+            _spooled_texts(spool, n, kinds[n]) for n in named]), tok_path)
+        timing["tokenizer_train_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        stats = stats_lib.Stats(kinds, tok.vocab_size, tok.sp.id_to_piece)
+        writer = _Writer(tok, stats, opts, fields, report, timing)
+        splits = {f"{n}-{split}": (lambda n=n, split=split: writer.records(
+                      n, kinds[n], split, _spooled(spool, n, split)))
+                  for n in named for split in SPLITS}
+        try:
+            from data_pipelines import tfds_builder
+
+            dataset_dir = tfds_builder.build(os.path.join(tmp, "tfds"), fields, splits,
+                                             description=description or "t5x_like prepared data")
+        except AssertionError as e:  # TFDS refuses an empty split: the token filter emptied it
+            if "No examples were yielded" not in str(e):
+                raise
+            _check_counts(named, report)
+            raise
+        timing["write_s"] = time.perf_counter() - t - timing["tokenize_s"]
+    _check_counts(named, report)
+    total_s = time.perf_counter() - start
+    mb = sum(s["input_bytes"] for s in report["sources"].values()) / 1e6
+    report["throughput"] = {
+        "input_mb": round(mb, 3), "clean_dedup_s": round(timing["clean_dedup_s"], 3),
+        "clean_dedup_mb_per_s": round(mb / max(timing["clean_dedup_s"], 1e-9), 3),
+        "tokenizer_train_s": round(timing["tokenizer_train_s"], 3),
+        "tokenize_s": round(timing["tokenize_s"], 3),
+        "tokenize_mb_per_s": round(mb / max(timing["tokenize_s"], 1e-9), 3),
+        "write_s": round(timing["write_s"], 3), "total_s": round(total_s, 3),
+        "total_mb_per_s": round(mb / max(total_s, 1e-9), 3)}
+    summary = stats.summary()
+    report["stats"] = summary
+    report["tokenizer"] = {
+        "type": data_cfg.tokenizer_type, "vocab_size": tok.vocab_size, "origin": origin,
+        "character_coverage": data_cfg.character_coverage,
+        "special_tokens": _special_pieces(tok, data_cfg),
+        "bytes_per_token_validation": {
+            n: round(s["validation"]["bytes"]["total"] / max(s["validation"]["tokens"]["total"], 1),
+                     4) for n, s in summary.items() if "validation" in s}}
+    report["mixture"] = _mixture(report, summary)
+    meta = {"format": FORMAT_VERSION, "fingerprint": fingerprint(named, data_cfg),
+            "dataset_dir": os.path.relpath(dataset_dir, tmp), "tokenizer": "tokenizer.model",
+            "text_field": TEXT_FIELD, "fields": list(fields),
+            "splits": dict(sum((collections.Counter(report["sources"][n]["splits"])
+                                for n in named if kinds[n] == "text"), collections.Counter())),
+            "datasets": {n: {"kind": kinds[n], "source": named[n][0].spec, "weight": named[n][1],
+                             "splits": report["sources"][n]["splits"],
+                             "tfds_splits": {s: f"{n}-{s}" for s in SPLITS}}
+                         for n in named}}
+    with open(os.path.join(tmp, "prepare.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    if data_cfg.report:
+        stats_lib.write(tmp, report, stats)
+    return report
+
+
+def _special_pieces(tok, data_cfg) -> list[str]:
+    """Control pieces (pad, unk, bos, eos), then the chat markers and data.special_tokens."""
+    from data_pipelines import chat_template
+
+    sp = tok.sp
+    out = [sp.id_to_piece(i) for i in range(min(tok.vocab_size, 8))
+           if sp.is_control(i) or sp.is_unknown(i)]
+    return out + [t for t in (*chat_template.MARKERS, *_special_tokens(data_cfg))
+                  if sp.piece_to_id(t) != sp.unk_id() and t not in out]
+
+
+def _mixture(report: dict, summary: dict) -> dict:
+    """Expected share of records and tokens of each weighted source in its kind's mixture."""
+    src = report["sources"]
+    out = {}
+    for kind in records_lib.KINDS:
+        weighted = {n: s["weight"] for n, s in src.items() if s["kind"] == kind and s["weight"] > 0}
+        total_w = sum(weighted.values())
+        if not total_w:
+            continue
+        mean_tokens = {n: summary.get(n, {}).get("train", {}).get("tokens", {}).get("mean", 0)
+                       for n in weighted}
+        token_mass = {n: w / total_w * mean_tokens[n] for n, w in weighted.items()}
+        total_t = sum(token_mass.values()) or 1
+        for n, w in weighted.items():
+            out[n] = {"kind": kind, "weight": w, "record_share": round(w / total_w, 4),
+                      "token_share": round(token_mass[n] / total_t, 4),
+                      "epochs_per_million": round(1e6 * w / total_w
+                                                  / max(src[n]["splits"].get("train", 0), 1), 2)}
+    return out
+
+
+def _check_counts(named: dict, report: dict, spooled: str = "") -> None:
+    """Every source must keep train and validation records; say why when one did not."""
+    for name, (source, _) in named.items():
+        info = report["sources"][name]
+        if spooled:
+            counts = {}
+            for split in SPLITS:
+                with open(_spool_path(spooled, name, split), encoding="utf-8") as f:
+                    counts[split] = sum(1 for _ in f)
+        else:
+            counts = {split: info["splits"].get(split, 0) for split in SPLITS}
+        funnel = info["funnel"]
+        where = f"config key 'data.source': {source.spec}" if len(named) == 1 else (
+            f"config key 'data.sources.{name}': {source.spec}")
+        if not funnel["read"]:
+            raise UserError(f"{where} produced no records; is it empty (or all blank lines)?")
+        if not counts["train"] and not counts["validation"]:
+            dropped = ", ".join(f"{k} {v}" for k, v in funnel.items() if k != "read" and v)
+            first_bad = (f" (first bad one: {info['bad_examples'][0]})"
+                         if info["bad_examples"] else "")
+            raise UserError(f"{where} kept none of its {funnel['read']} records ({dropped})"
+                            f"{first_bad}; check the source and data.clean settings.")
+        if not counts["validation"]:
+            raise UserError(
+                f"{where} gave {counts['train']} records and none for validation; raise "
+                "data.validation_fraction or lower data.min_doc_chars.")
+        if not counts["train"]:
+            raise UserError(f"{where} gave no train records; lower data.validation_fraction.")
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS datasets read in place (data.source=tfds:... for training).
 
 
 def _prepare_tfds(source: sources.Source, data_cfg, cache_dir: str) -> Prepared:
@@ -198,7 +753,8 @@ def _prepare_tfds(source: sources.Source, data_cfg, cache_dir: str) -> Prepared:
         return dataclasses.replace(prepared, tokenizer_path=data_cfg.tokenizer)
     key = hashlib.sha256(json.dumps([name, str(builder.data_dir), data_cfg.text_field,
                                      data_cfg.train_split, data_cfg.vocab_size,
-                                     data_cfg.tokenizer_type, data_cfg.tokenizer_max_chars]
+                                     data_cfg.tokenizer_type, data_cfg.tokenizer_max_chars,
+                                     data_cfg.character_coverage, data_cfg.special_tokens]
                                     ).encode()).hexdigest()[:16]
     tok_path = os.path.join(cache_dir, f"tfds-{source.path}-{key}", "tokenizer.model")
     if not os.path.isfile(tok_path):
@@ -207,7 +763,9 @@ def _prepare_tfds(source: sources.Source, data_cfg, cache_dir: str) -> Prepared:
         texts = (_as_text(train[i][data_cfg.text_field]) for i in range(len(train)))
         tokenizer_lib.train(texts, tok_path, vocab_size=data_cfg.vocab_size,
                             model_type=data_cfg.tokenizer_type,
-                            max_chars=data_cfg.tokenizer_max_chars)
+                            max_chars=data_cfg.tokenizer_max_chars,
+                            character_coverage=data_cfg.character_coverage,
+                            special_tokens=_special_tokens(data_cfg))
     return dataclasses.replace(prepared, tokenizer_path=tok_path)
 
 
@@ -218,17 +776,25 @@ def _as_text(value) -> str:
 def main(argv):
     from absl import flags
 
+    from t5x_like import config as config_lib
+
     del argv
-    out = flags.FLAGS.out
+    out = os.path.abspath(flags.FLAGS.out)
     cfg = flags.FLAGS.config
-    source = sources.parse_source(cfg.data.source)
-    if source.kind in ("tfds", "prepared"):
-        raise UserError(f"config key 'data.source': {source.spec} is already prepared; "
-                        "train on it directly.")
-    write(source, cfg.data, os.path.abspath(out))
+    config_lib.validate(cfg)
+    config_file = getattr(flags.FLAGS["config"], "config_filename", "")
+    report = write_sources(named_sources(cfg.data), cfg.data, out,
+                           description=f"Prepared by `python -m data_pipelines.prepare "
+                                       f"--config={config_file}`.")
     prepared = load(out)
-    print(json.dumps({"out": out, "splits": prepared.splits,
-                      "tokenizer": prepared.tokenizer_path}, indent=2))
+    t = report["throughput"]
+    print(json.dumps({
+        "out": out, "tokenizer": prepared.tokenizer_path,
+        "sources": {n: {"kind": d.kind, "splits": d.splits} for n, d in prepared.datasets.items()},
+        "report": os.path.join(out, "report.md") if cfg.data.report else None,
+        "mb_per_s": {"clean_dedup": t["clean_dedup_mb_per_s"],
+                     "tokenize": t["tokenize_mb_per_s"], "total": t["total_mb_per_s"]}},
+        indent=2))
 
 
 if __name__ == "__main__":

@@ -2,41 +2,66 @@
 
     synthetic:<task>                      the embedded demo task (synthetic.py), no files
     text:<path or glob>                   plain text (.txt or .gz); documents by data.text_unit
-    jsonl:<path or glob>:<field>          one JSON object per line; the text is in <field>
+    jsonl:<path or glob>:<field>          JSON objects (one per line or a JSON array), text in
+                                          <field>; json:<path>:<field> is the same
+    alpaca:<path or glob>                 {instruction, input, output} (or Self-Instruct
+                                          {instruction, instances}) -> chat
+    chat:<path or glob>[:<field>]         {<field>: [{role, content}, ...]} (default: messages)
+    sgd:<path or glob>                    Schema-Guided-Dialogue {turns: [{speaker, utterance}]}
+    preference:<path or glob>             {chosen, rejected} (hh-rlhf "\n\nHuman: ..." form) or
+                                          {prompt, chosen, rejected} -> preference
     tfds:<name>[/<config>][:<version>]    a TFDS dataset (catalog or built locally)
     prepared:<dir>                        a folder written by `python -m data_pipelines.prepare`
 
-Readers stream (a file at a time, a line at a time) and stop at the first bad record with one
-sentence naming the file and line.
+Every file format may be gzipped (.gz); JSON files hold one object per line or one JSON array.
+Readers stream (a file at a time, a line or array element at a time) and stop at the first bad
+record with one sentence naming the file and line (readers.py can skip and count them instead).
 """
 
+import codecs
 import dataclasses
 import glob
 import gzip
 import json
 import os
+import re
 from typing import Iterator
 
 from t5x_like.errors import UserError
 
-KINDS = ("synthetic", "text", "jsonl", "tfds", "prepared")
+KINDS = ("synthetic", "text", "jsonl", "json", "alpaca", "chat", "sgd", "preference", "tfds",
+         "prepared")
+# The record kind (records.py) each source kind produces (synthetic: by task, see record_kind).
+RECORD_KIND = {"text": "text", "jsonl": "text", "json": "text",
+               "tfds": "text", "alpaca": "chat", "chat": "chat", "sgd": "chat",
+               "preference": "preference"}
+
+
+def record_kind(source: "Source") -> str:
+    """The record kind (text | chat | preference) a source produces."""
+    if source.kind == "synthetic":
+        from data_pipelines import synthetic
+
+        return synthetic.TASKS[source.path]
+    return RECORD_KIND[source.kind]
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
     kind: str
-    path: str = ""  # text/jsonl: path or glob; synthetic: task name; tfds: dataset name
-    field: str = ""  # jsonl: the JSON field holding the text
+    path: str = ""  # files: path or glob; synthetic: task name; tfds: dataset name
+    field: str = ""  # jsonl/json: the JSON field holding the text; chat: the messages field
     config: str = ""  # tfds: builder config
     version: str = ""  # tfds: version
 
     @property
     def spec(self) -> str:
-        return {"synthetic": f"synthetic:{self.path}", "text": f"text:{self.path}",
-                "prepared": f"prepared:{self.path}",
-                "jsonl": f"jsonl:{self.path}:{self.field}",
-                "tfds": f"tfds:{self.path}" + (f"/{self.config}" if self.config else "")
-                        + (f":{self.version}" if self.version else "")}[self.kind]
+        if self.kind in ("jsonl", "json") or (self.kind == "chat" and self.field):
+            return f"{self.kind}:{self.path}:{self.field}"
+        if self.kind == "tfds":
+            return (f"tfds:{self.path}" + (f"/{self.config}" if self.config else "")
+                    + (f":{self.version}" if self.version else ""))
+        return f"{self.kind}:{self.path}"
 
 
 def parse_source(spec: str) -> Source:
@@ -45,7 +70,8 @@ def parse_source(spec: str) -> Source:
     if not sep or kind not in KINDS or not rest:
         raise UserError(
             f"config key 'data.source': {spec!r} is not a data source; use synthetic:arithmetic, "
-            "text:<path or glob>, jsonl:<path>:<field>, tfds:<name>[/<config>][:<version>] or "
+            "text:<path or glob>, jsonl:<path>:<field>, alpaca:<path>, chat:<path>[:<field>], "
+            "sgd:<path>, preference:<path>, tfds:<name>[/<config>][:<version>] or "
             "prepared:<dir>.")
     if kind == "synthetic":
         from data_pipelines import synthetic
@@ -53,14 +79,19 @@ def parse_source(spec: str) -> Source:
             raise UserError(f"config key 'data.source': unknown synthetic task {rest!r}; "
                             f"choose one of {', '.join(synthetic.TASKS)}.")
         return Source("synthetic", path=rest)
-    if kind in ("text", "prepared"):
+    if kind in ("text", "prepared", "alpaca", "sgd", "preference"):
         return Source(kind, path=rest)
-    if kind == "jsonl":
+    if kind in ("jsonl", "json"):
         path, sep, field = rest.rpartition(":")
         if not sep or not path or not field:
             raise UserError(f"config key 'data.source': {spec!r} needs a field name, "
-                            "e.g. jsonl:data/docs.jsonl:text.")
-        return Source("jsonl", path=path, field=field)
+                            f"e.g. {kind}:data/docs.jsonl:text.")
+        return Source(kind, path=path, field=field)
+    if kind == "chat":
+        path, sep, field = rest.rpartition(":")
+        if sep and path and re.fullmatch(r"\w+", field):
+            return Source("chat", path=path, field=field)
+        return Source("chat", path=rest)
     name, _, version = rest.partition(":")
     name, _, config = name.partition("/")
     return Source("tfds", path=name, config=config, version=version)
@@ -76,8 +107,25 @@ def expand_paths(pattern: str) -> list[str]:
     return paths
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, line without its newline); invalid UTF-8 stops with file and line."""
+def _cp1252_bytes(error: UnicodeDecodeError):
+    """Decodes the bytes that are not UTF-8 as Windows-1252 (a superset of Latin-1 for text):
+    the usual cause is one Latin-1 or Windows file pasted into a UTF-8 one."""
+    bad = error.object[error.start:error.end]
+    return bad.decode("cp1252", errors="replace"), error.end
+
+
+codecs.register_error("t5x_like_cp1252", _cp1252_bytes)
+
+
+def iter_lines(path: str, utf8: str = "strict", counts: dict | None = None
+               ) -> Iterator[tuple[int, "str | UserError"]]:
+    """(line number, line without its newline) of a text or .gz file.
+
+    utf8: what a line that is not valid UTF-8 does. "strict": stops with a UserError naming
+    file, line and byte; "repair": its bad bytes are read as Windows-1252 (counted in
+    counts["utf8_repaired"]); "mark": the line comes back as the UserError, for the caller to
+    skip and count.
+    """
     opener = gzip.open if path.endswith(".gz") else open
     lineno = 0
     try:
@@ -86,9 +134,18 @@ def iter_lines(path: str) -> Iterator[tuple[int, str]]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise UserError(f"{path}, line {lineno}: not valid UTF-8 (byte "
-                                    f"{raw[e.start]:#04x} at column {e.start + 1}); re-encode "
-                                    "the file as UTF-8.") from None
+                    error = UserError(f"{path}, line {lineno}: not valid UTF-8 (byte "
+                                      f"{raw[e.start]:#04x} at column {e.start + 1}); re-encode "
+                                      "the file as UTF-8 (or set data.clean.repair_utf8=True).")
+                    if utf8 == "repair":
+                        line = raw.decode("utf-8", errors="t5x_like_cp1252")
+                        if counts is not None:
+                            counts["utf8_repaired"] = counts.get("utf8_repaired", 0) + 1
+                    elif utf8 == "mark":
+                        yield lineno, error
+                        continue
+                    else:
+                        raise error from None
                 yield lineno, line.rstrip("\r\n")
     except (OSError, EOFError) as e:  # unreadable, truncated or corrupt .gz
         raise UserError(f"{path}, line {lineno + 1}: cannot read ({e}); is the file complete?"
@@ -96,44 +153,69 @@ def iter_lines(path: str) -> Iterator[tuple[int, str]]:
 
 
 def read_text(paths: list[str], unit: str, min_doc_chars: int) -> Iterator[str]:
-    """Documents from plain-text files.
+    """Documents from plain-text files (see `text_documents`)."""
+    for path in paths:
+        for _, doc in text_documents(path, unit, min_doc_chars):
+            yield doc
+
+
+def text_documents(path: str, unit: str, min_doc_chars: int, utf8: str = "strict",
+                   counts: dict | None = None) -> Iterator[tuple[int, "str | UserError"]]:
+    """(first line number, document) of one plain-text file.
 
     unit: "line" (each non-empty line), "paragraph" (blocks separated by blank lines) or
     "file" (the whole file). Consecutive units of one file are merged until a document has at
     least `min_doc_chars` characters, keeping context that a model should see together.
+    Bad lines (utf8="mark") come back as UserErrors between documents.
     """
-    for path in paths:
-        joiner = "\n" if unit == "line" else "\n\n"
-        pending: list[str] = []
-        size = 0
-        for unit_text in _units(path, unit):
-            pending.append(unit_text)
-            size += len(unit_text)
-            if size >= min_doc_chars:
-                yield joiner.join(pending)
-                pending, size = [], 0
-        if pending:
-            yield joiner.join(pending)
+    joiner = "\n" if unit == "line" else "\n\n"
+    pending: list[str] = []
+    size, first = 0, 0
+    for lineno, unit_text in _units(path, unit, utf8, counts):
+        if isinstance(unit_text, UserError):
+            yield lineno, unit_text
+            continue
+        if not pending:
+            first = lineno
+        pending.append(unit_text)
+        size += len(unit_text)
+        if size >= min_doc_chars:
+            yield first, joiner.join(pending)
+            pending, size = [], 0
+    if pending:
+        yield first, joiner.join(pending)
 
 
-def _units(path: str, unit: str) -> Iterator[str]:
+def _units(path: str, unit: str, utf8: str, counts: dict | None):
+    lines = iter_lines(path, utf8, counts)
     if unit == "file":
-        text = "\n".join(line for _, line in iter_lines(path)).strip("\n")
+        kept = []
+        for lineno, line in lines:
+            if isinstance(line, UserError):
+                yield lineno, line
+            else:
+                kept.append(line)
+        text = "\n".join(kept).strip("\n")
         if text.strip():
-            yield text
+            yield 1, text
         return
     block: list[str] = []
-    for _, line in iter_lines(path):
-        if unit == "line":
+    start = 0
+    for lineno, line in lines:
+        if isinstance(line, UserError):
+            yield lineno, line
+        elif unit == "line":
             if line.strip():
-                yield line
+                yield lineno, line
         elif line.strip():
+            if not block:
+                start = lineno
             block.append(line)
         elif block:
-            yield "\n".join(block)
+            yield start, "\n".join(block)
             block = []
     if block:
-        yield "\n".join(block)
+        yield start, "\n".join(block)
 
 
 def read_jsonl(paths: list[str], field: str) -> Iterator[str]:

@@ -6,7 +6,9 @@ Needs no files or network, and serves every stage of the lifecycle:
     dialogue(i)       chat for SFT:      user "What is 12 + 34?" -> assistant "46" (1-3 turns)
     answer_pair(i)    preference pairs:  the same prompt, chosen "46", rejected "47"
 
-Problems are a op b with a, b in [0, 99] and op in {+, -}. A fixed 10% of all problems (by a
+Problems are a op b with a in [0, 99], b in [0, 9] and op in {+, -}: digit-level arithmetic
+with one carry or borrow, which a model of a few hundred thousand parameters learns on a CPU
+in minutes (two-digit second operands need far longer; measured in the SFT note). A fixed 10% of all problems (by a
 hash of the problem) is held out: the validation split only ever uses held-out problems and
 the train split never does, so validation accuracy measures arithmetic, not memory. Every
 generator is a pure function of (index, split, seed).
@@ -17,8 +19,10 @@ import hashlib
 import random
 import re
 
-TASKS = ("arithmetic",)
-MAX_OPERAND = 99
+# task -> the record kind it produces (data_pipelines/records.py): the same problems as
+# pretraining text, as chat turns for SFT, and as right/wrong answer pairs for preference tuning.
+TASKS = {"arithmetic": "text", "arithmetic_chat": "chat", "arithmetic_pairs": "preference"}
+MAX_FIRST, MAX_SECOND = 99, 9
 HELD_OUT_PERCENT = 10
 SYSTEM_PROMPT = "You are a careful calculator. Answer with the number only."
 _WORDS = {"+": "plus", "-": "minus"}
@@ -53,7 +57,7 @@ def sample_problem(rng: random.Random, split: str) -> Problem:
     """A uniformly drawn problem from the split's side of the held-out line."""
     want_held_out = split != "train"
     while True:
-        p = Problem(rng.randint(0, MAX_OPERAND), rng.choice("+-"), rng.randint(0, MAX_OPERAND))
+        p = Problem(rng.randint(0, MAX_FIRST), rng.choice("+-"), rng.randint(0, MAX_SECOND))
         if p.held_out == want_held_out:
             return p
 
@@ -67,6 +71,15 @@ def _sentence(p: Problem, rng: random.Random) -> str:
     if form == 2:
         return f"{p.a} {_WORDS[p.op]} {p.b} is {p.answer}."
     return f"Q: {p.question()} A: {p.answer}"
+
+
+def record(task: str, index: int, split: str = "train", seed: int = 0) -> dict:
+    """Record `index` of a task, in its kind's schema (messages as lists)."""
+    if task == "arithmetic":
+        return {"text": text_document(index, split, seed)}
+    if task == "arithmetic_chat":
+        return {"messages": dialogue(index, split, seed)}
+    return answer_pair(index, split, seed)
 
 
 def text_document(index: int, split: str = "train", seed: int = 0) -> str:

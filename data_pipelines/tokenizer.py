@@ -4,6 +4,12 @@ Trained as BPE (or unigram) with byte fallback (any UTF-8 text round-trips, even
 never seen in training), digits split one per token (arithmetic stays learnable), whitespace
 kept exactly as written (no normalization, no dummy prefix: decode(encode(s)) == s), and the
 chat markers reserved as single pieces. Ids: 0 pad, 1 unk, 2 bos, 3 eos, then the markers.
+
+`Tokenizer` reads the special ids from the model itself, so it also opens a published model's
+tokenizer brought in by `python -m t5x_like.hf import` (Llama-style: unk 0, bos 1, eos 2, a
+dummy-prefix space): that import appends the chat markers (user-defined pieces) and a `<pad>`
+control piece such a model lacks, with new embedding rows. Any model must have pad, bos and
+eos ids and every chat marker as a single piece; others are refused.
 """
 
 import io
@@ -40,19 +46,27 @@ def _sentences(texts: Iterable[str], max_chars: int) -> Iterable[str]:
 
 
 def train(texts: Iterable[str], model_path: str, *, vocab_size: int, model_type: str = "bpe",
-          max_chars: int = 50_000_000) -> "Tokenizer":
-    """Trains on `texts` and writes `<model_path>` (and `.vocab`) atomically."""
+          max_chars: int = 50_000_000, character_coverage: float = 0.9995,
+          special_tokens: Sequence[str] = ()) -> "Tokenizer":
+    """Trains on `texts` and writes `<model_path>` (and `.vocab`) atomically.
+
+    character_coverage: share of characters the vocabulary must cover (rarer ones go through
+    byte fallback); special_tokens: extra single-piece symbols after the chat markers.
+    """
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(_sentences(texts, max_chars)), model_writer=model,
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
             hard_vocab_limit=False,  # small corpora get fewer pieces instead of an error
-            character_coverage=0.9995, split_digits=True, allow_whitespace_only_pieces=True,
+            character_coverage=character_coverage, split_digits=True,
+            allow_whitespace_only_pieces=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, max_sentence_length=_MAX_SENTENCE_BYTES,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            user_defined_symbols=list(chat_template.MARKERS), num_threads=os.cpu_count() or 1,
+            user_defined_symbols=[*chat_template.MARKERS,
+                                  *(t for t in special_tokens if t not in chat_template.MARKERS)],
+            num_threads=os.cpu_count() or 1,
             minloglevel=2)
     except RuntimeError as e:
         needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
@@ -88,12 +102,17 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise UserError(f"{path} is not a SentencePiece model ({e}).") from None
         self.vocab_size = self.sp.get_piece_size()
-        self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
-        self.marker_ids = {m: self.sp.piece_to_id(m) for m in chat_template.MARKERS}
-        missing = [m for m, i in self.marker_ids.items() if i == UNK_ID]
-        if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOS_ID or missing:
-            raise UserError(f"{path} was not trained by t5x_like (needs pad=0, eos=3 and the chat "
-                            f"markers; missing {missing}); train one with data.tokenizer=''.")
+        sp = self.sp
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (
+            sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
+        self.marker_ids = {m: sp.piece_to_id(m) for m in chat_template.MARKERS}
+        missing = [name for name, i in (("pad", self.pad_id), ("bos", self.bos_id),
+                                        ("eos", self.eos_id)) if i < 0]
+        missing += [m for m, i in self.marker_ids.items() if i == self.unk_id]
+        if missing:
+            raise UserError(f"{path} was not trained by t5x_like (it lacks {', '.join(missing)}); "
+                            "train one with data.tokenizer='' or bring a published model in with "
+                            "python -m t5x_like.hf import.")
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)

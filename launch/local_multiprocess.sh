@@ -26,7 +26,7 @@ mkdir -p "$workdir/logs"
 
 pids=()
 for ((i = 0; i < num; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu \
     "$python_bin" -m t5x_like.train "$@" \
       --config.distributed.coordinator_address="127.0.0.1:$port" \
       --config.distributed.num_processes="$num" --config.distributed.process_id="$i" \

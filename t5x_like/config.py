@@ -12,17 +12,25 @@ import ml_collections
 
 from t5x_like.errors import UserError
 
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "sft")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 SCHEDULES = ("cosine", "linear", "constant")
 TEXT_UNITS = ("line", "paragraph", "file")
 TOKENIZER_TYPES = ("bpe", "unigram")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+# Model keys added after the first runs were written, with the values that give the original
+# model: a config.json without them (an older run) reads as these (load_json, model.Transformer).
+LATER_MODEL_KEYS = {
+    "unpadded_vocab_size": 0, "attn_qkv_bias": False, "attn_out_bias": False, "mlp_bias": False,
+    "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_low_freq_factor": 1.0,
+    "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192,
+}
 EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 # Model keys that may differ between a checkpoint and the run loading it: they change how the
 # same parameters are computed with, not what the parameters are.
 FREE_MODEL_KEYS = ("max_len", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
-                   "vocab_multiple")
+                   "vocab_multiple", "unpadded_vocab_size")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -57,6 +65,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
              f"is {m.remat!r}; choose one of {', '.join(REMAT_POLICIES)}.")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"is {m.dropout}; it must be in [0, 1).")
     _require(m.rope_theta > 0, "model.rope_theta", "must be positive.")
+    _require(m.rope_scaling in ROPE_SCALINGS, "model.rope_scaling",
+             f"is {m.rope_scaling!r}; choose one of {', '.join(ROPE_SCALINGS)}.")
+    _require(m.rope_scaling_factor > 0, "model.rope_scaling_factor", "must be positive.")
+    if m.rope_scaling == "llama3":
+        _require(0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+                 "model.rope_high_freq_factor", f"is {m.rope_high_freq_factor}; it must be greater "
+                 f"than model.rope_low_freq_factor ({m.rope_low_freq_factor}), which must be > 0.")
+        _require(m.rope_original_max_len > 0, "model.rope_original_max_len", "must be positive.")
+    _require(m.unpadded_vocab_size >= 0 and (
+        m.vocab_size == 0 or m.unpadded_vocab_size <= m.vocab_size), "model.unpadded_vocab_size",
+        f"is {m.unpadded_vocab_size}; it must be between 0 (no padding rows masked) and "
+        f"model.vocab_size ({m.vocab_size}).")
 
     o = cfg.optimizer
     _require(o.lr > 0, "optimizer.lr", f"is {o.lr}; it must be positive.")
@@ -89,7 +109,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(d.worker_count >= 0, "data.worker_count", "must be >= 0.")
     _require(not d.tokenizer or os.path.isfile(d.tokenizer), "data.tokenizer",
              f"file {d.tokenizer!r} does not exist; give a SentencePiece .model or leave it empty.")
+    _validate_data_prep(d)
 
+    _require(d.loss_on in ("assistant", "last_assistant", "all"), "data.loss_on",
+             f"is {d.loss_on!r}; choose assistant, last_assistant or all.")
+    _require(d.on_long in ("truncate", "drop", "split"), "data.on_long",
+             f"is {d.on_long!r}; choose truncate, drop or split.")
     _require(d.num_shards >= 0, "data.num_shards", "must be >= 0 (0 = one per process).")
     _require(d.num_shards == 0 or d.batch_size % d.num_shards == 0, "data.num_shards",
              f"{d.num_shards} must divide data.batch_size ({d.batch_size}).")
@@ -120,6 +145,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = at the end only).")
     _require(cfg.eval.steps >= 0, "eval.steps", "must be >= 0 (0 = the whole split).")
     _require(cfg.eval.batch_size >= 0, "eval.batch_size", "must be >= 0.")
+    e = cfg.eval
+    _require(not e.early_stop_by or e.early_stop_by in EVAL_METRICS, "eval.early_stop_by",
+             f"is {e.early_stop_by!r}; choose one of {', '.join(EVAL_METRICS)} (or '' for off).")
+    _require(e.early_stop_mode in ("min", "max"), "eval.early_stop_mode",
+             f"is {e.early_stop_mode!r}; choose min or max.")
+    _require(e.patience >= 1, "eval.patience", "must be >= 1.")
+    _require(e.min_delta >= 0, "eval.min_delta", "must be >= 0.")
+    _require(not cfg.model_from_init or cfg.init_from, "model_from_init",
+             "needs init_from (the run or model directory to take the model config from).")
 
 
 def check_same_model(saved_model, model, where: str) -> None:
@@ -129,6 +163,63 @@ def check_same_model(saved_model, model, where: str) -> None:
         if key not in FREE_MODEL_KEYS and saved.get(key) != now.get(key):
             raise UserError(f"model.{key}: {saved.get(key)} in {where}, {now.get(key)} in config; "
                             "make the model config match (or start a new --workdir).")
+
+
+def _validate_data_prep(d) -> None:
+    """The data-preparation keys (sources, mixture, cleaning, dedup): data_pipelines/prepare.py."""
+    import re
+
+    from data_pipelines import sources
+
+    for name in d.sources:
+        entry = d.sources[name]
+        _require(re.fullmatch(r"[a-z][a-z0-9_]*", name) is not None, f"data.sources.{name}",
+                 "source names must be lower-case letters, digits and underscores.")
+        _require(hasattr(entry, "keys") and set(entry.keys()) == {"source", "weight"},
+                 f"data.sources.{name}", "must hold exactly 'source' (a spec) and 'weight'.")
+        _require(isinstance(entry.weight, (int, float)) and entry.weight >= 0,
+                 f"data.sources.{name}.weight", f"is {entry.weight!r}; it must be a number >= 0.")
+        try:
+            sources.parse_source(entry.source)
+        except UserError as e:
+            raise UserError(str(e).replace("'data.source'", f"'data.sources.{name}.source'"))
+    _require(not d.sources or any(d.sources[n].weight > 0 for n in d.sources), "data.sources",
+             "every weight is 0; give at least one source a positive weight.")
+    for part in filter(None, (p.strip() for p in d.mixture.split(","))):
+        name, sep, value = part.partition("=")
+        number = re.fullmatch(r"\s*\d+(\.\d*)?([eE][-+]?\d+)?\s*", value)
+        _require(bool(sep) and number is not None, "data.mixture",
+                 f"{part!r} is not name=weight, e.g. 'shakespeare=0.7,alpaca=0.3'.")
+    _require(d.on_bad_record in ("error", "skip"), "data.on_bad_record",
+             f"is {d.on_bad_record!r}; choose error or skip.")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0 (0 = in-process).")
+    _require(d.runner in ("local", "beam"), "data.runner", f"is {d.runner!r}; choose local or beam.")
+    _require(0.0 < d.character_coverage <= 1.0, "data.character_coverage",
+             f"is {d.character_coverage}; it must be in (0, 1].")
+    c = d.clean
+    _require(c.unicode in ("", "NFC", "NFKC"), "data.clean.unicode",
+             f"is {c.unicode!r}; choose NFC, NFKC or '' (off).")
+    for key in ("min_chars", "max_chars", "min_tokens", "max_tokens"):
+        _require(c[key] >= 0, f"data.clean.{key}", f"is {c[key]}; it must be >= 0 (0 = no limit).")
+    _require(not c.max_chars or c.max_chars >= c.min_chars, "data.clean.max_chars",
+             f"{c.max_chars} is below data.clean.min_chars ({c.min_chars}).")
+    _require(not c.max_tokens or c.max_tokens >= c.min_tokens, "data.clean.max_tokens",
+             f"{c.max_tokens} is below data.clean.min_tokens ({c.min_tokens}).")
+    for key in ("max_dup_line_fraction", "max_dup_ngram_fraction"):
+        _require(0.0 < c[key] <= 1.0, f"data.clean.{key}", f"is {c[key]}; it must be in (0, 1].")
+    _require(c.dup_ngram >= 1, "data.clean.dup_ngram", "must be >= 1.")
+    if c.stopwords:
+        from stop_words import AVAILABLE_LANGUAGES, LANGUAGE_MAPPING
+
+        _require(c.stopwords in AVAILABLE_LANGUAGES or c.stopwords in LANGUAGE_MAPPING,
+                 "data.clean.stopwords", f"{c.stopwords!r} is not a language the stop-words "
+                 "package knows (e.g. en, de, fr).")
+    x = d.dedup
+    _require(0.0 < x.threshold <= 1.0, "data.dedup.threshold",
+             f"is {x.threshold}; it must be in (0, 1].")
+    _require(16 <= x.num_perm <= 1024, "data.dedup.num_perm",
+             f"is {x.num_perm}; use 16 to 1024 permutations.")
+    _require(x.ngram >= 1, "data.dedup.ngram", "must be >= 1.")
 
 
 def head_dim(model_cfg) -> int:
@@ -149,6 +240,14 @@ def resolve(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> ml_collecti
         raise UserError(
             f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
             f"tokenizer's {tokenizer_vocab} pieces; set it to 0 to derive it.")
+    if 0 < cfg.model.get("unpadded_vocab_size", 0) < tokenizer_vocab:
+        raise UserError(
+            f"config key 'model.unpadded_vocab_size': {cfg.model.unpadded_vocab_size} masks ids "
+            f"of the tokenizer's {tokenizer_vocab} pieces; set it to 0 or at least "
+            f"{tokenizer_vocab}.")
+    if cfg.model.get("unpadded_vocab_size", 0) == 0 and cfg.model.vocab_size > tokenizer_vocab:
+        # Rows past the tokenizer are never targets; mask them so nothing ever predicts them.
+        cfg.model.unpadded_vocab_size = tokenizer_vocab
     cfg.model.head_dim = head_dim(cfg.model)
     if cfg.eval.batch_size == 0:
         cfg.eval.batch_size = cfg.data.batch_size
@@ -184,4 +283,6 @@ def load_json(path: str) -> ml_collections.FrozenConfigDict:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or start a new workdir.")
+    if isinstance(data.get("model"), dict):  # an older run: its model had none of these
+        data["model"] = {**LATER_MODEL_KEYS, **data["model"]}
     return ml_collections.FrozenConfigDict(data)

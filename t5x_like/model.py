@@ -23,6 +23,18 @@ Initialization (fan-in scaled; residual outputs further scaled by 1/sqrt(2L), as
     final_norm           [d]            (norm,)                           ones
     lm_head              [d, V]         (embed, vocab)                    1/sqrt(d) (absent if tied)
 
+Optional biases (for imported Qwen2-style or biased Llama models; absent by default), all zeros:
+
+    layers.q_bias        [L, H, D]      (layers, heads, head_dim)         model.attn_qkv_bias
+    layers.k_bias, v_bias [L, K, D]     (layers, kv_heads, head_dim)      model.attn_qkv_bias
+    layers.o_bias        [L, d]         (layers, embed)                   model.attn_out_bias
+    layers.gate_bias, up_bias [L, F]    (layers, mlp)                     model.mlp_bias
+    layers.down_bias     [L, d]         (layers, embed)                   model.mlp_bias
+
+RoPE frequencies can be rescaled for long contexts as HF transformers does ("linear" and
+"llama3", `model.rope_scaling`). When `model.unpadded_vocab_size` is set (imported models), the
+logits of the padding rows at or above it are masked, so they are never predicted or sampled.
+
 Dropout is functional (an explicit key per call, folded per layer), so a step's randomness is a
 pure function of (seed, step): nothing random needs saving for an exact resume.
 """
@@ -35,11 +47,15 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from t5x_like import config as config_lib
 from t5x_like import partitioning
 
 _MASK_VALUE = -1e9  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
 
-# name -> (logical axes without "layers", init std as a function of (d, H, K, D, F, L))
+_ZEROS = lambda d, H, K, D, F, L: 0.0  # noqa: E731 (biases start at zero)
+
+# name -> (logical axes without "layers", init std as a function of (d, H, K, D, F, L); None =
+# ones, 0 = zeros). The biases exist only when the model config asks for them.
 _LAYER_PARAMS: dict[str, tuple[tuple[str, ...], Any]] = {
     "attn_norm": (("norm",), None),
     "wq": (("embed", "heads", "head_dim"), lambda d, H, K, D, F, L: d ** -0.5),
@@ -50,13 +66,28 @@ _LAYER_PARAMS: dict[str, tuple[tuple[str, ...], Any]] = {
     "w_gate": (("embed", "mlp"), lambda d, H, K, D, F, L: d ** -0.5),
     "w_up": (("embed", "mlp"), lambda d, H, K, D, F, L: d ** -0.5),
     "w_down": (("mlp", "embed"), lambda d, H, K, D, F, L: (F * 2 * L) ** -0.5),
+    "q_bias": (("heads", "head_dim"), _ZEROS),
+    "k_bias": (("kv_heads", "head_dim"), _ZEROS),
+    "v_bias": (("kv_heads", "head_dim"), _ZEROS),
+    "o_bias": (("embed",), _ZEROS),
+    "gate_bias": (("mlp",), _ZEROS),
+    "up_bias": (("mlp",), _ZEROS),
+    "down_bias": (("embed",), _ZEROS),
 }
 
 
 def _layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
     d, H, K, D, F = cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, _head_dim(cfg), cfg.mlp_dim
-    return {"attn_norm": (d,), "wq": (d, H, D), "wk": (d, K, D), "wv": (d, K, D),
-            "wo": (H, D, d), "mlp_norm": (d,), "w_gate": (d, F), "w_up": (d, F), "w_down": (F, d)}
+    shapes = {"attn_norm": (d,), "wq": (d, H, D), "wk": (d, K, D), "wv": (d, K, D),
+              "wo": (H, D, d), "mlp_norm": (d,), "w_gate": (d, F), "w_up": (d, F),
+              "w_down": (F, d)}
+    if cfg.attn_qkv_bias:
+        shapes.update(q_bias=(H, D), k_bias=(K, D), v_bias=(K, D))
+    if cfg.attn_out_bias:
+        shapes.update(o_bias=(d,))
+    if cfg.mlp_bias:
+        shapes.update(gate_bias=(F,), up_bias=(F,), down_bias=(d,))
+    return shapes
 
 
 def _head_dim(cfg) -> int:
@@ -64,7 +95,12 @@ def _head_dim(cfg) -> int:
 
 
 def _param(key, shape, std, names, dtype) -> nnx.Param:
-    value = jnp.ones(shape, dtype) if std is None else std * jax.random.normal(key, shape, dtype)
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    elif std == 0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = std * jax.random.normal(key, shape, dtype)
     return nnx.Param(value, logical_axes=tuple(names))
 
 
@@ -80,13 +116,15 @@ class Layers(nnx.Module):
             setattr(self, name, _param(rngs.params(), (L, *shape), std, ("layers", *names), dtype))
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in _LAYER_PARAMS}
+        return {name: getattr(self, name)[...] for name in _LAYER_PARAMS if hasattr(self, name)}
 
 
 class Transformer(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        # Frozen: hashable, so the graphdef can be a static jit argument.
-        self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)
+        # Frozen: hashable, so the graphdef can be a static jit argument. Keys added to the model
+        # config later get their defaults (the original model) when a config predates them.
+        self.cfg = cfg = ml_collections.FrozenConfigDict(
+            {**config_lib.LATER_MODEL_KEYS, **config_lib.to_dict(cfg)})
         d, V, dtype = cfg.hidden_dim, cfg.vocab_size, jnp.dtype(cfg.param_dtype)
         embed_std = d ** -0.5 if cfg.tie_embeddings else 1.0
         self.embed = _param(rngs.params(), (V, d), embed_std, ("vocab", "embed"), dtype)
@@ -116,7 +154,7 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
         x = _dropout(x, rate, keys[-1])
-        sin, cos = rope(positions, _head_dim(cfg), cfg.rope_theta)
+        sin, cos = rope_for(cfg, positions)
         mask = attention_mask(segment_ids, segment_ids)
 
         def body(x, xs):
@@ -143,7 +181,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
         x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
-        sin, cos = rope(positions, _head_dim(cfg), cfg.rope_theta)
+        sin, cos = rope_for(cfg, positions)
         segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))
         mask = attention_mask(segment_ids, segments, q_offset=index)
 
@@ -172,6 +210,9 @@ class Transformer(nnx.Module):
         else:
             w = self.lm_head[...].astype(h.dtype)
         out = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+        used, rows = self.cfg.unpadded_vocab_size, self.cfg.vocab_size
+        if 0 < used < rows:  # padding rows: never a target, never sampled
+            out = jnp.where(jnp.arange(rows) < used, out, _MASK_VALUE)
         return partitioning.constrain(out, ("act_batch", "act_len", "act_vocab"))
 
 
@@ -184,9 +225,9 @@ def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None):
     dtype = x.dtype
     k_attn, k_mlp = jax.random.split(key) if rate else (None, None)
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dtype))
-    k = jnp.einsum("btd,dhk->bthk", h, p["wk"].astype(dtype))
-    v = jnp.einsum("btd,dhk->bthk", h, p["wv"].astype(dtype))
+    q = _bias(jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dtype)), p, "q_bias")
+    k = _bias(jnp.einsum("btd,dhk->bthk", h, p["wk"].astype(dtype)), p, "k_bias")
+    v = _bias(jnp.einsum("btd,dhk->bthk", h, p["wv"].astype(dtype)), p, "v_bias")
     q = partitioning.constrain(q, ("act_batch", "act_len", "act_heads", None))
     k = partitioning.constrain(k, ("act_batch", "act_len", "act_kv_heads", None))
     v = partitioning.constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
@@ -197,15 +238,15 @@ def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None):
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
         kv_cache = (k, v)
     o = attention(q, k.astype(dtype), v.astype(dtype), mask)
-    o = jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dtype))
+    o = _bias(jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dtype)), p, "o_bias")
     x = x + _dropout(o, rate, k_attn)
     x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
 
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dtype))
-    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dtype))
+    gate = _bias(jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dtype)), p, "gate_bias")
+    up = _bias(jnp.einsum("btd,df->btf", h, p["w_up"].astype(dtype)), p, "up_bias")
     hidden = partitioning.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
-    out = jnp.einsum("btf,fd->btd", hidden, p["w_down"].astype(dtype))
+    out = _bias(jnp.einsum("btf,fd->btd", hidden, p["w_down"].astype(dtype)), p, "down_bias")
     x = x + _dropout(out, rate, k_mlp)
     return partitioning.constrain(x, ("act_batch", "act_len", "act_embed")), kv_cache
 
@@ -217,6 +258,11 @@ def init_cache(cfg, batch: int, length: int) -> dict:
     names = ("layers", "act_batch", "act_len", "act_kv_heads", None)
     zeros = lambda: partitioning.constrain(jnp.zeros(shape, dtype), names)  # noqa: E731
     return {"k": zeros(), "v": zeros(), "segments": jnp.zeros((batch, length), jnp.int32)}
+
+
+def _bias(y, p, name):
+    """y + p[name] when the model has that bias (decided at trace time), else y."""
+    return y + p[name].astype(y.dtype) if name in p else y
 
 
 def attention(q, k, v, mask):
@@ -248,11 +294,45 @@ def attention_mask(q_segments, kv_segments, q_offset=0):
     return causal[None] & same_doc
 
 
-def rope(positions, head_dim: int, theta: float):
-    """sin, cos tables [B, T, head_dim // 2] (float32) for integer positions [B, T]."""
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rope(positions, head_dim: int, theta: float, inv_freq=None):
+    """sin, cos tables [B, T, head_dim // 2] (float32) for integer positions [B, T].
+
+    Unscaled frequencies unless `inv_freq` is given; a model's own are `rope_for(cfg, ...)`.
+    """
+    if inv_freq is None:
+        inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.sin(angles), jnp.cos(angles)
+
+
+def rope_for(cfg, positions):
+    """The model's sin, cos tables: RoPE with `cfg.rope_theta` and `cfg.rope_scaling` applied."""
+    return rope(positions, _head_dim(cfg), cfg.rope_theta, rope_frequencies(cfg))
+
+
+def rope_frequencies(cfg):
+    """Inverse frequencies [head_dim // 2], rescaled as HF transformers' rope_type does.
+
+    linear: every frequency divided by the factor (positions stretched uniformly).
+    llama3: long wavelengths (beyond original_max_len / low_freq_factor) divided by the factor,
+            short ones (below original_max_len / high_freq_factor) kept, and a smooth blend
+            between (Llama 3.1's `_compute_llama3_parameters`).
+    """
+    D = _head_dim(cfg)
+    inv_freq = cfg.rope_theta ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        return inv_freq / factor
+    if cfg.rope_scaling == "llama3":
+        low, high, old_len = (cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                              cfg.rope_original_max_len)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return jnp.where(medium, blended, scaled)
+    return inv_freq
 
 
 def apply_rope(x, sin, cos):

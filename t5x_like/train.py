@@ -28,6 +28,8 @@ def main(argv):
     if result.pop("preempted", False):
         print(f"preempted at step {result['step']}: checkpoint saved; rerun to resume")
         return
+    if result.pop("early_stopped", False):
+        print(f"early stopping at step {result.pop('step')}")
     print("final validation: " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
 
 

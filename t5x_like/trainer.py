@@ -9,6 +9,7 @@ The train state is a plain dict {"step", "params", "opt_state"} of arrays: param
 pure dict (see model.abstract_model), so checkpoints, shardings and optax all see one pytree.
 """
 
+import collections
 import dataclasses
 import filecmp
 import os
@@ -26,13 +27,14 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from data_pipelines import pipeline, prepare
+from data_pipelines import chat_data, pipeline, prepare
 from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like import batches as batches_lib
 from t5x_like import checkpoints, config as config_lib, flops, losses, model
 from t5x_like import optimizer as optimizer_lib
 from t5x_like import partitioning
 from t5x_like.errors import UserError
+from t5x_like import metrics as metrics_lib
 from t5x_like.metrics import MetricWriter
 
 
@@ -169,6 +171,30 @@ def prepare_data(cfg, workdir: str) -> prepare.Prepared:
     return prepared
 
 
+# The record kind each task trains on (data_pipelines/records.py).
+TASK_KINDS = {"pretrain": "text", "sft": "chat"}
+
+
+def example_encoder(cfg, tokenizer, text_field: str, counts: collections.Counter) -> Callable:
+    """record -> {"tokens", "weights"} for the task: plain text, or a chat rendered by the one
+    chat template with its loss mask (data_pipelines/chat_data.py)."""
+    if cfg.task == "sft":
+        return chat_data.encoder(tokenizer, loss_on=cfg.data.loss_on, max_len=cfg.model.max_len,
+                                 on_long=cfg.data.on_long, counts=counts)
+    return pipeline.text_encoder(tokenizer, text_field)
+
+
+def check_learnable(source, encode, split: str, probe: int = 100) -> None:
+    """Refuses a split whose first records give nothing to learn from (an all-zero loss mask
+    would otherwise train on nothing, or loop forever looking for a non-empty example)."""
+    n = min(len(source), probe)
+    if not any(encode(source[i])["weights"].any() for i in range(n)):
+        raise UserError(f"none of the first {n} records of the {split} split has a token to "
+                        "learn from (an empty loss mask): SFT learns only assistant turns "
+                        "(data.loss_on); check that the conversations have them, or that "
+                        "data.on_long does not drop them all.")
+
+
 def check_batch(cfg, mesh) -> None:
     dp = partitioning.data_parallel_size(mesh)
     for key, size in (("data.batch_size", cfg.data.batch_size),
@@ -255,6 +281,20 @@ def _inherit_tokenizer(cfg, init_dir: str):
     return cfg
 
 
+def _inherit_model(cfg, init_dir: str):
+    """model_from_init: the parameter-defining model keys come from the init_from source."""
+    source = config_lib.to_dict(config_lib.load_json(os.path.join(init_dir, "config.json")).model)
+    cfg = cfg.copy_and_resolve_references()
+    for key, value in sorted(source.items()):
+        if key in config_lib.FREE_MODEL_KEYS or key not in cfg.model:
+            continue
+        if cfg.model[key] != value:
+            logging.info("model.%s = %r inherited from %s (the recipe had %r)", key, value,
+                         init_dir, cfg.model[key])
+        cfg.model[key] = value
+    return cfg
+
+
 def _state_from_init(cfg, spec: StateSpec, init_dir: str, init_step: int | None) -> dict:
     """Parameters of another run or model directory; fresh optimizer state; step 0."""
     where = os.path.join(init_dir, "config.json")
@@ -297,13 +337,15 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
 
     The result also has "preempted": True when SIGTERM stopped the run early (after saving).
     """
+    init_dir, init_step = checkpoints.locate(cfg.init_from) if cfg.init_from else (None, None)
+    if init_dir:
+        cfg = _inherit_tokenizer(cfg, init_dir)
+        if cfg.model_from_init:
+            cfg = _inherit_model(cfg, init_dir)
     config_lib.validate(cfg)
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    init_dir, init_step = checkpoints.locate(cfg.init_from) if cfg.init_from else (None, None)
-    if init_dir:
-        cfg = _inherit_tokenizer(cfg, init_dir)
 
     prepared = prepare_data(cfg, workdir)
     tokenizer = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
@@ -322,9 +364,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                  jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
 
     local_eval_batch = cfg.eval.batch_size // jax.process_count()
-    encode = pipeline.text_encoder(tokenizer, prepared.text_field)
+    example_counts: collections.Counter = collections.Counter()
+    encode = example_encoder(cfg, tokenizer, prepared.text_field, example_counts)
     data_kwargs = dict(max_len=cfg.model.max_len, seed=cfg.seed, packing=cfg.data.packing)
-    train_source = prepared.data_source(cfg.data.train_split)
+    train_source = prepared.data_source(cfg.data.train_split, kind=TASK_KINDS[cfg.task])
     num_shards = cfg.data.num_shards or jax.process_count()
     train_batches = batches_lib.ShardedBatches(
         lambda shard: iter(pipeline.make_dataset(
@@ -332,7 +375,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
             process_index=shard, process_count=num_shards, worker_count=cfg.data.worker_count,
             **data_kwargs)),
         batches_lib.local_shards(num_shards))
-    eval_source = prepared.data_source(cfg.data.eval_split)
+    eval_source = prepared.data_source(cfg.data.eval_split, kind=TASK_KINDS[cfg.task])
+    check_learnable(train_source, encode, cfg.data.train_split)
+    check_learnable(eval_source, encode, cfg.data.eval_split)
 
     def eval_batches():  # evaluation sums over records, so any split over processes will do
         return iter(pipeline.make_dataset(
@@ -365,7 +410,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
             token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes()),
                                          partitioning.replicated(mesh))
             loop = _Loop(cfg, train_step, eval_step, ckpt, writer, mesh, token_bytes,
-                         local_eval_batch, eval_batches, preemption)
+                         local_eval_batch, eval_batches, preemption, example_counts)
             return loop.run(state, train_batches)
         finally:
             preemption.close()
@@ -377,7 +422,8 @@ class _Loop:
     """The training loop and what happens at its intervals: log, evaluate, save, stop."""
 
     def __init__(self, cfg, train_step, eval_step, ckpt, writer, mesh, token_bytes,
-                 local_eval_batch, eval_batches, preemption):
+                 local_eval_batch, eval_batches, preemption, example_counts):
+        self.example_counts = example_counts  # SFT: conversations truncated / dropped so far
         self.cfg, self.train_step, self.eval_step = cfg, train_step, eval_step
         self.ckpt, self.writer, self.mesh = ckpt, writer, mesh
         self.token_bytes, self.local_eval_batch = token_bytes, local_eval_batch
@@ -386,12 +432,31 @@ class _Loop:
         self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.model.max_len)
         self.peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
 
-    def evaluate(self, state, step: int) -> dict[str, float]:
+    def _early_stopping_state(self, start: int):
+        """(best, best step, evaluations without improvement), replayed from metrics.jsonl so a
+        resumed run keeps counting where it stopped."""
+        e = self.cfg.eval
+        if not e.early_stop_by or not start:
+            return None, 0, 0
+        lines = [r for r in metrics_lib.read_metrics(os.path.dirname(self.writer.path))
+                 if r.get("split") == "early_stopping" and r["step"] <= start]
+        state = np.array([np.nan, 0, 0], np.float64)
+        if lines:
+            last = lines[-1]
+            state[:] = (last[f"best_{e.early_stop_by}"], last["best_step"],
+                        last["evals_without_improvement"])
+        if jax.process_count() > 1:  # process 0 has the metrics file; all must agree
+            state = multihost_utils.broadcast_one_to_all(state)
+        best = None if np.isnan(state[0]) else float(state[0])
+        return best, int(state[1]), int(state[2])
+
+    def evaluate(self, state, step: int, write: bool = True) -> dict[str, float]:
         result = evaluate(self.eval_step, state["params"], self.eval_batches(),
                           max_steps=self.cfg.eval.steps, local_batch=self.local_eval_batch,
                           max_len=self.cfg.model.max_len, mesh=self.mesh,
                           token_bytes=self.token_bytes)
-        self.writer.write(step, result, split="validation")
+        if write:
+            self.writer.write(step, result, split="validation")
         return result
 
     def log(self, step: int, metrics, elapsed: float, steps_done: int) -> None:
@@ -403,13 +468,23 @@ class _Loop:
                 self.flops_per_token * tokens_per_sec / jax.device_count() / 1e12)
             if self.peak:
                 metrics["mfu"] = metrics["tflops_per_sec_per_device"] / self.peak
+        if self.cfg.task == "sft":
+            metrics["sft_truncated"] = self.example_counts["truncated"]
+            metrics["sft_dropped"] = self.example_counts["dropped"]
         self.writer.write(step, metrics)
 
     def check_finite(self, step: int, metrics, skipped_before: int) -> int:
-        """Stops the run (optimizer.on_nonfinite=stop) when a step's gradients were not finite.
+        """Stops the run (optimizer.on_nonfinite=stop) when a step's gradients were not finite,
+        and always when a step had no tokens to learn from (an empty loss mask is a data
+        problem, never a silent zero loss).
 
-        Reads the previous step's counter, so the device is never left idle waiting."""
-        skipped = int(jax.device_get(metrics["nonfinite_steps"]))
+        Reads the previous step's values, so the device is never left idle waiting."""
+        skipped, tokens = jax.device_get((metrics["nonfinite_steps"], metrics["loss_tokens"]))
+        skipped = int(skipped)
+        if float(tokens) == 0:  # (NaN weights are the non-finite case below, not this one)
+            raise UserError(
+                f"step {step}: the batch has no tokens to learn from (every loss weight is 0); "
+                "check the data and data.loss_on (SFT learns only assistant turns).")
         if skipped > skipped_before:
             logging.warning("Step %d: non-finite loss or gradients; the update was skipped "
                             "(%d so far).", step, skipped)
@@ -421,10 +496,30 @@ class _Loop:
                     f"{self.ckpt.latest_step()}.")
         return skipped
 
+    def early_stop(self, step: int, result: dict) -> bool:
+        """True when eval.early_stop_by has not improved for eval.patience evaluations."""
+        e = self.cfg.eval
+        if not e.early_stop_by:
+            return False
+        value = result[e.early_stop_by]
+        sign = 1.0 if e.early_stop_mode == "min" else -1.0
+        if self.best is None or sign * (self.best - value) > e.min_delta:
+            self.best, self.best_step, self.stale = value, step, 0
+        else:
+            self.stale += 1
+        self.writer.write(step, {f"best_{e.early_stop_by}": self.best, "best_step": self.best_step,
+                                 "evals_without_improvement": self.stale}, split="early_stopping")
+        return self.stale >= e.patience
+
     def run(self, state, train_batches) -> dict[str, float]:
         cfg = self.cfg
         start, steps = int(jax.device_get(state["step"])), cfg.steps
         final: dict[str, float] = {}
+        self.best, self.best_step, self.stale = self._early_stopping_state(start)
+        if self.stale >= cfg.eval.patience:
+            logging.info("This run already stopped early at step %d; evaluating it.", start)
+            return {**self.evaluate(state, start, write=False), "early_stopped": True,
+                    "step": start}
         bar = tqdm.tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True,
                         disable=jax.process_index() != 0 or not sys.stderr.isatty())
         last_time, last_step = time.perf_counter(), start
@@ -444,12 +539,14 @@ class _Loop:
                 self.log(step, metrics, now - last_time, step - last_step)
                 last_time, last_step = now, step
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-            evaluated = None
+            evaluated, stop_early = None, False
             if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == steps:
                 evaluated = final = self.evaluate(state, step)
+                stop_early = self.early_stop(step, evaluated)
                 last_time = time.perf_counter()  # keep eval time out of tokens/s
             preempted = self.preemption.reached(step)
-            if step % cfg.checkpoint.every_steps == 0 or step == steps or preempted:
+            if (step % cfg.checkpoint.every_steps == 0 or step == steps or preempted
+                    or stop_early):
                 skipped = self.check_finite(step, metrics, skipped)
                 self.ckpt.save(step, state, train_batches, metrics=evaluated)
             if preempted:
@@ -458,8 +555,14 @@ class _Loop:
                                 "command to resume.", step)
                 bar.close()
                 return {**final, "preempted": True, "step": step}
+            if stop_early:
+                logging.warning("Early stopping at step %d: validation %s has not improved for %d "
+                                "evaluations (best %.4g at step %d).", step, cfg.eval.early_stop_by,
+                                cfg.eval.patience, self.best, self.best_step)
+                bar.close()
+                return {**final, "early_stopped": True, "step": step}
         bar.close()
         if start >= steps:
             logging.info("Already trained for %d steps; evaluating the final checkpoint.", steps)
-            final = self.evaluate(state, start)
+            final = self.evaluate(state, start, write=False)
         return final

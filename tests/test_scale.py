@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TEST_XLA_FLAGS
 from t5x_like import metrics as metrics_lib
 
 TINY = ["--config=configs/base.py", "--config.model.hidden_dim=32", "--config.model.num_layers=2",
@@ -20,7 +20,8 @@ TINY = ["--config=configs/base.py", "--config.model.hidden_dim=32", "--config.mo
 
 
 def env(devices):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    return {**os.environ,
+            "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
             "DEVICES_PER_PROCESS": str(devices),
             "JAX_COMPILATION_CACHE_DIR": "/tmp/t5x_like_test_jax_cache",
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}

@@ -133,3 +133,20 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_cfg):
             return out
 
     np.testing.assert_allclose(losses(4), losses(1), rtol=1e-5)
+
+
+def test_early_stopping_stops_and_stays_stopped(tiny_cfg, tmp_path):
+    tiny_cfg.steps = 20
+    tiny_cfg.log_every_steps = 1
+    tiny_cfg.optimizer.update(dict(lr=1e-12, schedule="constant", warmup_steps=0))
+    tiny_cfg.eval.update(dict(every_steps=1, early_stop_by="loss", patience=2, min_delta=1e-3))
+    tiny_cfg.checkpoint.every_steps = 100
+    result = trainer.train_and_evaluate(tiny_cfg, str(tmp_path))
+    assert result["early_stopped"] and result["step"] == 3  # best at 1, no gain at 2 and 3
+    stops = records(tmp_path, "early_stopping")
+    assert [(r["step"], r["evals_without_improvement"]) for r in stops] == [(1, 0), (2, 1), (3, 2)]
+    assert stops[-1]["best_step"] == 1
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]  # saved where it stopped
+    again = trainer.train_and_evaluate(tiny_cfg, str(tmp_path))  # a rerun does not train on
+    assert again["early_stopped"] and again["step"] == 3
+    assert len(records(tmp_path, "train")) == len(records(tmp_path, "validation")) == 3

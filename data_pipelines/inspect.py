@@ -1,0 +1,79 @@
+"""See examples as the model sees them, with the tokens that carry loss marked:
+`python -m data_pipelines.inspect --config=configs/sft_chat.py --n=3 [--split=validation]`.
+
+Examples are prepared and encoded exactly as training does (same source, tokenizer, chat
+template, loss mask and long-conversation policy). Tokens the loss learns from are green in a
+terminal and wrapped in [[...]] otherwise; the rest is shown plain. Each example ends with its
+token count, learned-token count, and whether it is longer than model.max_len (training would
+cut it into pieces).
+"""
+
+import collections
+import os
+import sys
+
+from absl import flags
+
+GREEN, RESET = "\033[32m", "\033[0m"
+
+
+def show(tokenizer, tokens, weights, color: bool) -> str:
+    """Runs of tokens with the same weight, decoded; learned runs marked."""
+    out, start = [], 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or bool(weights[i]) != bool(weights[start]):
+            text = tokenizer.sp.decode([int(t) for t in tokens[start:i]])
+            if weights[start]:
+                text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+            out.append(text)
+            start = i
+    return "".join(out)
+
+
+def main(argv):
+    del argv
+    from data_pipelines import tokenizer as tokenizer_lib
+    from t5x_like import config as config_lib, trainer
+
+    f = flags.FLAGS
+    cfg = f.config
+    config_lib.validate(cfg)
+    workdir = os.path.abspath(f.workdir)
+    if cfg.init_from:
+        from t5x_like import checkpoints
+
+        cfg = trainer._inherit_tokenizer(cfg, checkpoints.locate(cfg.init_from)[0])
+    prepared = trainer.prepare_data(cfg, workdir)
+    tok = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
+    counts = collections.Counter()
+    encode = trainer.example_encoder(cfg, tok, prepared.text_field, counts)
+    split = cfg.data.train_split if f.split == "train" else cfg.data.eval_split
+    source = prepared.data_source(split, kind=trainer.TASK_KINDS[cfg.task])
+    color = f.color == "always" or (f.color == "auto" and sys.stdout.isatty())
+    for i in range(min(f.n, len(source))):
+        example = encode(source[i])
+        tokens, weights = example["tokens"], example["weights"]
+        print(f"--- {split} example {i} ---")
+        if len(tokens) == 0:
+            print("(dropped: longer than model.max_len under data.on_long=drop/truncate)")
+            continue
+        print(show(tok, tokens, weights, color))
+        longer = len(tokens) - 1 > cfg.model.max_len
+        print(f"--- {len(tokens)} tokens, {int(weights.sum())} with loss"
+              f"{f', longer than model.max_len={cfg.model.max_len}' if longer else ''} ---")
+    if counts:
+        print(f"long conversations so far: {dict(counts)}")
+
+
+if __name__ == "__main__":  # flags are defined only when run as a program (modules import freely)
+    from ml_collections import config_flags
+
+    from t5x_like import cli
+
+    config_flags.DEFINE_config_file("config", None, "Job config file (configs/*.py).")
+    flags.DEFINE_integer("n", 3, "Examples to print.")
+    flags.DEFINE_enum("split", "train", ["train", "validation"], "Which split.")
+    flags.DEFINE_string("workdir", "runs/inspect", "Where the source is prepared (its data/ "
+                        "folder), unless data.cache_dir is set.")
+    flags.DEFINE_enum("color", "auto", ["auto", "always", "never"], "Green loss tokens.")
+    cli.run(main)

@@ -1,0 +1,711 @@
+"""Hugging Face interop: import Llama-family checkpoints to fine-tune, export trained models.
+
+    python -m t5x_like.hf import --hf_dir=<dir> --out=<model dir> [--tokenizer=<.model>]
+    python -m t5x_like.hf export --workdir=<run or model dir> --out=<dir> [--step=N]
+                                 [--dtype=bfloat16]
+
+Import reads a Hugging Face model folder (config.json, model.safetensors or the shards listed in
+model.safetensors.index.json, tokenizer.model) and writes a *model directory*: the layout of a
+run's workdir with parameters only, which `runs.load` (sample, evaluate, serve) and
+`--config.init_from` read like any run:
+
+    <out>/config.json               a complete t5x_like config: configs/base.py defaults, with
+                                    the model section taken from the HF config
+    <out>/tokenizer.model           the model's SentencePiece tokenizer, made chat-ready (below)
+    <out>/checkpoints/0/params      the parameters (Orbax, as t5x_like.checkpoints writes them)
+
+model.max_len is the HF max_position_embeddings capped at 2048 (--max_len to choose). Import
+prints the --config.model.* flags that make a fine-tuning recipe build this same model, which
+init_from requires.
+
+Supported: LlamaForCausalLM, and Mistral / Qwen2 models of the same shape (grouped-query
+attention, RoPE theta, "linear" and "llama3" RoPE scaling, tied or untied embeddings, RMSNorm
+epsilon, attention and MLP biases). Anything else (another architecture, activation, RoPE type,
+a sliding window shorter than the sequence, quantized weights) stops with a sentence naming it.
+Tensors are read one at a time with the `safetensors` library (bfloat16, float16 or float32)
+and written straight into preallocated float32 arrays stacked over layers, so reading never
+holds a weight twice (Orbax's save then keeps about one more host copy while it writes).
+Nothing is ever downloaded.
+
+The tokenizer. A published Llama-style tokenizer.model has its own special ids (unk 0, bos 1,
+eos 2), usually no pad id, and none of the chat markers of data_pipelines/chat_template.py; fine-
+tuning needs both. Import appends what is missing to the SentencePiece model: each marker as a
+user-defined piece (always one token) and a `<pad>` control piece. It does so by appending
+encoded protobuf fields to the serialized model (a parser concatenates a repeated field's
+entries wherever they appear), so no generated protobuf module is imported, whose version can
+clash with the installed protobuf runtime. data_pipelines.tokenizer reads the special ids from
+the model, so imported and t5x_like-trained tokenizers work alike everywhere.
+
+The vocabulary. The new pieces' ids follow the tokenizer's own; their embedding and output rows
+start as the mean of the existing rows: a neutral input, and logits that neither favour nor rule
+out the new tokens until fine-tuning teaches them. (Where the HF embedding has more rows than
+the tokenizer has pieces, no piece maps to those rows, and the new pieces take the first of
+them.) Every other HF row is kept exactly; the embedding is padded to model.vocab_multiple as in every
+t5x_like model, and model.unpadded_vocab_size masks the padding rows' logits, so they are never
+predicted or sampled. Export slices the padding off again: to unpadded_vocab_size, or to the
+tokenizer's size for a model trained here.
+
+Export writes config.json and model.safetensors in the layout of transformers'
+LlamaForCausalLM (Qwen2ForCausalLM for a model with query/key/value biases only), plus the
+tokenizer (tokenizer.model, tokenizer_config.json, special_tokens_map.json) and
+generation_config.json. The safetensors file is written tensor by tensor, as it is converted.
+Import followed by export gives back the same tensors (with rows appended for any tokenizer
+pieces import added).
+"""
+
+import json
+import math
+import os
+import runpy
+import shutil
+import struct
+import sys
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import sentencepiece as spm
+import tqdm
+from absl import flags, logging
+from safetensors import safe_open
+
+from data_pipelines import chat_template
+from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like import checkpoints, cli, config as config_lib, model, partitioning, runs
+from t5x_like.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# The mapping tables: every t5x_like parameter and the HF tensor it corresponds to.
+#
+# How each is stored in HF:
+#   "vector"  same values, HF flat [n] <-> ours [..] (norm scales, biases)
+#   int k     an nn.Linear weight [out, in]; ours is [in..., out...] with k input dimensions
+#   "rows"    the input embedding [V, d]; ours has padding rows after V
+#   "cols"    lm_head [V, d]; ours is its transpose [d, V] with padding columns after V
+# RoPE needs no permutation: HF Llama's rotate_half pairs the two halves of each head, as
+# model.apply_rope does.
+
+LAYER_TENSORS: dict[str, tuple[str, Any]] = {  # under "model.layers.{i}."
+    "attn_norm": ("input_layernorm.weight", "vector"),
+    "wq": ("self_attn.q_proj.weight", 1),
+    "wk": ("self_attn.k_proj.weight", 1),
+    "wv": ("self_attn.v_proj.weight", 1),
+    "wo": ("self_attn.o_proj.weight", 2),
+    "q_bias": ("self_attn.q_proj.bias", "vector"),
+    "k_bias": ("self_attn.k_proj.bias", "vector"),
+    "v_bias": ("self_attn.v_proj.bias", "vector"),
+    "o_bias": ("self_attn.o_proj.bias", "vector"),
+    "mlp_norm": ("post_attention_layernorm.weight", "vector"),
+    "w_gate": ("mlp.gate_proj.weight", 1),
+    "w_up": ("mlp.up_proj.weight", 1),
+    "w_down": ("mlp.down_proj.weight", 1),
+    "gate_bias": ("mlp.gate_proj.bias", "vector"),
+    "up_bias": ("mlp.up_proj.bias", "vector"),
+    "down_bias": ("mlp.down_proj.bias", "vector"),
+}
+TOP_TENSORS: dict[str, tuple[str, Any]] = {
+    "embed": ("model.embed_tokens.weight", "rows"),
+    "final_norm": ("model.norm.weight", "vector"),
+    "lm_head": ("lm_head.weight", "cols"),
+}
+# Buffers some checkpoints carry that are recomputed, not learned.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                 "Qwen2ForCausalLM": "qwen2"}
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+DEFAULT_MAX_LEN = 2048  # import's model.max_len cap: the sequence length sample/train use
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jax.numpy.bfloat16}
+
+
+def hf_name(param: str, layer: int | None = None) -> str:
+    if layer is None:
+        return TOP_TENSORS[param][0]
+    return f"model.layers.{layer}.{LAYER_TENSORS[param][0]}"
+
+
+def _hf_shape(kind, shape: tuple[int, ...], vocab: int) -> tuple[int, ...]:
+    """The HF tensor's shape for one of our (per-layer) parameter shapes."""
+    if kind == "vector":
+        return (math.prod(shape),)
+    if kind == "rows":
+        return (vocab, shape[1])
+    if kind == "cols":
+        return (vocab, shape[0])
+    return (math.prod(shape[kind:]), math.prod(shape[:kind]))
+
+
+def to_hf(kind, ours: np.ndarray, vocab: int) -> np.ndarray:
+    """One of our (per-layer) parameters in HF layout; embeddings sliced to `vocab` rows."""
+    if kind == "vector":
+        return ours.reshape(-1)
+    if kind == "rows":
+        return ours[:vocab]
+    if kind == "cols":
+        return ours[:, :vocab].T
+    return ours.reshape(math.prod(ours.shape[:kind]), -1).T
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; point --hf_dir at a Hugging Face model folder "
+                        "(config.json and *.safetensors).")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore the file.") from None
+
+
+def model_config_from_hf(hf: dict, path: str, max_len: int = 0) -> dict[str, Any]:
+    """The t5x_like model keys for an HF config (vocab keys excepted); UserError if unsupported."""
+    def need(key):
+        if hf.get(key) is None:
+            raise UserError(f"{path} has no '{key}'; is it the config of a causal language model?")
+        return hf[key]
+
+    arch = (hf.get("architectures") or [None])[0]
+    kind = ARCHITECTURES.get(arch) if arch else hf.get("model_type")
+    if kind not in ARCHITECTURES.values():
+        raise UserError(f"{path}: architecture {arch or hf.get('model_type')!r} is not supported; "
+                        f"t5x_like imports {', '.join(ARCHITECTURES)}.")
+    if hf.get("quantization_config"):
+        raise UserError(f"{path}: 'quantization_config' is not supported (t5x_like imports float "
+                        "weights); use the unquantized release of the model.")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported; t5x_like's "
+                        "MLP is SwiGLU (silu).")
+    heads = need("num_attention_heads")
+    hidden = need("hidden_size")
+    positions = hf.get("max_position_embeddings") or DEFAULT_MAX_LEN
+    max_len = max_len or min(positions, DEFAULT_MAX_LEN)
+    out = {
+        "hidden_dim": hidden, "num_layers": need("num_hidden_layers"), "num_heads": heads,
+        "num_kv_heads": hf.get("num_key_value_heads") or heads,
+        "head_dim": hf.get("head_dim") or hidden // heads, "mlp_dim": need("intermediate_size"),
+        "max_len": max_len, "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "attn_qkv_bias": kind == "qwen2" or (kind == "llama" and bool(hf.get("attention_bias"))),
+        "attn_out_bias": kind == "llama" and bool(hf.get("attention_bias")),
+        "mlp_bias": kind == "llama" and bool(hf.get("mlp_bias")),
+    }
+    window = hf.get("sliding_window")
+    uses_window = hf.get("use_sliding_window", kind == "mistral")
+    if uses_window and window is not None and window < max_len:
+        raise UserError(f"{path}: sliding_window {window} is shorter than the sequence length "
+                        f"{max_len} and t5x_like attends to the whole sequence; import with "
+                        f"--max_len={window} or less.")
+    out.update(_rope_from_hf(hf, path, positions))
+    return out
+
+
+def _rope_from_hf(hf: dict, path: str, positions: int) -> dict[str, Any]:
+    """RoPE keys from either the transformers 5 `rope_parameters` or the older `rope_theta` +
+    `rope_scaling` form."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    if any(isinstance(v, dict) for v in params.values()):
+        raise UserError(f"{path}: per-layer rope_parameters are not supported; t5x_like uses one "
+                        "RoPE for every layer.")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        raise UserError(f"{path}: rope_scaling type {rope_type!r} is not supported; t5x_like "
+                        f"supports {', '.join(ROPE_TYPES)}.")
+    partial = params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0
+    if partial != 1.0:
+        raise UserError(f"{path}: partial_rotary_factor {partial} is not supported; t5x_like "
+                        "rotates the whole head.")
+    out = {"rope_theta": float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0),
+           "rope_scaling": ROPE_TYPES[rope_type]}
+    if rope_type != "default":
+        out["rope_scaling_factor"] = float(params.get("factor", 1.0))
+    if rope_type == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor"):
+            if key not in params:
+                raise UserError(f"{path}: llama3 RoPE scaling needs '{key}'; restore the file.")
+        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_max_len=int(params.get("original_max_position_embeddings")
+                                             or positions))
+    return out
+
+
+def hf_config(m, vocab: int, tok: tokenizer_lib.Tokenizer, dtype: str) -> dict[str, Any]:
+    """The transformers config.json for a t5x_like model config `m` with `vocab` rows."""
+    qwen2 = m.attn_qkv_bias and not m.attn_out_bias and not m.mlp_bias
+    out = {
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
+        "vocab_size": vocab, "hidden_size": m.hidden_dim, "intermediate_size": m.mlp_dim,
+        "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.num_kv_heads, "head_dim": config_lib.head_dim(m),
+        "hidden_act": "silu", "max_position_embeddings": m.max_len, "rms_norm_eps": m.norm_eps,
+        # The pre-transformers-5 form: older versions read it, newer ones convert it.
+        "rope_theta": m.rope_theta, "rope_scaling": None,
+        "tie_word_embeddings": m.tie_embeddings, "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "torch_dtype": dtype,
+        "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True,
+    }
+    if m.rope_scaling == "linear":
+        out["rope_scaling"] = {"rope_type": "linear", "factor": m.rope_scaling_factor}
+    elif m.rope_scaling == "llama3":
+        out["rope_scaling"] = {
+            "rope_type": "llama3", "factor": m.rope_scaling_factor,
+            "low_freq_factor": m.rope_low_freq_factor,
+            "high_freq_factor": m.rope_high_freq_factor,
+            "original_max_position_embeddings": m.rope_original_max_len}
+    if qwen2:
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
+    else:
+        out.update(attention_bias=bool(m.attn_qkv_bias or m.attn_out_bias),
+                   mlp_bias=bool(m.mlp_bias), pretraining_tp=1)
+    return out
+
+
+def _base_config() -> ml_collections.ConfigDict:
+    """configs/base.py's defaults: the project's one place for them."""
+    try:
+        from configs import base
+        return base.get_config()
+    except ImportError:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "configs", "base.py")
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing; run t5x_like.hf from a t5x_like checkout.")
+        return runpy.run_path(path)["get_config"]()
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer: appending what fine-tuning needs to a SentencePiece model.
+
+_CONTROL, _USER_DEFINED = 3, 4  # ModelProto.SentencePiece.Type
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:  # a length-delimited protobuf field
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _piece(text: str, kind: int) -> bytes:
+    """ModelProto.pieces (1) += SentencePiece{piece (1), score (2) = 0, type (3)}."""
+    body = _field(1, text.encode("utf-8")) + _varint(2 << 3 | 5) + struct.pack("<f", 0.0)
+    return _field(1, body + _varint(3 << 3) + _varint(kind))
+
+
+def chat_ready_tokenizer(proto: bytes, path: str) -> tuple[bytes, list[str]]:
+    """Appends the missing chat markers and a pad piece to a serialized SentencePiece model.
+
+    Returns the new model and the added pieces, whose ids follow the existing ones in order.
+    """
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load_from_serialized_proto(proto)
+    except RuntimeError as e:
+        raise UserError(f"{path} is not a SentencePiece model ({e}); pass the model's "
+                        "tokenizer.model with --tokenizer.") from None
+    if sp.bos_id() < 0 or sp.eos_id() < 0:
+        raise UserError(f"{path} has no bos or eos piece, which t5x_like needs to mark documents; "
+                        "use a tokenizer that has both.")
+    added = [m for m in chat_template.MARKERS if sp.piece_to_id(m) == sp.unk_id()]
+    extra = b"".join(_piece(m, _USER_DEFINED) for m in added)
+    if sp.pad_id() < 0:
+        pad = next(p for p in ("<pad>", "<|pad|>", "<|t5x_like_pad|>")
+                   if sp.piece_to_id(p) == sp.unk_id())  # a name no piece has yet
+        pad_id = sp.get_piece_size() + len(added)
+        # TrainerSpec (ModelProto field 2): pad_id (43), pad_piece (48); merged into the original.
+        extra += _piece(pad, _CONTROL) + _field(2, _varint(43 << 3) + _varint(pad_id)
+                                                + _field(48, pad.encode("utf-8")))
+        added.append(pad)
+    new = proto + extra
+    check = spm.SentencePieceProcessor()
+    check.load_from_serialized_proto(new)
+    assert check.get_piece_size() == sp.get_piece_size() + len(added), "pieces not appended"
+    assert check.pad_id() >= 0 and all(check.piece_to_id(m) != check.unk_id()
+                                       for m in chat_template.MARKERS)
+    return new, added
+
+
+# ---------------------------------------------------------------------------------------------
+# Import.
+
+
+def _weight_files(hf_dir: str) -> list[str]:
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index} has no 'weight_map'; restore the file from the model's "
+                            "release.")
+        files = [os.path.join(hf_dir, f) for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(os.path.join(hf_dir, f) for f in os.listdir(hf_dir)
+                       if f.endswith(".safetensors"))
+    if not files:
+        raise UserError(f"{hf_dir} has no *.safetensors weights; save the model with "
+                        "safe_serialization=True (pytorch_model.bin is not read).")
+    for f in files:
+        if not os.path.isfile(f):
+            raise UserError(f"{f} is listed in {index} but missing; download every shard.")
+    return files
+
+
+def _targets(abstract: dict) -> dict[str, tuple[tuple, Any, tuple]]:
+    """HF tensor name -> (where in our params: (top name,) or ("layers", name, i), kind, shape)."""
+    out = {}
+    for name, (_, kind) in TOP_TENSORS.items():
+        if name in abstract:
+            out[hf_name(name)] = ((name,), kind, abstract[name].shape)
+    for name, leaf in abstract["layers"].items():
+        for i in range(leaf.shape[0]):
+            out[hf_name(name, i)] = (("layers", name, i), LAYER_TENSORS[name][1], leaf.shape[1:])
+    return out
+
+
+def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool) -> dict:
+    """Reads every tensor once into preallocated float32 arrays in our layout (numpy).
+
+    Embedding rows past `hf_vocab` (added pieces and padding) are left zero for the caller.
+    """
+    params = jax.tree.map(lambda a: np.empty(a.shape, np.float32), abstract)
+    for name in ("embed", "lm_head"):
+        if name in params:
+            params[name] = np.zeros(abstract[name].shape, np.float32)  # rows past hf_vocab
+    targets = _targets(abstract)
+    ignored = {hf_name("lm_head")} if tied else set()  # some tied checkpoints still hold it
+    seen: set[str] = set()
+    bar = tqdm.tqdm(total=len(targets), desc="import", disable=not sys.stderr.isatty())
+    for path in files:
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():
+                if key in ignored or key.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if key not in targets:
+                    raise UserError(f"{path} holds tensor {key!r}, which a model with this "
+                                    "config.json does not have; check that the config belongs "
+                                    "to these weights.")
+                where, kind, shape = targets[key]
+                dtype = f.get_slice(key).get_dtype()
+                if dtype not in _DTYPES:
+                    raise UserError(f"{path}: tensor {key!r} is {dtype}; t5x_like imports "
+                                    f"{', '.join(_DTYPES)} weights.")
+                value = f.get_tensor(key)
+                want = _hf_shape(kind, shape, hf_vocab)
+                if tuple(value.shape) != want:
+                    raise UserError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, but "
+                                    f"config.json implies {want}; check that they belong together.")
+                dst = params[where[0]] if len(where) == 1 else params["layers"][where[1]][where[2]]
+                _assign(kind, dst, value)
+                seen.add(key)
+                bar.update(1)
+    bar.close()
+    missing = [k for k in targets if k not in seen]
+    if missing:
+        raise UserError(f"tensor {missing[0]!r} (and {len(missing) - 1} more) is missing from "
+                        f"{', '.join(files)}; are all shards there and does config.json match?")
+    return params
+
+
+def _assign(kind, dst: np.ndarray, hf: np.ndarray) -> None:
+    """Writes an HF tensor into our (contiguous) array in place, converting to float32."""
+    if kind == "rows":
+        dst[:len(hf)] = hf
+    elif kind == "cols":
+        dst[:, :len(hf)] = hf.T
+    elif kind == "vector":
+        dst.reshape(-1)[...] = hf
+    else:  # through a 2-D view of dst: no reshaped copy of the transposed tensor
+        dst.reshape(math.prod(dst.shape[:kind]), -1)[...] = hf.T
+
+
+def _init_new_rows(params: dict, first: int, last: int, known: int) -> None:
+    """Rows [first, last) (added tokenizer pieces) start as the mean of the rows [0, known)."""
+    if last <= first:
+        return
+    params["embed"][first:last] = params["embed"][:known].mean(axis=0)
+    if "lm_head" in params:
+        params["lm_head"][:, first:last] = params["lm_head"][:, :known].mean(axis=1, keepdims=True)
+
+
+def _save_params(model_dir: str, params: dict, step: int = 0) -> None:
+    """A parameters-only checkpoint, in the layout t5x_like.checkpoints reads."""
+    # As jax.Arrays on the host CPU device (which adopts the numpy buffers without a copy):
+    # Orbax then holds one extra copy while writing, where numpy leaves cost it two.
+    cpu = jax.devices("cpu")[0]
+    params = jax.tree.map(lambda x: jax.device_put(x, cpu), params)
+    manager = ocp.CheckpointManager(checkpoints.checkpoint_dir(model_dir),
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    try:
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+
+
+class _Staging:
+    """Writes a folder under a temporary name and renames it into place only when complete."""
+
+    def __init__(self, out: str):
+        self.out = os.path.abspath(out)
+        if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
+            raise UserError(f"--out={out} already exists and is not empty; choose a new folder "
+                            "or delete it.")
+        self.tmp = f"{self.out}.tmp{os.getpid()}"
+
+    def __enter__(self) -> str:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            if os.path.isdir(self.out):
+                os.rmdir(self.out)  # empty, checked above
+            os.replace(self.tmp, self.out)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def import_model(hf_dir: str, out: str, *, tokenizer: str = "", max_len: int = 0) -> str:
+    """HF model folder -> t5x_like model directory `out` (see the module docstring)."""
+    staging = _Staging(out)  # checks --out before the (long) read
+    if not os.path.isdir(hf_dir):
+        raise UserError(f"--hf_dir={hf_dir} is not a folder; give the folder holding the HF "
+                        "model's config.json and *.safetensors.")
+    config_path = os.path.join(hf_dir, "config.json")
+    hf = _read_json(config_path)
+    model_keys = model_config_from_hf(hf, config_path, max_len)
+    hf_vocab = hf.get("vocab_size")
+    if not isinstance(hf_vocab, int) or hf_vocab <= 0:
+        raise UserError(f"{config_path} has no positive integer 'vocab_size'; restore the file.")
+    files = _weight_files(hf_dir)
+
+    tok_path = tokenizer or os.path.join(hf_dir, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        raise UserError(f"{tok_path} does not exist; t5x_like needs the model's SentencePiece "
+                        "tokenizer.model: pass it with --tokenizer=<path>.")
+    with open(tok_path, "rb") as f:
+        proto, added = chat_ready_tokenizer(f.read(), tok_path)
+    pieces_before = spm.SentencePieceProcessor(model_proto=proto).get_piece_size() - len(added)
+    if pieces_before > hf_vocab:
+        raise UserError(f"{tok_path} has {pieces_before} pieces but {config_path} has vocab_size "
+                        f"{hf_vocab}; pass the tokenizer that belongs to this model with "
+                        "--tokenizer.")
+    used = max(hf_vocab, pieces_before + len(added))
+
+    cfg = _base_config()
+    cfg.model.update(model_keys)
+    cfg.model.vocab_size = config_lib.padded_vocab_size(used, cfg.model.vocab_multiple)
+    cfg.model.unpadded_vocab_size = used
+    config_lib.validate(cfg)
+    cfg = config_lib.resolve(cfg, pieces_before + len(added))
+    _, abstract, _ = model.abstract_model(cfg.model, cfg.seed)
+    logging.info("Importing %s (%s parameters) from %s", hf.get("architectures"),
+                 f"{model.count_params(abstract):,}", hf_dir)
+
+    params = read_params(files, abstract, hf_vocab, cfg.model.tie_embeddings)
+    _init_new_rows(params, pieces_before, pieces_before + len(added), pieces_before)
+    if added:
+        logging.info("Added tokenizer pieces %s as ids %d..%d", added, pieces_before,
+                     pieces_before + len(added) - 1)
+    with staging as tmp:
+        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+            f.write(proto)
+        tokenizer_lib.Tokenizer(os.path.join(tmp, "tokenizer.model"))  # what every job checks
+        config_lib.save_json(cfg, os.path.join(tmp, "config.json"))
+        _save_params(tmp, params)
+    return os.path.abspath(out)
+
+
+# How a run trains (not which model it is): left to the fine-tuning recipe.
+_RUN_CHOICES = ("max_len", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
+                "vocab_multiple")
+
+
+def model_flags(model_dir: str) -> list[str]:
+    """The `--config.model.*` overrides that make any recipe build this model directory's model
+    (every key that defines the parameters or how they compute), for fine-tuning it with
+    --config.init_from, which requires the run's model to be the same."""
+    saved = config_lib.load_json(os.path.join(model_dir, "config.json")).model
+    derived = {"head_dim": saved.hidden_dim // saved.num_heads}
+    return [f"--config.model.{key}={saved[key]}" for key in sorted(saved)
+            if key not in _RUN_CHOICES and saved[key] != derived.get(key)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+
+_ST_DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", jax.numpy.bfloat16)}
+
+
+def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], Callable]],
+                      dtype: str) -> None:
+    """Writes (name, shape, make_value) tensors to a .safetensors file, each value made only
+    when it is written (the format: an 8-byte little-endian header length, a JSON header of
+    dtypes, shapes and byte offsets, then the raw data)."""
+    code, np_dtype = _ST_DTYPES[dtype]
+    itemsize = np.dtype(np_dtype).itemsize
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _ in tensors:
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": code, "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # keeps the data 8-byte aligned, as the library does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, make in tqdm.tqdm(tensors, desc="export",
+                                           disable=not sys.stderr.isatty()):
+            value = np.ascontiguousarray(make(), dtype=np_dtype)
+            assert value.shape == tuple(shape), (name, value.shape, shape)
+            f.write(memoryview(value.reshape(-1).view(np.uint8)))
+
+
+def _hf_tensors(params: dict, m, vocab: int) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
+    """(HF name, shape, producer) for every tensor of the export, in HF's usual order."""
+    def top(name, kind):
+        return lambda: to_hf(kind, np.asarray(params[name]), vocab)
+
+    def layer(name, i, kind):
+        return lambda: to_hf(kind, np.asarray(params["layers"][name][i]), vocab)
+
+    qwen2 = m.attn_qkv_bias and not m.attn_out_bias and not m.mlp_bias
+    yield hf_name("embed"), (vocab, m.hidden_dim), top("embed", "rows")
+    layers = params["layers"]
+    for i in range(m.num_layers):
+        for name, (_, kind) in LAYER_TENSORS.items():
+            if name in layers:
+                shape = _hf_shape(kind, layers[name].shape[1:], vocab)
+                yield hf_name(name, i), shape, layer(name, i, kind)
+            elif name.endswith("bias") and _hf_needs_bias(name, m, qwen2):
+                # LlamaForCausalLM has one attention_bias switch for q, k, v and o: a bias
+                # this model lacks is exported as zeros, which computes the same function.
+                size = (m.hidden_dim if name == "o_bias"
+                        else config_lib.head_dim(m) * (m.num_heads if name == "q_bias"
+                                                       else m.num_kv_heads))
+                yield hf_name(name, i), (size,), lambda size=size: np.zeros(size, np.float32)
+    yield hf_name("final_norm"), (m.hidden_dim,), top("final_norm", "vector")
+    if not m.tie_embeddings:
+        yield hf_name("lm_head"), (vocab, m.hidden_dim), top("lm_head", "cols")
+
+
+def _hf_needs_bias(name: str, m, qwen2: bool) -> bool:
+    if qwen2 or name in ("gate_bias", "up_bias", "down_bias"):
+        return False
+    return bool(m.attn_qkv_bias or m.attn_out_bias)
+
+
+def _tokenizer_files(tok: tokenizer_lib.Tokenizer, max_len: int) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json for transformers' AutoTokenizer."""
+    piece = tok.sp.id_to_piece
+    specials = {"bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
+                "unk_token": piece(tok.unk_id), "pad_token": piece(tok.pad_id)}
+    # A Llama-style model (a dummy-prefix space before the text) gets the class its original
+    # used; transformers' generic class reads the rest (t5x_like's own: no prefix, whitespace
+    # kept) from tokenizer.model's normalizer, and so tokenizes them exactly as we do.
+    llama_style = tok.sp.encode("x", out_type=str)[0].startswith("\u2581")
+    config = {
+        "tokenizer_class": "LlamaTokenizer" if llama_style else "TokenizersBackend", **specials,
+        "additional_special_tokens": list(chat_template.MARKERS),
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": max_len,
+        "clean_up_tokenization_spaces": False, "legacy": False,
+    }
+    return {"tokenizer_config.json": config,
+            "special_tokens_map.json": {**specials,
+                                        "additional_special_tokens": list(chat_template.MARKERS)}}
+
+
+def export_model(workdir: str, out: str, *, step: int | None = None,
+                 dtype: str = "float32") -> str:
+    """t5x_like run or model directory -> HF folder `out` (see the module docstring)."""
+    if dtype not in _ST_DTYPES:
+        raise UserError(f"--dtype={dtype} is not supported; choose {' or '.join(_ST_DTYPES)}.")
+    staging = _Staging(out)  # checks --out before the (long) restore
+    # Onto host memory: an accelerator need not hold the whole model.
+    host = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+    run = runs.load(workdir, step=step,
+                    mesh=partitioning.make_mesh(host, jax.devices("cpu")[:1]))
+    m, tok = run.cfg.model, run.tokenizer
+    vocab = m.unpadded_vocab_size or tok.vocab_size
+    if vocab < tok.vocab_size or vocab > m.vocab_size:
+        raise UserError(f"{workdir}/config.json: model.unpadded_vocab_size {vocab} does not fit "
+                        f"the tokenizer's {tok.vocab_size} pieces and model.vocab_size "
+                        f"{m.vocab_size}; restore the config the model was trained with.")
+    tensors = list(_hf_tensors(run.params, m, vocab))
+    logging.info("Exporting %s step %d (%d tensors, vocab %d) to %s", workdir, run.step,
+                 len(tensors), vocab, out)
+    with staging as tmp:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, dtype)
+        files = {"config.json": hf_config(m, vocab, tok, dtype),
+                 "generation_config.json": {"bos_token_id": tok.bos_id,
+                                            "eos_token_id": tok.eos_id,
+                                            "pad_token_id": tok.pad_id},
+                 **_tokenizer_files(tok, m.max_len)}
+        for name, content in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2)
+                f.write("\n")
+        shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.model"))
+    return os.path.abspath(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point.
+
+_USAGE = ("usage: python -m t5x_like.hf import --hf_dir=<dir> --out=<dir> | "
+          "python -m t5x_like.hf export --workdir=<dir> --out=<dir> [--step=N]")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the entry point: tests
+    import it beside other entry points whose flags share these names (--workdir, --out)."""
+    flags.DEFINE_string("hf_dir", None, "import: HF model folder (config.json, *.safetensors, "
+                        "tokenizer.model).")
+    flags.DEFINE_string("out", None, "The folder to write (must not exist or be empty).")
+    flags.DEFINE_string("tokenizer", "", "import: the SentencePiece model to use (default: "
+                        "<hf_dir>/tokenizer.model).")
+    flags.DEFINE_integer("max_len", 0, "import: model.max_len (default: the model's "
+                         f"max_position_embeddings, at most {DEFAULT_MAX_LEN}).")
+    flags.DEFINE_string("workdir", None, "export: the run or model directory.")
+    flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest).")
+    flags.DEFINE_string("dtype", "float32", "export: float32 or bfloat16 weights.")
+
+
+def main(argv):
+    f = flags.FLAGS
+    if len(argv) != 2 or argv[1] not in ("import", "export"):
+        raise UserError(f"expected one command, import or export, got {argv[1:]}; {_USAGE}")
+    if not f.out:
+        raise UserError(f"--out is required; {_USAGE}")
+    if argv[1] == "import":
+        if not f.hf_dir:
+            raise UserError(f"import needs --hf_dir; {_USAGE}")
+        path = import_model(f.hf_dir, f.out, tokenizer=f.tokenizer, max_len=f.max_len)
+        print(f"imported {f.hf_dir} -> {path}\nfine-tune it with: python -m t5x_like.train "
+              f"--config=<recipe> --workdir=<run> --config.init_from={path} "
+              + " ".join(model_flags(path)))
+    else:
+        if not f.workdir:
+            raise UserError(f"export needs --workdir; {_USAGE}")
+        path = export_model(f.workdir, f.out, step=f.step, dtype=f.dtype)
+        print(f"exported {f.workdir} -> {path}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -1,0 +1,474 @@
+"""Hugging Face interop, checked against transformers itself (CPU torch, the hf-test extra).
+
+Small random transformers models of several shapes are saved, imported and compared logit for
+logit; a trained t5x_like run is exported and loaded by transformers; import -> export returns
+the same tensors; unsupported inputs fail naming what is wrong.
+"""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+from safetensors import safe_open
+
+from conftest import ROOT
+from data_pipelines import chat_template
+from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like import config as config_lib
+from t5x_like import checkpoints, hf, model, partitioning, runs, trainer
+from t5x_like.errors import UserError
+
+TEXT = ["The quick brown fox jumps over the lazy dog.", "What is 12 + 30? It is 42.",
+        "Pack my box with five dozen liquor jugs!", "Sphinx of black quartz, judge my vow."]
+TOL = 1e-4  # max abs logit difference, float32
+_apply = jax.jit(model.apply, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(tmp_path_factory):
+    """A SentencePiece model with Llama's conventions: unk 0, bos 1, eos 2, no pad, no markers,
+    a dummy-prefix space, whitespace kept, digits split, byte fallback."""
+    path = tmp_path_factory.mktemp("llama_tok") / "tokenizer.model"
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT * 20), model_writer=buf, vocab_size=400, model_type="bpe",
+        byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        minloglevel=2)
+    path.write_bytes(buf.getvalue())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def t5x_tokenizer(tmp_path_factory):
+    """One trained the t5x_like way: it already has the chat markers and a pad id."""
+    path = tmp_path_factory.mktemp("t5x_tok") / "tokenizer.model"
+    return tokenizer_lib.train(TEXT * 20, str(path), vocab_size=400).path
+
+
+@pytest.fixture
+def sentencepiece_protobuf(monkeypatch):
+    """transformers reads tokenizer.model through sentencepiece's generated protobuf module,
+    which refuses to import under a protobuf runtime older than the one it was generated for
+    (apache-beam, beside this stack, pins protobuf<7); transformers ships an equivalent module
+    that works with any runtime, put in its place then."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2  # noqa: F401
+    except Exception:
+        from transformers.utils import sentencepiece_model_pb2_new
+
+        monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2",
+                            sentencepiece_model_pb2_new)
+        monkeypatch.setattr(spm, "sentencepiece_model_pb2", sentencepiece_model_pb2_new,
+                            raising=False)
+
+
+def pieces(path):
+    return spm.SentencePieceProcessor(model_file=path).get_piece_size()
+
+
+def save_hf_model(folder, cls, tokenizer, *, seed=0, dtype=torch.float32, shard=None, **kw):
+    """A random transformers model (all weights, norms and biases perturbed), saved to folder."""
+    torch.manual_seed(seed)
+    config = cls(**kw)
+    causal = {transformers.LlamaConfig: transformers.LlamaForCausalLM,
+              transformers.MistralConfig: transformers.MistralForCausalLM,
+              transformers.Qwen2Config: transformers.Qwen2ForCausalLM}[cls]
+    hf_model = causal(config).eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kwargs = {"max_shard_size": shard} if shard else {}
+    hf_model.to(dtype).save_pretrained(folder, **kwargs)
+    shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
+    return hf_model.float()  # bf16 -> f32 is exact: the same weights the import reads
+
+
+def hf_logits(hf_model, tokens):
+    with torch.no_grad():
+        return hf_model(torch.as_tensor(tokens)).logits.numpy()
+
+
+def our_logits(run, tokens):
+    return np.asarray(_apply(run.graphdef, run.params, jnp.asarray(tokens, jnp.int32)))
+
+
+def small(**kw):
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")
+    return {**base, **kw}
+
+
+CASES = {
+    "llama_gqa2_untied": (transformers.LlamaConfig, small(), {}),
+    "llama_mqa_tied_llama3_rope": (
+        transformers.LlamaConfig,
+        small(num_key_value_heads=1, tie_word_embeddings=True, rope_theta=500000.0,
+              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        {"rope_scaling": "llama3"}),
+    "llama_mha_biases_linear_rope_head_dim": (
+        transformers.LlamaConfig,
+        small(num_key_value_heads=4, head_dim=16, attention_bias=True, mlp_bias=True,
+              rms_norm_eps=1e-5, rope_theta=1000.0,
+              rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        {"attn_qkv_bias": True, "attn_out_bias": True, "mlp_bias": True, "head_dim": 16}),
+    "mistral_gqa4_extra_vocab_rows": (
+        transformers.MistralConfig,
+        small(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, rope_theta=1e6,
+              sliding_window=None, head_dim=8),
+        {"rope_theta": 1e6}),
+    "qwen2_qkv_bias_tied": (
+        transformers.Qwen2Config, small(tie_word_embeddings=True),
+        {"attn_qkv_bias": True, "attn_out_bias": False, "tie_embeddings": True}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_import_matches_transformers_and_exports_back(case, tmp_path, llama_tokenizer):
+    cls, kw, expect = CASES[case]
+    n = pieces(llama_tokenizer)
+    vocab = n + 7 if case.startswith("mistral") else n  # rows the tokenizer never produces
+    hf_model = save_hf_model(tmp_path / "hf", cls, llama_tokenizer, vocab_size=vocab, **kw)
+    out = hf.import_model(str(tmp_path / "hf"), str(tmp_path / "imported"))
+
+    run = runs.load(out)
+    m = run.cfg.model
+    for key, value in expect.items():
+        assert m[key] == value, key
+    added = len(chat_template.MARKERS) + 1  # the markers and a pad piece
+    assert run.tokenizer.vocab_size == n + added
+    assert m.unpadded_vocab_size == max(vocab, n + added) and m.vocab_size % 128 == 0
+
+    # Inputs among the tokenizer's pieces: HF rows past them are unused, and the added pieces
+    # take the first of those (with new values).
+    tokens = np.random.default_rng(0).integers(0, n, (2, 40))
+    want = hf_logits(hf_model, tokens)
+    got = our_logits(run, tokens)
+    assert np.abs(got[..., :n] - want[..., :n]).max() < TOL
+    if vocab > n + added:  # HF rows no piece maps to are kept as they were
+        assert np.abs(got[..., n + added:vocab] - want[..., n + added:vocab]).max() < TOL
+    assert (got[..., m.unpadded_vocab_size:] < -1e8).all()  # padding: never sampled
+    assert (got[..., :m.unpadded_vocab_size] > -1e3).all()
+
+    exported = hf.export_model(out, str(tmp_path / "exported"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        exported, attn_implementation="eager").eval()
+    assert back.config.vocab_size == m.unpadded_vocab_size
+    assert np.abs(hf_logits(back, tokens) - got[..., :m.unpadded_vocab_size]).max() < TOL
+
+
+def test_sharded_bfloat16_checkpoint(tmp_path, llama_tokenizer):
+    n = pieces(llama_tokenizer)
+    hf_model = save_hf_model(tmp_path / "hf", transformers.LlamaConfig, llama_tokenizer,
+                             dtype=torch.bfloat16, shard="30KB", vocab_size=n, **small())
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path / "hf") if f.endswith(".safetensors")]) > 2
+    run = runs.load(hf.import_model(str(tmp_path / "hf"), str(tmp_path / "imported")))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(run.params))
+    tokens = np.random.default_rng(1).integers(0, n, (2, 16))
+    diff = np.abs(our_logits(run, tokens)[..., :n] - hf_logits(hf_model, tokens)[..., :n])
+    assert diff.max() < TOL
+    # Exported back in bfloat16, every tensor is bit-identical to the original shards.
+    exported = hf.export_model(str(tmp_path / "imported"), str(tmp_path / "exported"),
+                               dtype="bfloat16")
+    original, again = read_tensors(tmp_path / "hf"), read_tensors(exported)
+    for name, value in original.items():
+        if name == "model.embed_tokens.weight" or name == "lm_head.weight":
+            value_again = again[name][:n]
+        else:
+            value_again = again[name]
+        assert value_again.dtype == value.dtype and np.array_equal(value_again, value), name
+
+
+def test_imported_model_restores_onto_a_sharded_mesh(tmp_path, llama_tokenizer):
+    # The biases carry logical axis names like every parameter: fsdp and tensor shard them.
+    n = pieces(llama_tokenizer)
+    save_hf_model(tmp_path / "hf", transformers.LlamaConfig, llama_tokenizer, vocab_size=n,
+                  **small(attention_bias=True, mlp_bias=True))
+    out = hf.import_model(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    mesh_cfg = ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = partitioning.make_mesh(mesh_cfg, jax.devices()[:8])
+    sharded, single = runs.load(out, mesh=mesh), runs.load(out)
+    spec = sharded.params["layers"]["q_bias"].sharding.spec
+    assert tuple(spec)[:2] == (None, "tensor")  # (layers, heads, head_dim)
+    tokens = np.random.default_rng(2).integers(0, n, (2, 16))
+    with jax.set_mesh(mesh):
+        got = our_logits(sharded, tokens)
+    np.testing.assert_allclose(got, our_logits(single, tokens), atol=1e-5)
+
+
+def read_tensors(folder):
+    out = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="numpy") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def test_round_trip_gives_identical_tensors(tmp_path, t5x_tokenizer, llama_tokenizer):
+    # A tokenizer that already has the markers and a pad id: nothing is added, every tensor
+    # and the vocabulary come back exactly.
+    n = pieces(t5x_tokenizer)
+    save_hf_model(tmp_path / "hf", transformers.Qwen2Config, t5x_tokenizer, vocab_size=n,
+                  **small())
+    hf.import_model(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    hf.export_model(str(tmp_path / "imported"), str(tmp_path / "exported"))
+    original, again = read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "exported")
+    assert sorted(original) == sorted(again)
+    for name in original:
+        assert again[name].dtype == original[name].dtype
+        assert np.array_equal(again[name], original[name]), name
+    assert ((tmp_path / "exported" / "tokenizer.model").read_bytes()
+            == (tmp_path / "hf" / "tokenizer.model").read_bytes())
+    a = json.loads((tmp_path / "hf" / "config.json").read_text())
+    b = json.loads((tmp_path / "exported" / "config.json").read_text())
+    for key in ("architectures", "vocab_size", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings"):
+        assert a[key] == b[key], key
+
+    # A Llama-style tokenizer gains the markers and a pad piece: their rows are appended (as
+    # the mean of the others), every original value is unchanged.
+    n = pieces(llama_tokenizer)
+    save_hf_model(tmp_path / "hf2", transformers.LlamaConfig, llama_tokenizer, vocab_size=n,
+                  **small())
+    hf.import_model(str(tmp_path / "hf2"), str(tmp_path / "imported2"))
+    hf.export_model(str(tmp_path / "imported2"), str(tmp_path / "exported2"))
+    original, again = read_tensors(tmp_path / "hf2"), read_tensors(tmp_path / "exported2")
+    assert sorted(original) == sorted(again)
+    added = len(chat_template.MARKERS) + 1
+    for name, value in original.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert again[name].shape == (n + added, value.shape[1])
+            assert np.array_equal(again[name][:n], value), name
+            np.testing.assert_allclose(again[name][n:], np.broadcast_to(
+                value.mean(axis=0), (added, value.shape[1])), rtol=1e-5, atol=1e-7)
+        else:
+            assert np.array_equal(again[name], value), name
+
+
+def test_imported_tokenizer_is_chat_ready(tmp_path, llama_tokenizer, sentencepiece_protobuf):
+    n = pieces(llama_tokenizer)
+    save_hf_model(tmp_path / "hf", transformers.LlamaConfig, llama_tokenizer, vocab_size=n,
+                  **small())
+    out = hf.import_model(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    tok = tokenizer_lib.Tokenizer(os.path.join(out, "tokenizer.model"))
+    original = spm.SentencePieceProcessor(model_file=llama_tokenizer)
+    assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)  # the model's own ids
+    assert tok.pad_id == n + len(chat_template.MARKERS)
+    assert sorted(tok.marker_ids.values()) == list(range(n, n + len(chat_template.MARKERS)))
+    for text in TEXT + ["naïve café 日本 🤖"]:
+        assert tok.encode(text) == original.encode(text)  # ordinary text: unchanged
+        assert tok.decode(tok.encode(text)) == text
+    for marker, i in tok.marker_ids.items():  # one token, wherever it appears
+        ids = tok.encode(f"x{marker}y")
+        assert ids.count(i) == 1 and all(t < n or t == i for t in ids)
+    # Special tokens stand for no bytes of text (bits per byte stays comparable).
+    table = tok.token_bytes()
+    assert all(table[i] == 0 for i in [tok.pad_id, tok.bos_id, tok.eos_id,
+                                       *tok.marker_ids.values()])
+    assert json.loads((tmp_path / "imported" / "config.json").read_text())["model"][
+        "unpadded_vocab_size"] == tok.vocab_size
+
+    # Exported, transformers' LlamaTokenizer reads it with the same ids for ordinary text (it
+    # differs from SentencePiece, as for Llama itself, before leading spaces and markers).
+    hf_tok = transformers.AutoTokenizer.from_pretrained(
+        hf.export_model(out, str(tmp_path / "exported")))
+    for text in TEXT + [f"hi {chat_template.USER} there{chat_template.END}"]:
+        assert hf_tok(text)["input_ids"] == [tok.bos_id, *tok.encode(text)], text
+    assert hf_tok.pad_token_id == tok.pad_id
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A t5x_like run directory after a few steps of trainer's own sharded train step."""
+    from configs import base
+
+    workdir = tmp_path_factory.mktemp("run")
+    tok = tokenizer_lib.train(TEXT * 20, str(workdir / "tokenizer.model"), vocab_size=400)
+    cfg = base.get_config()
+    cfg.model.update(dict(hidden_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                          max_len=32))
+    cfg.data.batch_size = 4
+    cfg.optimizer.update(dict(lr=1e-2, warmup_steps=1))
+    cfg = config_lib.resolve(cfg, tok.vocab_size)
+    config_lib.save_json(cfg, str(workdir / "config.json"))
+    T = cfg.model.max_len  # one document per row, padded
+    rows = np.full((len(TEXT), T + 1), tok.pad_id, np.int32)
+    for i, text in enumerate(TEXT):
+        ids = [tok.bos_id, *tok.encode(text), tok.eos_id][:T + 1]
+        rows[i, :len(ids)] = ids
+    real = rows != tok.pad_id
+    batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:],
+             "weights": real[:, 1:].astype(np.float32),
+             "segment_ids": real[:, :-1].astype(np.int32),
+             "positions": np.tile(np.arange(T, dtype=np.int32), (len(TEXT), 1))}
+    mesh = partitioning.make_mesh(cfg.mesh, jax.devices()[:1])
+    with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
+        spec = trainer.state_spec(cfg, mesh)
+        state = trainer.init_state(cfg, spec)
+        train_step, _ = trainer.compile_steps(cfg, spec, mesh)
+        losses = []
+        for _ in range(4):
+            state, metrics = train_step(state, trainer.global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+        assert losses[-1] < losses[0]
+        ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(str(workdir)),
+                                        async_save=False)
+        ckpt.save(4, state)
+        ckpt.close()
+    return str(workdir)
+
+
+def test_export_of_a_trained_run_loads_in_transformers(trained_run, tmp_path,
+                                                       sentencepiece_protobuf):
+    run = runs.load(trained_run)
+    tok = run.tokenizer
+    assert run.cfg.model.vocab_size > tok.vocab_size  # padded: export slices it back
+    out = hf.export_model(trained_run, str(tmp_path / "exported"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert back.config.vocab_size == tok.vocab_size
+    assert (back.config.bos_token_id, back.config.eos_token_id) == (tok.bos_id, tok.eos_id)
+    ids = [tok.bos_id, *tok.encode("What is 12 + 30? 42")]
+    tokens = np.asarray([ids, ids[::-1]])
+    ours = our_logits(run, tokens)[..., :tok.vocab_size]
+    assert np.abs(hf_logits(back.eval(), tokens) - ours).max() < TOL
+
+    # transformers' tokenizer gives the same ids from the exported tokenizer files.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in ["What is 12 + 30?", "  two  spaces\nand a line", "naïve 🤖",
+                 f"{chat_template.USER}hi{chat_template.END}"]:
+        assert hf_tok(text)["input_ids"] == [tok.bos_id, *tok.encode(text)], text
+        assert hf_tok.decode(hf_tok(text)["input_ids"], skip_special_tokens=False).endswith(text)
+    assert hf_tok.pad_token_id == tok.pad_id
+
+    # bfloat16 export: the same weights, rounded.
+    out16 = hf.export_model(trained_run, str(tmp_path / "exported16"), dtype="bfloat16")
+    a, b = read_tensors(out), read_tensors(out16)
+    for name in a:
+        assert b[name].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(b[name], a[name].astype(jnp.bfloat16))
+
+
+def test_old_run_configs_read_with_the_original_model(tmp_path):
+    saved = {"model": {"hidden_dim": 32, "vocab_size": 128}, "seed": 0}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg = config_lib.load_json(str(tmp_path / "config.json"))
+    assert cfg.model.unpadded_vocab_size == 0 and cfg.model.rope_scaling == "none"
+    assert not (cfg.model.attn_qkv_bias or cfg.model.attn_out_bias or cfg.model.mlp_bias)
+    from configs import base
+    defaults = base.get_config().model
+    assert {k: defaults[k] for k in config_lib.LATER_MODEL_KEYS} == config_lib.LATER_MODEL_KEYS
+
+
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def hf_dir(tmp_path, llama_tokenizer):
+    save_hf_model(tmp_path / "hf", transformers.LlamaConfig, llama_tokenizer,
+                  vocab_size=pieces(llama_tokenizer), **small())
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(architectures=["GemmaForCausalLM"], model_type="gemma"),
+     "architecture 'GemmaForCausalLM' is not supported"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+     "rope_scaling type 'yarn' is not supported"),
+    (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "dynamic", "factor": 2.0}),
+     "rope_scaling type 'dynamic' is not supported"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16),
+     "sliding_window 16 is shorter"),
+    (dict(quantization_config={"quant_method": "gptq"}), "'quantization_config' is not supported"),
+    (dict(intermediate_size=96), "has shape"),
+    (dict(num_hidden_layers=3), "is missing from"),
+    (dict(num_hidden_layers=1), "which a model with this config.json does not have"),
+    (dict(vocab_size=100), "pieces but"),
+])
+def test_unsupported_or_inconsistent_input_fails_naming_it(hf_dir, tmp_path, change, message):
+    _edit_config(hf_dir, **change)
+    with pytest.raises(UserError, match=message):
+        hf.import_model(str(hf_dir), str(tmp_path / "out"))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]  # nothing half-written
+
+
+def test_missing_files_fail_naming_them(hf_dir, tmp_path):
+    os.remove(hf_dir / "tokenizer.model")
+    with pytest.raises(UserError, match="tokenizer.model does not exist.*--tokenizer"):
+        hf.import_model(str(hf_dir), str(tmp_path / "out"))
+    os.remove(hf_dir / "model.safetensors")
+    with pytest.raises(UserError, match="has no \\*.safetensors"):
+        hf.import_model(str(hf_dir), str(tmp_path / "out"))
+    with pytest.raises(UserError, match="config.json does not exist"):
+        hf.import_model(str(tmp_path), str(tmp_path / "out"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    with pytest.raises(UserError, match="already exists"):
+        hf.export_model(str(tmp_path), str(tmp_path / "taken"))
+
+
+def test_command_line(hf_dir, tmp_path):
+    out = tmp_path / "imported"
+    result = subprocess.run(
+        [sys.executable, "-m", "t5x_like.hf", "import", f"--hf_dir={hf_dir}", f"--out={out}",
+         "--max_len=48"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["model"]["max_len"] == 48
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "tokenizer.model"]
+    assert os.listdir(out / "checkpoints") == ["0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "t5x_like.hf", "export", f"--workdir={out}",
+         f"--out={tmp_path / 'exported'}", "--dtype=float16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --dtype=float16")
+
+
+def _cli(*args):
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_fine_tune_an_imported_model_end_to_end(hf_dir, tmp_path, sentencepiece_protobuf):
+    """README's workflow: import -> fine-tune with init_from -> sample -> export -> transformers."""
+    model_dir, run_dir = tmp_path / "imported", tmp_path / "run"
+    printed = _cli("t5x_like.hf", "import", f"--hf_dir={hf_dir}", f"--out={model_dir}")
+    model_args = [a for a in printed.split() if a.startswith("--config.model.")]
+    _cli("t5x_like.train", "--config=configs/pretrain_tiny.py", f"--workdir={run_dir}",
+         f"--config.init_from={model_dir}", *model_args, "--config.steps=4",
+         "--config.model.max_len=32", "--config.model.dropout=0", "--config.data.batch_size=8",
+         "--config.data.synthetic_docs=200", "--config.checkpoint.every_steps=4",
+         "--config.eval.steps=1")
+    assert _cli("t5x_like.sample", f"--workdir={run_dir}", "--prompt=What is",
+                "--max_new_tokens=4").startswith("What is")
+    exported = _cli("t5x_like.hf", "export", f"--workdir={run_dir}",
+                    f"--out={tmp_path / 'exported'}")
+    assert "exported" in exported
+    run = runs.load(str(run_dir))
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "exported"), attn_implementation="eager").eval()
+    tokens = np.asarray([[run.tokenizer.bos_id, *run.tokenizer.encode("What is 1 + 2?")]])
+    vocab = run.cfg.model.unpadded_vocab_size
+    assert np.abs(hf_logits(back, tokens) - our_logits(run, tokens)[..., :vocab]).max() < TOL
