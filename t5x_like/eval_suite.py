@@ -194,7 +194,7 @@ def likelihood(run, records: list[dict], *, batch_size: int, loss_on: str = "ass
 def generation_task(run, t, *, batch_size: int, seed: int, data_dir: str
                     ) -> tuple[dict, list[dict]]:
     """Generates a reply to every example and scores them; returns (result, prediction rows)."""
-    gen = eval_tasks.generation_set(t.source, data_dir=data_dir, n=t.n, seed=seed)
+    gen = eval_tasks.generation_set(t.source, data_dir=data_dir, n=t.n)
     if not gen.examples:
         raise UserError(f"generation source {t.source!r} gave no examples.")
     sampling = decoding.Sampling(max_new_tokens=t.max_new_tokens, temperature=t.temperature,

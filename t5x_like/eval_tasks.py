@@ -62,10 +62,10 @@ class GenerationSet:
 # Generation.
 
 
-def generation_set(source: str, *, data_dir: str, n: int, seed: int = 0) -> GenerationSet:
+def generation_set(source: str, *, data_dir: str, n: int) -> GenerationSet:
     kind, _, rest = source.partition(":")
     if source == "synthetic:arithmetic":
-        return _arithmetic(n, seed)
+        return _arithmetic(n)
     if kind == "ntrex" and rest in _NTREX_LANGUAGES:
         return _ntrex(data_dir, rest, n)
     if source in ("scitldr", "dialogsum", "self_instruct"):
@@ -86,16 +86,15 @@ def _user(content: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def _arithmetic(n: int, seed: int) -> GenerationSet:
-    """The first question of held-out demo dialogues (with the system prompt half the time,
-    as SFT sees them); the reference is its answer."""
+def _arithmetic(n: int) -> GenerationSet:
+    """Held-out demo questions as preference tuning sees them (synthetic.answer_pair: the system
+    prompt half the time, then the question); the reference is the right answer. The problems
+    do not depend on the sampling seed, so every model and every run answers the same ones."""
     examples = []
     for i in range(n or SYNTHETIC_VALIDATION_DOCS):
-        dialogue = synthetic.dialogue(i, "validation", seed)
-        first = next(j for j, m in enumerate(dialogue) if m["role"] == "user")
-        question = dialogue[first]["content"]
-        examples.append(Example(f"arithmetic-{i}", dialogue[:first + 1], question,
-                                [dialogue[first + 1]["content"]]))
+        pair = synthetic.answer_pair(i, "validation")
+        question = pair["prompt"][-1]["content"]
+        examples.append(Example(f"arithmetic-{i}", pair["prompt"], question, [pair["chosen"]]))
     return GenerationSet(examples, ("exact_match",),
                          check=lambda ex, reply: synthetic.check_answer(ex.plain, reply))
 

@@ -12,7 +12,13 @@
         tables and learning curves of several runs from their metrics.jsonl; see report.py
 
 "best" is the checkpoint with the best validation metric in metrics.jsonl among the steps that
-still have a checkpoint: the run's checkpoint.keep_best_by and best_mode, else the lowest loss.
+still have a checkpoint: the run's checkpoint.keep_best_by and best_mode, else its
+eval.early_stop_by and early_stop_mode, else the lowest loss.
+
+From Python (the SFT, preference tuning and lifecycle scripts report this number):
+
+    evaluate.demo_accuracy("runs/sft", n=200)
+        -> {"exact_match": 0.87, "correct": 174, "n": 200, "step": 600, "seconds": 9.1, ...}
 """
 
 import os
@@ -53,10 +59,7 @@ def checkpoint_step(workdir: str, which: str = "latest") -> int:
         return int(which)
     if which != "best":
         raise UserError(f"--checkpoint={which}: use latest, best or a step number.")
-    cfg = load_json(os.path.join(workdir, "config.json"))
-    ckpt = cfg.get("checkpoint", {})
-    metric = ckpt.get("keep_best_by") or "loss"
-    mode = ckpt.get("best_mode", "min") if ckpt.get("keep_best_by") else "min"
+    metric, mode = best_metric(load_json(os.path.join(workdir, "config.json")))
     values = {}  # the last line per step wins (an evaluation may have been repeated)
     for r in read_metrics(workdir):
         if r.get("split") == "validation" and isinstance(r.get(metric), (int, float)):
@@ -69,6 +72,17 @@ def checkpoint_step(workdir: str, which: str = "latest") -> int:
     return pick(ranked, key=lambda s: (values[s], -s))
 
 
+def best_metric(cfg) -> tuple[str, str]:
+    """(validation metric, "min" | "max") that ranks a run's checkpoints for --checkpoint=best:
+    what the run kept its best checkpoints by, else what it stopped early on, else loss."""
+    ckpt, ev = cfg.get("checkpoint", {}), cfg.get("eval", {})
+    if ckpt.get("keep_best_by"):
+        return ckpt["keep_best_by"], ckpt.get("best_mode", "min")
+    if ev.get("early_stop_by"):
+        return ev["early_stop_by"], ev.get("early_stop_mode", "min")
+    return "loss", "min"
+
+
 def evaluate(workdir: str, suite, checkpoint: str = "latest") -> dict:
     """Runs `suite` on one checkpoint of `workdir`; returns the results (results.json's)."""
     eval_suite.validate(suite)  # a bad suite fails before anything is loaded
@@ -78,8 +92,35 @@ def evaluate(workdir: str, suite, checkpoint: str = "latest") -> dict:
     return eval_suite.run_suite(run, suite, workdir, checkpoint=checkpoint)
 
 
-def _label(path: str, step: int) -> str:
-    return f"{os.path.basename(os.path.normpath(path))}@{step}"
+def _demo_suite():
+    """configs/eval/demo.py, also when called from outside the checkout (scripts, notebooks)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.append(root)
+    from configs.eval import demo
+    return demo.get_config()
+
+
+def demo_accuracy(run_dir: str, n: int = 200, *, checkpoint: str = "latest",
+                  template: str = "chat", batch_size: int = 16) -> dict:
+    """Held-out exact-match accuracy of the demo task: `n` held-out arithmetic questions
+    (synthetic.answer_pair) answered greedily through the chat template (template="plain" for
+    a model that only continues text), each checked by synthetic.check_answer.
+
+    Runs configs/eval/demo.py's "arithmetic" task, so the numbers, eval/<step>/results.json,
+    arithmetic.jsonl and the metrics.jsonl line are the command line's. Returns the task's
+    result with "exact_match", "correct" and "step" at the top level."""
+    suite = _demo_suite()
+    suite.only = "arithmetic"
+    suite.batch_size = batch_size
+    suite.tasks.arithmetic.n = n
+    suite.tasks.arithmetic.template = template
+    results = evaluate(run_dir, suite, checkpoint)
+    task = results["tasks"]["arithmetic"]
+    accuracy = task["metrics"]["exact_match"]
+    return {**task, "exact_match": accuracy, "correct": round(accuracy * task["n"]),
+            "step": results["step"],
+            "predictions": os.path.join(run_dir, "eval", str(results["step"]), task["predictions"])}
 
 
 def compare(a: str, b: str, prompts_path: str, out: str, sampling: decoding.Sampling, *,

@@ -55,12 +55,15 @@ def test_summarization_and_instruction_readers():
 def test_arithmetic_uses_held_out_questions_checked_as_numbers():
     got = eval_tasks.generation_set("synthetic:arithmetic", data_dir="", n=50)
     assert len(got.examples) == 50
-    for ex in got.examples:
+    for i, ex in enumerate(got.examples):
+        pair = synthetic.answer_pair(i, "validation")  # the prompts preference tuning sees
+        assert ex.messages == pair["prompt"] and ex.references == [pair["chosen"]]
         problem = synthetic.parse_question(ex.plain)
         assert problem.held_out and ex.references == [str(problem.answer)]
         assert ex.messages[-1] == {"role": "user", "content": ex.plain}
         assert got.check(ex, f"It is {problem.answer}.") and not got.check(ex, "I don't know")
-    assert any(ex.messages[0]["role"] == "system" for ex in got.examples)  # as SFT sees them
+        assert not got.check(ex, f"{problem.answer + 1}")
+    assert any(ex.messages[0]["role"] == "system" for ex in got.examples)
 
 
 def test_tasks_as_jsonl(tmp_path):

@@ -83,7 +83,12 @@ def test_best_follows_keep_best_by_and_mode(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert evaluate.checkpoint_step(str(tmp_path), "best") == 10
     assert evaluate.checkpoint_step(str(tmp_path), "latest") == 30
-    config["checkpoint"] = {"keep_best_by": "", "best_mode": "max"}  # off: lowest loss
+    # keep_best_by off: what the run stopped early on (accuracy, max), then the lowest loss.
+    config = {"checkpoint": {"keep_best_by": "", "best_mode": "max"},
+              "eval": {"early_stop_by": "accuracy", "early_stop_mode": "max"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert evaluate.checkpoint_step(str(tmp_path), "best") == 10
+    config["eval"]["early_stop_by"] = ""
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert evaluate.checkpoint_step(str(tmp_path), "best") == 20
     (tmp_path / "metrics.jsonl").write_text("")
@@ -149,6 +154,30 @@ def test_evaluate_cli_writes_results_table_predictions_and_metric_lines(trained,
     assert sorted(again["tasks"]) == sorted(tasks)
     assert again["tasks"]["chat"]["metrics"] == pytest.approx(tasks["chat"]["metrics"])
     assert sorted(json.loads((out / "results.json").read_text())["tasks"]) == sorted(tasks)
+
+
+def test_demo_accuracy_is_the_demo_suite_task(trained):
+    """The Python entry other stages report: held-out answer_pair questions, checked by
+    synthetic.check_answer, and the same files and metric line as the command line."""
+    from data_pipelines import synthetic
+
+    got = evaluate.demo_accuracy(str(trained), n=10, checkpoint="20", template="plain",
+                                 batch_size=8)
+    assert got["step"] == 20 and got["n"] == 10
+    with open(got["predictions"], encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 10
+    for i, row in enumerate(rows):
+        pair = synthetic.answer_pair(i, "validation")
+        question = pair["prompt"][-1]["content"]
+        assert synthetic.parse_question(question).held_out
+        assert row["prompt"] == question and row["references"] == [pair["chosen"]]
+        assert row["exact_match"] == synthetic.check_answer(question, row["prediction"])
+    correct = sum(r["exact_match"] for r in rows)
+    assert got["correct"] == correct and got["exact_match"] == pytest.approx(correct / 10)
+    line = [r for r in metrics_lib.read_metrics(str(trained))
+            if r["split"] == "eval/arithmetic" and r["step"] == 20][-1]
+    assert line["exact_match"] == got["exact_match"] and line["examples"] == 10
 
 
 def test_evaluate_cli_errors_are_one_line(trained, tmp_path):
