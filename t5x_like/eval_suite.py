@@ -18,6 +18,7 @@ Outputs, all under `<workdir>/eval/<step>/` and each written under a temporary n
 and one line per task in `<workdir>/metrics.jsonl`: {"step", "split": "eval/<task>", ...}.
 """
 
+import collections
 import dataclasses
 import difflib
 import json
@@ -146,29 +147,36 @@ def run_suite(run, suite, workdir: str, *, checkpoint: str = "") -> dict:
 def likelihood_task(run, t, *, batch_size: int, workdir: str) -> dict:
     records = eval_tasks.likelihood_records(t.source, n=t.n, split=t.split, run_cfg=run.cfg,
                                             workdir=workdir)
+    # The run's own split is encoded as training encodes it (its loss_on, on_long), so the
+    # numbers are its validation lines over the whole split.
+    encode = (trainer.example_encoder(run.cfg, run.tokenizer, "text", collections.Counter())
+              if t.source == "run" else None)
     return {"kind": "likelihood", "source": t.source, "n": len(records),
             "metrics": likelihood(run, records, batch_size=batch_size, loss_on=t.loss_on,
-                                  source=t.source)}
+                                  source=t.source, encode=encode)}
 
 
 def likelihood(run, records: list[dict], *, batch_size: int, loss_on: str = "assistant",
-               source: str = "records") -> dict[str, float]:
+               source: str = "records", encode=None) -> dict[str, float]:
     """Loss, perplexity, bits per byte and token accuracy of `run` over `records`.
 
     Text records are scored on every token (as pretraining does: bos + text + eos); chat
     records on the tokens `chat_template.encode(loss_on=...)` weights (assistant turns).
+    Sequences longer than the model are cut into pieces, every token scored. `encode`
+    (record -> {"tokens", "weights"}) replaces this encoding.
     """
     tok = run.tokenizer
     if not records:
         raise UserError(f"likelihood source {source!r} gave no records to evaluate.")
 
-    def encode(record: dict) -> dict:
+    def default_encode(record: dict) -> dict:
         if "messages" in record:
             tokens, weights = chat_template.encode(tok, record["messages"], loss_on=loss_on)
             return {"tokens": tokens, "weights": weights}
         tokens = np.asarray([tok.bos_id, *tok.encode(record["text"]), tok.eos_id], np.int32)
         return {"tokens": tokens, "weights": np.ones(len(tokens), np.float32)}
 
+    encode = encode or default_encode
     max_len = run.cfg.model.max_len
     dp = partitioning.data_parallel_size(run.mesh)
     if batch_size % dp:

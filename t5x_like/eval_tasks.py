@@ -234,11 +234,12 @@ def likelihood_records(source: str, *, n: int, split: str, run_cfg, workdir: str
                        ) -> list[dict]:
     """{"text": str} or {"messages": [...]} records of a likelihood source (first n)."""
     kind, _, rest = source.partition(":")
+    want = "chat" if run_cfg.get("task") == "sft" else "text"  # what the run trained on
     if source == "run":
         cache_dir = run_cfg.data.cache_dir or os.path.join(workdir, "data")
-        return _prepared_records(prepare.prepare(run_cfg.data, cache_dir), split, n)
+        return _prepared_records(prepare.prepare(run_cfg.data, cache_dir), split, n, want)
     if kind == "prepared" and rest:
-        return _prepared_records(prepare.load(rest), split, n)
+        return _prepared_records(prepare.load(rest), split, n, want)
     if source == "synthetic:arithmetic":
         return [{"text": synthetic.text_document(i, "validation")}
                 for i in range(n or SYNTHETIC_VALIDATION_DOCS)]
@@ -270,13 +271,17 @@ def _chat_records(pattern: str) -> Iterator[dict]:
                                                   "messages")}
 
 
-def _prepared_records(prepared: prepare.Prepared, split: str, n: int) -> list[dict]:
-    """Records of a prepared split: chat ones carry "messages" (a JSON string), others text."""
-    data = prepared.data_source(split)
+def _prepared_records(prepared: prepare.Prepared, split: str, n: int, want: str) -> list[dict]:
+    """Records of a prepared split as {"text"} or {"messages"}: its `want` sources ("text" or
+    "chat", mixed as training mixes them), else the other kind when it has only that."""
+    kinds = [d.kind for d in prepared.datasets.values()]
+    kind = want if want in kinds or not kinds else next(
+        (k for k in ("text", "chat") if k in kinds), want)
+    data = prepared.data_source(split, kind=kind)
     out = []
     for i in range(len(data) if n == 0 else min(n, len(data))):
         record = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in data[i].items()}
-        if "messages" in record:
+        if kind == "chat":
             where = f"{prepared.dataset_dir}, split {split}, record {i}"
             out.append({"messages": _checked_messages(where, record["messages"], "messages")})
         else:
