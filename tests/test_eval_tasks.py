@@ -127,3 +127,26 @@ def test_likelihood_records_from_files(tmp_path):
         eval_tasks.likelihood_records(f"chat:{tmp_path / 'bad.jsonl'}", n=0, **kw)
     demo = eval_tasks.likelihood_records("synthetic:arithmetic_chat", n=4, **kw)
     assert demo == [{"messages": synthetic.dialogue(i, "validation")} for i in range(4)]
+
+
+def test_prepared_records_follow_the_kind_the_run_trained_on(tiny_cfg, tmp_path):
+    """A prepared chat dataset gives {"messages"} records, the held-out dialogues themselves,
+    for a chat run and for a text run alike (it has no text source)."""
+    from data_pipelines import prepare
+
+    tiny_cfg.data.source = "synthetic:arithmetic_chat"
+    tiny_cfg.data.synthetic_docs = 200
+    tiny_cfg.data.vocab_size = 400
+    prepared = prepare.prepare(tiny_cfg.data, tiny_cfg.data.cache_dir)
+    [folder] = os.listdir(tiny_cfg.data.cache_dir)
+    folder = os.path.join(tiny_cfg.data.cache_dir, folder)
+    n_valid = prepared.datasets[next(iter(prepared.datasets))].splits["validation"]
+    want = sorted(json.dumps(synthetic.dialogue(i, "validation")) for i in range(n_valid))
+    for task in ("sft", "pretrain"):
+        run_cfg = ml_collections.ConfigDict({"task": task, "data": tiny_cfg.data})
+        for source in (f"prepared:{folder}", "run"):
+            got = eval_tasks.likelihood_records(source, n=0, split="validation",
+                                                run_cfg=run_cfg, workdir=str(tmp_path))
+            assert sorted(json.dumps(r["messages"]) for r in got) == want  # stored shuffled
+        assert len(eval_tasks.likelihood_records(source, n=3, split="validation",
+                                                 run_cfg=run_cfg, workdir="")) == 3
