@@ -234,7 +234,8 @@ def likelihood_records(source: str, *, n: int, split: str, run_cfg, workdir: str
                        ) -> list[dict]:
     """{"text": str} or {"messages": [...]} records of a likelihood source (first n)."""
     kind, _, rest = source.partition(":")
-    want = "chat" if run_cfg.get("task") == "sft" else "text"  # what the run trained on
+    # Prepared data may hold text and chat sources: read what the run trained on.
+    want = "chat" if run_cfg is not None and run_cfg.get("task") == "sft" else "text"
     if source == "run":
         cache_dir = run_cfg.data.cache_dir or os.path.join(workdir, "data")
         return _prepared_records(prepare.prepare(run_cfg.data, cache_dir), split, n, want)
