@@ -268,6 +268,21 @@ def prompt_ids(tok, example: eval_tasks.Example, *, template: str, system: str, 
     raise UserError(f"example {example.id}: could not shorten the prompt to {budget} tokens.")
 
 
+_DECODER: list = []  # [(run, batch_size, max_len, Decoder)]: the last one made
+
+
+def _decoder(run, batch_size: int, max_len: int) -> decoding.Decoder:
+    """The decoder of the last call when it is for the same run and sizes: its compiled
+    programs are reused (compiling dominates a small eval on CPU: ~90% of a cold 200-question
+    run). Only one is kept, so a finished run's parameters are freed at the next run's."""
+    if _DECODER and _DECODER[0][0] is run and _DECODER[0][1:3] == (batch_size, max_len):
+        return _DECODER[0][3]
+    _DECODER.clear()
+    decoder = decoding.Decoder.from_run(run, max_batch=batch_size, max_len=max_len)
+    _DECODER.append((run, batch_size, max_len, decoder))
+    return decoder
+
+
 def generate(run, examples: list[eval_tasks.Example], sampling: decoding.Sampling, *,
              template: str = "chat", system: str = "", batch_size: int = 16, seed: int = 0
              ) -> tuple[list[decoding.Completion], list[bool]]:
@@ -292,7 +307,7 @@ def generate(run, examples: list[eval_tasks.Example], sampling: decoding.Samplin
         m = tok.marker_ids
         stops = tuple(m[k] for k in (chat_template.END, chat_template.USER,
                                      chat_template.ASSISTANT, chat_template.SYSTEM))
-    decoder = decoding.Decoder.from_run(run, max_batch=batch_size, max_len=max_len)
+    decoder = _decoder(run, batch_size, max_len)
     # Similar lengths share a batch: less padding, fewer distinct compiled shapes.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[decoding.Completion | None] = [None] * len(prompts)
