@@ -273,8 +273,9 @@ _DECODER: list = []  # [(run, batch_size, max_len, Decoder)]: the last one made
 
 def _decoder(run, batch_size: int, max_len: int) -> decoding.Decoder:
     """The decoder of the last call when it is for the same run and sizes: its compiled
-    programs are reused (compiling dominates a small eval on CPU: ~90% of a cold 200-question
-    run). Only one is kept, so a finished run's parameters are freed at the next run's."""
+    programs are reused (compiling is most of a small eval on CPU: 26-43 s of a cold
+    200-question run, 5-8 s warm). Only one is kept, so a finished run's parameters are freed
+    at the next run's."""
     if _DECODER and _DECODER[0][0] is run and _DECODER[0][1:3] == (batch_size, max_len):
         return _DECODER[0][3]
     _DECODER.clear()

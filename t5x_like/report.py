@@ -21,6 +21,7 @@ from t5x_like.metrics import read_metrics
 CURVES = (("train", "loss"), ("validation", "loss"), ("validation", "bits_per_byte"),
           ("validation", "accuracy"))
 VALIDATION = ("loss", "perplexity", "bits_per_byte", "accuracy")
+COUNTS = ("examples", "tokens")  # sizes of an evaluation, not results: tabulated, never plotted
 
 
 def series(records: list[dict]) -> dict[tuple[str, str], list[tuple[int, float]]]:
@@ -110,7 +111,7 @@ def plot(runs: dict[str, dict], path: str) -> list[tuple[str, str]]:
 
     panels = [c for c in CURVES if any(run["series"].get(c) for run in runs.values())]
     panels += sorted({k for run in runs.values() for k, points in run["series"].items()
-                      if k[0].startswith("eval/") and k[1] != "examples" and len(points) > 1})
+                      if k[0].startswith("eval/") and k[1] not in COUNTS and len(points) > 1})
     if not panels:
         raise UserError("the runs have no train or validation metrics to plot yet.")
     cols = min(2, len(panels))

@@ -33,8 +33,8 @@ def test_report_tables_and_curves(tmp_path):
     lines = [{"step": s, "split": "train", "loss": 5.0 / s} for s in (1, 2, 3)]
     lines += [{"step": 3, "split": "validation", "loss": 2.0, "perplexity": 7.4,
                "bits_per_byte": 1.5, "accuracy": 0.4},
-              {"step": 2, "split": "eval/qa", "exact_match": 0.1},
-              {"step": 3, "split": "eval/qa", "exact_match": 0.3}]
+              {"step": 2, "split": "eval/qa", "exact_match": 0.1, "tokens": 50},
+              {"step": 3, "split": "eval/qa", "exact_match": 0.3, "tokens": 50}]
     write_run(tmp_path / "a" / "run", lines, {"data": {"source": "synthetic:arithmetic"}})
     write_run(tmp_path / "b" / "run", lines[:3])
     text = report.report([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")],
@@ -42,6 +42,9 @@ def test_report_tables_and_curves(tmp_path):
     assert "| run | 3 | 1.667 | 2 | 7.4 | 1.5 | 0.4 | 2 (3) | synthetic:arithmetic |" in text
     assert "| b/run | 3 | 1.667 | - | - | - | - | - | - |" in text  # same name, told apart
     assert "| qa | exact_match | 0.3 (step 3) | - |" in text
+    panels = report.plot(report.load_runs([str(tmp_path / "a" / "run")]),
+                         str(tmp_path / "curves.png"))
+    assert ("eval/qa", "exact_match") in panels and ("eval/qa", "tokens") not in panels
     png = (tmp_path / "out" / "learning_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert "learning_curves.png" in (tmp_path / "out" / "report.md").read_text()
