@@ -52,11 +52,6 @@ class Completion:
     finish_reason: str  # "stop" (a stop token or string), "length", or "constraint"
 
 
-def _fold(keys, step):
-    """[B] keys -> the keys of decode step `step` (0 = the prefill's token)."""
-    return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-
-
 def _bucket(n: int, lo: int = 1) -> int:
     return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -78,11 +73,19 @@ class Decoder:
 
     # -- device functions -------------------------------------------------------------------
 
-    def _choose(self, logits, controls, keys):
+    def _choose(self, logits, controls, keys, step):
         """[B, V] logits -> [B, C] candidate ids in sampled order."""
         temperature, top_k, top_p, bias = controls
         logits = logits.astype(jnp.float32) + bias
         greedy = temperature <= 0
+        # An all-greedy batch (the common case in evaluation) skips the sorts and the noise.
+        return jax.lax.cond(jnp.all(greedy), lambda: jax.lax.top_k(logits, self.candidates)[1],
+                            lambda: self._sample(logits, controls, keys, step))
+
+    def _sample(self, logits, controls, keys, step):
+        temperature, top_k, top_p, _ = controls
+        greedy = temperature <= 0
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)  # per row and step
         scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
 
         def filtered(scaled):
@@ -111,14 +114,14 @@ class Decoder:
         net = model.bind(self.graphdef, params)
         cache = model.init_cache(self.cfg, tokens.shape[0], cache_len)
         logits, cache = net.decode(tokens, positions, segments, cache, 0)
-        return self._choose(logits[:, -1], controls, _fold(keys, 0)), cache
+        return self._choose(logits[:, -1], controls, keys, 0), cache
 
     def _step_fn(self, params, cache, tokens, positions, index, controls, keys, step):
         net = model.bind(self.graphdef, params)
         segments = jnp.ones_like(tokens)
         logits, cache = net.decode(tokens[:, None], positions[:, None], segments[:, None],
                                    cache, index)
-        return self._choose(logits[:, 0], controls, _fold(keys, step)), cache
+        return self._choose(logits[:, 0], controls, keys, step), cache
 
     # -- host loop ---------------------------------------------------------------------------
 
@@ -148,10 +151,9 @@ class Decoder:
             raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new}) "
                              f"exceeds the decoder's {self.max_len} positions")
         B = _bucket(n)
-        # The padded prompt plus every new token must fit the cache: a bucketed prompt near
-        # the limit is padded only up to what leaves room for max_new (else the cache writes
-        # past its end, which dynamic_update_slice clamps onto the last prompt slot).
-        P = min(_bucket(max(lengths), 8), self.max_len - max_new)
+        # The padded prompt must leave max_new cache slots: a bucket reaching past
+        # max_len - max_new would make the new tokens overwrite the last slot.
+        P = max(min(_bucket(max(lengths), 8), self.max_len - max_new), max(lengths))
         S = min(_bucket(P + max_new, 16), _bucket(self.max_len))
         tokens = np.zeros((B, P), np.int32)
         segments = np.zeros((B, P), np.int32)
@@ -161,10 +163,11 @@ class Decoder:
         positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
         rows = [_Row(self.tokenizer, s, len(p)) for s, p in zip(sampling, prompts)]
         controls = self._controls(sampling, B)
-        # One key per row, made once; each step folds its number in on the device (folding
-        # on the host cost one dispatch per row per step, half the time of a small model).
-        keys = jnp.stack([jax.random.key(s.seed) for s in sampling]
-                         + [jax.random.key(0)] * (B - n))
+        # One key per row from its seed, folded with the step inside the jitted functions (no
+        # per-step host dispatches).
+        keys = jax.random.wrap_key_data(np.stack(
+            [jax.random.key_data(jax.random.key(s.seed)) for s in sampling]
+            + [jax.random.key_data(jax.random.key(0))] * (B - n)))
 
         with _maybe_mesh(self.mesh):
             candidates, cache = self._prefill(self.params, tokens, positions, segments,
