@@ -6,9 +6,8 @@
                        sampling=decoding.Sampling(temperature=1.0, max_new_tokens=16))
     best.text, best.score, best.scores      # the chosen reply, its score, all N scores
 
-Serving (t5x_like/serve.py) offers it as an option: a request asking for best_of=N calls this
-with the server's decoder and the reward model named at start-up, and answers with `best.text`.
-The N samples of a prompt differ only in their seeds (sampling.seed + k), so a request is
+Serving: `serve.create_app(run, ..., generate=serve_generate(reward_model, n))` makes every
+reply of the server the best of n (serve.py's `generate` hook). The N samples of a prompt differ only in their seeds (sampling.seed + k), so a request is
 reproducible; with temperature 0 all N would be the same reply.
 """
 
@@ -53,3 +52,31 @@ def best_of_n(decoder: decoding.Decoder, reward_model, prompts: Sequence[list[di
         c = completions[i * n + k]
         out.append(Choice(c.text, c, float(row[k]), [float(s) for s in row], k))
     return out
+
+
+def serve_generate(reward_model, n: int):
+    """Best-of-N as the server's generation path: `serve.create_app(run, ...,
+    generate=serve_generate(rm, n))` answers every choice with the best of `n` samples (seeds
+    sampling.seed + k). Replies come whole (one yield at the end): a stream cannot show a reply
+    before the reward model has seen all N."""
+    if n < 1:
+        raise ValueError(f"n={n}; best-of-N needs at least one sample")
+
+    def generate(decoder: decoding.Decoder, requests):
+        tok = decoder.tokenizer
+        assistant = tok.marker_ids[chat_template.ASSISTANT]
+        rows = [(prompt, dataclasses.replace(s, seed=s.seed + k))
+                for prompt, samplings in requests for s in samplings for k in range(n)]
+        completions = decoder.generate([p for p, _ in rows], [s for _, s in rows])
+        messages = [chat_template.parse(tok, p[:-1] if p[-1] == assistant else p)
+                    for p, _ in rows]
+        scores = np.asarray(reward_model.score(messages, [c.text for c in completions]),
+                            np.float32).reshape(-1, n)
+        best = [completions[i * n + int(np.argmax(row))] for i, row in enumerate(scores)]
+        out, start = [], 0
+        for _, samplings in requests:
+            out.append(best[start:start + len(samplings)])
+            start += len(samplings)
+        yield out
+
+    return generate

@@ -118,3 +118,22 @@ def test_best_of_n_keeps_the_reply_the_reward_model_prefers(tok, tiny_model):
         assert choice.scores == [float(len(t)) for t in group]
         assert choice.text == group[choice.index] and choice.score == max(choice.scores)
     assert len(set(texts[:6])) > 1  # N different samples, not one repeated
+
+
+def test_best_of_n_as_the_servers_generation_path(tok, tiny_model):
+    cfg, graphdef, params = tiny_model
+    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=16)
+
+    class LongestReply:
+        def score(self, prompts, replies):
+            assert all(p == QUESTION for p in prompts)  # the prompt ids read back as messages
+            self.replies = list(replies)
+            return np.array([len(r) for r in replies], np.float32)
+
+    rm = LongestReply()
+    sampling = decoding.Sampling(max_new_tokens=6, temperature=1.0, seed=3)
+    requests = [(chat_template.prompt(tok, QUESTION), [sampling, sampling])]
+    [final] = list(rerank.serve_generate(rm, 4)(decoder, requests))
+    assert len(final) == 1 and len(final[0]) == 2  # one request, its two choices
+    assert final[0][0].text == max(rm.replies[:4], key=len)
+    assert final[0][1].text == max(rm.replies[4:], key=len)
