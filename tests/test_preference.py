@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import preference_data
-from t5x_like import alignment, config as config_lib, model, preference, preference_losses
+from t5x_like import config as config_lib, model, preference, preference_losses
 from t5x_like import metrics as metrics_lib
 from t5x_like import partitioning, reward_model, runs, trainer
 from t5x_like.errors import UserError

@@ -1,7 +1,6 @@
 """Online RL pieces: rewards computed on the decoded reply text, group-relative advantages,
 the rows the update learns from, and best-of-N reranking with a reward model."""
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
