@@ -658,9 +658,17 @@ def main(argv):
     limits = Limits(max_request_bytes=f.max_request_bytes, max_messages=f.max_messages,
                     max_tokens_limit=f.max_tokens_limit, max_n=f.max_n, max_queue=f.max_queue)
     db = f.db or os.path.join(f.workdir, feedback.DB_NAME)
+    extra = {}
+    if f.best_of > 1 or f.reward_model:
+        from t5x_like import rerank, reward_model
+        if not f.reward_model:
+            raise UserError(f"--best_of={f.best_of} needs --reward_model=<a task=reward run> "
+                            "to pick the best reply.")
+        rm = reward_model.RewardModel.load(f.reward_model, mesh=run.mesh)
+        extra["generate"] = rerank.serve_generate(rm, max(f.best_of, 1))
     app = create_app(run, db_path=db, api_key=api_key, limits=limits, model_name=name,
                      max_batch=f.max_batch, batch_wait_s=f.batch_wait_ms / 1000,
-                     max_len=f.max_len or None, default_temperature=f.temperature)
+                     max_len=f.max_len or None, default_temperature=f.temperature, **extra)
     print(f"serving {name} (step {run.step}) on http://{f.host}:{f.port}/  API key: "
           f"{'required' if api_key else 'off'}; feedback -> {db}", flush=True)
     try:
@@ -695,4 +703,7 @@ if __name__ == "__main__":  # flags are defined only when run as a program (modu
                          "max_tokens a request may ask for; 400 beyond.")
     flags.DEFINE_integer("max_n", Limits.max_n, "Choices (n) per request; 400 beyond.")
     flags.DEFINE_integer("max_queue", Limits.max_queue, "Waiting requests; 503 beyond.")
+    flags.DEFINE_integer("best_of", 1, "Sample this many replies per choice and answer with the "
+                         "one --reward_model scores highest (replies then come whole).")
+    flags.DEFINE_string("reward_model", None, "A task=reward run for --best_of.")
     cli.run(main)
