@@ -52,7 +52,7 @@ def test_quick_lifecycle_runs_every_stage_and_writes_the_report(tmp_path, monkey
         task = state["stages"][name]["results"]["tasks"]["arithmetic"]
         assert task["n"] == 8 and 0.0 <= task["metrics"]["exact_match"] <= 1.0
     fb = state["stages"]["feedback"]["feedback"]
-    assert fb["conversations"] == 4 and fb["replies"] == 8 and fb["up"] + fb["down"] == 8
+    assert fb["conversations"] == 8 and fb["replies"] == 16 and fb["up"] + fb["down"] == 16
     pairs = workdir / "feedback" / "preference.jsonl"
     assert fb["preference_records"] == sum(1 for _ in open(pairs)) > 0
     # The feedback round's pairs are what the last DPO stage trained on.

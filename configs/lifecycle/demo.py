@@ -49,7 +49,10 @@ def get_config():
                  "dpo_feedback,eval_final")
     cfg.stages = ml_collections.ConfigDict()
     s = cfg.stages
-    s.pretrain = stage("train", config="configs/pretrain_tiny.py")
+    # Longer than pretrain_tiny's 600 steps and without dropout: the units digit of an answer
+    # (a lookup over both operands' last digits) is learned only after ~1,000 steps.
+    s.pretrain = stage("train", config="configs/pretrain_tiny.py",
+                       args="steps=1500 model.dropout=0.0")
     # The pretrained model is not a chat model: it answers the same questions as text.
     s.eval_pretrain = demo_eval("pretrain", args="tasks.arithmetic.template=plain")
     s.sft = stage("train", config="configs/sft_chat.py", init_from="pretrain")
@@ -63,8 +66,9 @@ def get_config():
     # the demo judge marks a reply up when its number is right, else down with the right answer
     # as the correction -> (corrected > original) preference pairs.
     s.feedback = stage("feedback", run="export", args="conversations=48 n=2 temperature=0.8",
-                       quick_args="conversations=4 n=2 temperature=0.8")
+                       quick_args="conversations=8 n=2 temperature=0.8")
+    # A feedback round gives tens of pairs, not thousands: hold out a larger share to validate.
     s.dpo_feedback = stage("train", config="configs/dpo.py", init_from="dpo",
-                           data_from="feedback")
+                           data_from="feedback", args="data.validation_fraction=0.3")
     s.eval_final = demo_eval("dpo_feedback")
     return cfg

@@ -24,7 +24,8 @@ def get_config():
     s.sft.args = f"{data} steps=3000 model.max_len=2048 data.batch_size=64 mesh.fsdp=-1 mesh.data=1"
     s.reward.args = f"{data} model.max_len=2048 data.batch_size=64 mesh.fsdp=-1 mesh.data=1"
     s.dpo.args = f"{data} model.max_len=2048 data.batch_size=64 mesh.fsdp=-1 mesh.data=1"
-    s.dpo_feedback.args = "model.max_len=2048 data.batch_size=32 mesh.fsdp=-1 mesh.data=1"
+    s.dpo_feedback.args = ("model.max_len=2048 data.batch_size=32 mesh.fsdp=-1 mesh.data=1 "
+                           "data.validation_fraction=0.1")
     s.feedback.args = ("prompts={data}/sft/self_instruct_seed_tasks.jsonl conversations=512 n=4 "
                        "temperature=0.9 max_tokens=256 judge=reward:reward")
     return cfg

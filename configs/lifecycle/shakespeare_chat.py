@@ -43,8 +43,8 @@ def get_config():
         quick_args="prompts={data}/sft/self_instruct_seed_tasks.jsonl conversations=4 n=2 "
                    "temperature=0.9 max_tokens=8 judge=reward:reward")
     s.dpo_feedback = stage("train", config="configs/dpo.py", init_from="dpo",
-                           data_from="feedback", args="model.max_len=256",
-                           quick_args="model.max_len=64")
+                           data_from="feedback", args="model.max_len=256 data.validation_fraction=0.3",
+                           quick_args="model.max_len=64 data.validation_fraction=0.3")
     s.eval_final = shared_eval("dpo_feedback")
     for unused in ("rl", "eval_rl", "eval_pretrain"):
         del s[unused]
