@@ -213,6 +213,12 @@ def forward(graphdef, adapt: Peft | None) -> Callable:
     return apply
 
 
+def reference_forward(graphdef) -> Callable:
+    """fn(base, tokens, **kwargs) -> logits of the base without adapters or tuned parameters:
+    preference tuning's reference model, from the arrays PEFT already holds (no second copy)."""
+    return lambda base, tokens, **kwargs: model.apply(graphdef, base, tokens, **kwargs)
+
+
 def merge(full: dict, lora: dict) -> dict:
     """Folds LoRA into the weights: W + A @ B (b already scaled; see `combine`), in float32."""
     merged = jax.tree.map(lambda x: x, full)
@@ -319,6 +325,10 @@ def check_run(cfg, workdir: str, init_dir: str | None) -> None:
     if active(cfg.get("peft")) and not init_dir:
         raise UserError("config key 'init_from': PEFT (peft.method=lora or peft.trainable) "
                         "fine-tunes a base model; set init_from to its run or model directory.")
+    if init_dir and read_ref(init_dir) is not None:
+        raise UserError(f"config key 'init_from': {init_dir} holds adapters, not a whole model; "
+                        f"fold them into their base first: python -m t5x_like.export --merge "
+                        f"--workdir={init_dir} --out=<model dir>.")
     has_ref = os.path.isfile(os.path.join(workdir, REF_FILE))
     has_ckpt = _has_checkpoints(workdir)
     if active(cfg.get("peft")) and has_ckpt and not has_ref:
