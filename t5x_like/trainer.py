@@ -312,10 +312,16 @@ def _inherit_model(cfg, init_dir: str):
     return cfg
 
 
+def _check_init_model(cfg, init_dir: str) -> None:
+    where = os.path.join(init_dir, "config.json")
+    config_lib.check_same_model(config_lib.load_json(where).model, cfg.model, where)
+
+
 def _state_from_init(cfg, spec: StateSpec, init_dir: str, init_step: int | None,
                      base=None) -> dict:
     """Parameters of another run or model directory (PEFT: fresh adapters and copies of the
     tuned parts of `base`); fresh optimizer state; step 0."""
+    _check_init_model(cfg, init_dir)
     if base is not None:
         params = peft.init_trainable(spec.adapt, base, cfg.seed, spec.shardings["params"])
     else:
@@ -413,6 +419,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
         train_step, eval_step = compile_steps(cfg, spec, mesh)
         base = None
         if spec.adapt is not None:  # the frozen base goes into every step as an input
+            _check_init_model(cfg, init_dir)
             base = peft.run_base(spec.adapt, workdir, init_dir, init_step, spec.base_shardings)
             train_step, eval_step = peft.with_base(train_step, eval_step, base)
             logging.info(peft.summary(spec.adapt))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from conftest import ROOT
@@ -213,3 +214,26 @@ def test_plan_reports_the_memory_lora_saves_on_7b():
     assert "16,777,216 trainable parameters" in out.stdout
     assert "frozen base 1.57 GiB (bfloat16)" in out.stdout  # 6.74e9 x 2 bytes / 8 devices
     assert "full fine-tuning 12.55 GiB -> PEFT 1.71 GiB" in out.stdout
+
+
+def test_adapters_shard_with_their_weights(tmp_path):
+    cfg = tiny(tmp_path, method="lora", targets="q,o,down,head", rank=4, base_dtype="bfloat16")
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
+    cfg = config_lib.resolve(cfg, 300)
+    mesh = partitioning.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
+        spec = trainer.state_spec(cfg, mesh)
+    P = jax.sharding.PartitionSpec
+    lora = jax.tree.map(lambda s: s.spec, spec.shardings["params"]["lora"])
+    # wq [L, embed, heads, head_dim] = (None, fsdp, tensor, None): A keeps embed, B heads.
+    assert lora["layers"]["wq"] == {"a": P(None, "fsdp", None), "b": P(None, None, "tensor", None)}
+    assert lora["layers"]["wo"] == {"a": P(None, "tensor", None, None), "b": P(None, None, "fsdp")}
+    assert lora["layers"]["w_down"] == {"a": P(None, "tensor", None), "b": P(None, None, "fsdp")}
+    assert lora["lm_head"] == {"a": P("fsdp", None), "b": P(None, "tensor")}
+    # AdamW moments shard like the adapters; the frozen base like the model.
+    mu = optax.tree_utils.tree_get(spec.shardings["opt_state"], "mu")
+    assert mu["lora"]["layers"]["wq"]["b"].spec == P(None, None, "tensor", None)
+    assert spec.base_shardings["layers"]["wq"].spec == P(None, "fsdp", "tensor", None)
+    # The frozen base can be half the size; what trains stays float32.
+    assert {x.dtype for x in jax.tree.leaves(spec.base_abstract)} == {jnp.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(spec.abstract["params"])} == {jnp.dtype("float32")}
