@@ -75,11 +75,19 @@ class Decoder:
 
     # -- device functions -------------------------------------------------------------------
 
-    def _choose(self, logits, controls, keys):
+    def _choose(self, logits, controls, keys, step):
         """[B, V] logits -> [B, C] candidate ids in sampled order."""
         temperature, top_k, top_p, bias = controls
         logits = logits.astype(jnp.float32) + bias
         greedy = temperature <= 0
+        # An all-greedy batch (the common case in evaluation) skips the sorts and the noise.
+        return jax.lax.cond(jnp.all(greedy), lambda: jax.lax.top_k(logits, self.candidates)[1],
+                            lambda: self._sample(logits, controls, keys, step))
+
+    def _sample(self, logits, controls, keys, step):
+        temperature, top_k, top_p, _ = controls
+        greedy = temperature <= 0
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)  # per row and step
         scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
         ranked = jnp.sort(scaled, axis=-1)[:, ::-1]
         kth = jnp.take_along_axis(ranked, jnp.clip(top_k - 1, 0, None)[:, None], axis=-1)
@@ -98,14 +106,14 @@ class Decoder:
         net = model.bind(self.graphdef, params)
         cache = model.init_cache(self.cfg, tokens.shape[0], cache_len)
         logits, cache = net.decode(tokens, positions, segments, cache, 0, lora=lora)
-        return self._choose(logits[:, -1], controls, keys), cache
+        return self._choose(logits[:, -1], controls, keys, 0), cache
 
-    def _step_fn(self, params, lora, cache, tokens, positions, index, controls, keys):
+    def _step_fn(self, params, lora, cache, tokens, positions, index, controls, keys, step):
         net = model.bind(self.graphdef, params)
         segments = jnp.ones_like(tokens)
         logits, cache = net.decode(tokens[:, None], positions[:, None], segments[:, None],
                                    cache, index, lora=lora)
-        return self._choose(logits[:, 0], controls, keys), cache
+        return self._choose(logits[:, 0], controls, keys, step), cache
 
     # -- host loop ---------------------------------------------------------------------------
 
@@ -145,12 +153,15 @@ class Decoder:
         positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
         rows = [_Row(self.tokenizer, s, len(p)) for s, p in zip(sampling, prompts)]
         controls = self._controls(sampling, B)
-        base_keys = [jax.random.key(s.seed) for s in sampling] + [jax.random.key(0)] * (B - n)
-        keys = lambda step: jnp.stack([jax.random.fold_in(k, step) for k in base_keys])  # noqa
+        # One key per row from its seed, folded with the step inside the jitted functions (no
+        # per-step host dispatches).
+        keys = jax.random.wrap_key_data(np.stack(
+            [jax.random.key_data(jax.random.key(s.seed)) for s in sampling]
+            + [jax.random.key_data(jax.random.key(0))] * (B - n)))
 
         with _maybe_mesh(self.mesh):
             candidates, cache = self._prefill(self.params, self.lora, tokens, positions, segments,
-                                              controls, keys(0), cache_len=S)
+                                              controls, keys, cache_len=S)
             next_pos = positions[:, -1] + 1
             for step in range(max_new):
                 chosen = np.zeros(B, np.int32)
@@ -161,7 +172,8 @@ class Decoder:
                 if all(row.done for row in rows) or step == max_new - 1:
                     break
                 candidates, cache = self._step(self.params, self.lora, cache, chosen, next_pos,
-                                               jnp.int32(P + step), controls, keys(step + 1))
+                                               np.int32(P + step), controls, keys,
+                                               np.int32(step + 1))
                 next_pos = next_pos + 1
         for row in rows:
             row.finish("length")

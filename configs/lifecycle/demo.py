@@ -1,0 +1,68 @@
+"""The whole lifecycle on the embedded arithmetic task: CPU, no files, about 20 minutes.
+
+    bash launch/lifecycle.sh                     # = python -m t5x_like.lifecycle --config=<this>
+    bash launch/lifecycle.sh --quick             # a few steps per stage (what the test runs)
+
+Stages run in `order`; each is an ordinary job (its command is in the report) in
+<workdir>/<stage>/ and is skipped when a rerun finds it done. Kinds:
+    prepare   python -m data_pipelines.prepare --config=<config> --out=<workdir>/<stage>
+    train     python -m t5x_like.train --config=<config> <args> [--config.init_from=<stage>]
+    eval      python -m t5x_like.evaluate on <run>'s checkpoint (<checkpoint>) with <suite>
+    export    python -m t5x_like.export of <run>
+    feedback  serve <run>, send simulated users' conversations through the API, rate each
+              reply, export the database as preference pairs and SFT conversations; args:
+              conversations=N n=<replies per prompt> temperature=T max_tokens=N
+              prompts=demo|<chat JSONL or Alpaca file>  judge=demo|reward:<reward stage>
+A train stage with `data_from` = a feedback stage trains on that stage's exported pairs.
+`args` are config overrides (key=value, or whole --flags); `quick_args` replace them under
+--quick; {data} is --data, {stage:NAME} a stage's directory.
+"""
+
+import ml_collections
+
+
+def stage(kind: str, **fields) -> ml_collections.ConfigDict:
+    base = {"kind": kind, "config": "", "args": "", "init_from": "", "run": "",
+            "checkpoint": "latest", "suite": "", "data_from": "", "quick_args": ""}
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def demo_eval(run: str, checkpoint: str = "latest") -> ml_collections.ConfigDict:
+    """Held-out exact match (200 questions) and chat loss of `run` (configs/eval/demo.py)."""
+    return stage("eval", run=run, suite="configs/eval/demo.py", checkpoint=checkpoint,
+                 quick_args="tasks.arithmetic.n=8 tasks.arithmetic_chat.n=8")
+
+
+def get_config():
+    cfg = ml_collections.ConfigDict()
+    cfg.name = "demo"
+    cfg.data_root = "../shared/data"  # --data=... in launch/lifecycle.sh; {data} in args
+    cfg.quick = False  # every train stage runs quick_steps, stages use quick_args (tests)
+    cfg.quick_steps = 4
+    cfg.quick_model = "model.hidden_dim=64 model.num_layers=2 model.mlp_dim=192"  # under --quick
+    # Train stages run `python -m t5x_like.train <args>` here; a launcher prefix runs them on a
+    # pod instead, e.g. "bash launch/tpu_pod.sh --tpu=NAME --zone=Z --accelerator=v5p-8 --"
+    # (the workdir must then be on storage every worker and this host see, e.g. gs://).
+    cfg.train_launcher = ""
+    cfg.order = ("pretrain,sft,eval_sft,dpo,eval_dpo,rl,eval_rl,export,feedback,"
+                 "dpo_feedback,eval_final")
+    cfg.stages = ml_collections.ConfigDict()
+    s = cfg.stages
+    s.pretrain = stage("train", config="configs/pretrain_tiny.py")
+    s.sft = stage("train", config="configs/sft_chat.py", init_from="pretrain")
+    s.eval_sft = demo_eval("sft", checkpoint="best")
+    s.dpo = stage("train", config="configs/dpo.py", init_from="sft")
+    s.eval_dpo = demo_eval("dpo")
+    s.rl = stage("train", config="configs/rl.py", init_from="sft")
+    s.eval_rl = demo_eval("rl")
+    s.export = stage("export", run="dpo")
+    # Simulated users ask training-split questions (never the held-out ones evaluation uses);
+    # the demo judge marks a reply up when its number is right, else down with the right answer
+    # as the correction -> (corrected > original) preference pairs.
+    s.feedback = stage("feedback", run="export", args="conversations=48 n=2 temperature=0.8",
+                       quick_args="conversations=4 n=2 temperature=0.8")
+    s.dpo_feedback = stage("train", config="configs/dpo.py", init_from="dpo",
+                           data_from="feedback")
+    s.eval_final = demo_eval("dpo_feedback")
+    return cfg
