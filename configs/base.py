@@ -11,7 +11,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
-    cfg.task = "pretrain"  # pretrain | sft (later: reward, dpo, rl)
+    cfg.task = "pretrain"  # pretrain | sft | reward | dpo | rl (preference tuning: alignment.py)
     cfg.seed = 0  # model init, data order and dropout all derive from it
     cfg.steps = 1000  # optimizer steps in total (a rerun resumes until it reaches them)
     cfg.log_every_steps = 20  # train metrics to metrics.jsonl / TensorBoard / progress bar
@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Rows of vocab_size a tokenizer can produce; the logits of the padding rows above are masked
     # (never predicted or sampled). 0 = none masked. Set by `t5x_like.hf import`.
     cfg.model.unpadded_vocab_size = 0
+    # A scalar head on the last reply token (task=reward only); its other parameters may come
+    # from a chat model (init_from), the head starts at zero.
+    cfg.model.reward_head = False
     cfg.model.dropout = 0.0  # on embeddings and on each residual branch
     cfg.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     cfg.model.param_dtype = "float32"
@@ -201,6 +204,28 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.peft.trainable = ""
     cfg.peft.trainable_layers = 0  # also train the last N transformer layers in full
     cfg.peft.base_dtype = ""  # dtype the frozen base is kept in; "" = model.param_dtype
+
+    # task=dpo: Direct Preference Optimization on (prompt, chosen, rejected) pairs against a
+    # frozen reference (the init_from model), t5x_like/preference_losses.py.
+    cfg.dpo = ml_collections.ConfigDict()
+    cfg.dpo.beta = 0.1  # strength of the pull to the reference (larger = stays closer)
+    cfg.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo (squared loss to a 1/(2 beta) margin)
+    cfg.dpo.label_smoothing = 0.0  # sigmoid: > 0 is conservative DPO (pairs wrong this often)
+
+    # task=rl: online RL (GRPO-style group-relative policy gradient), t5x_like/rl.py. Each step
+    # samples rl.group_size replies to each of data.batch_size prompts with the KV-cache decoder.
+    cfg.rl = ml_collections.ConfigDict()
+    cfg.rl.group_size = 8  # replies per prompt; advantages are relative to the group's mean
+    cfg.rl.temperature = 1.0  # sampling temperature of the replies
+    cfg.rl.top_p = 1.0  # nucleus sampling of the replies (1 = off)
+    cfg.rl.max_new_tokens = 16  # reply length limit
+    cfg.rl.kl_coef = 0.05  # weight of KL(policy || reference) per reply token in the loss
+    # exact_answer: 1 when the reply's first integer answers the demo question, else 0 (the
+    # embedded arithmetic task) | model:<workdir>: the score of a trained reward model.
+    cfg.rl.reward = "exact_answer"
+    # Validation prompts decoded greedily at each evaluation (at most eval.steps batches of
+    # eval.batch_size when eval.steps > 0).
+    cfg.rl.eval_prompts = 200
 
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.every_steps = 500  # also run at the last step; 0 = only at the last step

@@ -114,6 +114,12 @@ def reply(tokenizer, generated: Sequence[int]) -> str:
     return tokenizer.decode(out)
 
 
+def reply_stop_ids(tokenizer) -> tuple[int, ...]:
+    """Token ids that end a generated reply: <|end|>, eos, and any marker or <bos> that would
+    start a new turn or conversation (for the decoder's stop_tokens)."""
+    return (tokenizer.eos_id, tokenizer.bos_id, *tokenizer.marker_ids.values())
+
+
 def parse(tokenizer, ids: Sequence[int]) -> list[dict]:
     """Token ids of a rendered conversation -> messages (the inverse of `encode`)."""
     by_id = {v: k for k, v in tokenizer.marker_ids.items()}

@@ -52,7 +52,7 @@ from typing import Iterator
 
 # tfds_builder (TFDS) is imported where used: worker processes import this module for
 # _process_batch and should not pay seconds of TFDS import each.
-from data_pipelines import clean, dedup, readers, sources
+from data_pipelines import clean, dedup, readers, sources, synthetic
 from data_pipelines import records as records_lib
 from data_pipelines import stats as stats_lib
 from data_pipelines import tokenizer as tokenizer_lib
@@ -201,6 +201,7 @@ def fingerprint(named: dict, data_cfg) -> str:
         entry: dict = {"spec": source.spec, "weight": weight}
         if source.kind == "synthetic":
             entry["synthetic_docs"] = data_cfg.synthetic_docs
+            entry["generator"] = synthetic.VERSION  # a changed task never reuses old data
         elif source.kind == "tfds":
             entry["tfds"] = (data_cfg.tfds_data_dir, data_cfg.train_split, data_cfg.text_field)
         else:

@@ -23,6 +23,7 @@ import re
 # pretraining text, as chat turns for SFT, and as right/wrong answer pairs for preference tuning.
 TASKS = {"arithmetic": "text", "arithmetic_chat": "chat", "arithmetic_pairs": "preference"}
 MAX_FIRST, MAX_SECOND = 99, 9
+VERSION = 2  # bump when what the generators produce changes (prepared caches are keyed on it)
 HELD_OUT_PERCENT = 10
 SYSTEM_PROMPT = "You are a careful calculator. Answer with the number only."
 _WORDS = {"+": "plus", "-": "minus"}

@@ -62,6 +62,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         config_arg = next((a for a in argv if a.startswith("--config=")), "--config")
         raise UserError(f"cannot load {config_arg}: {type(e).__name__}: {e}") from None
     if "config" in flags.FLAGS:
+        if not flags.FLAGS["config"].present:  # before config_filename, which raises then
+            raise UserError("--config is required: a config file (configs/*.py; see README.md).")
         config_file = flags.FLAGS["config"].config_filename if hasattr(
             flags.FLAGS["config"], "config_filename") else None
         try:
@@ -70,8 +72,6 @@ def parse_flags(argv: list[str]) -> list[str]:
             cause = e.__cause__ or e
             raise UserError(f"cannot load --config={config_file}: "
                             f"{type(cause).__name__}: {cause}") from None
-        if flags.FLAGS.config is None:
-            raise UserError("--config is required, e.g. --config=configs/pretrain_tiny.py")
     return rest
 
 

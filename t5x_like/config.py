@@ -12,7 +12,7 @@ import ml_collections
 
 from t5x_like.errors import UserError
 
-TASKS = ("pretrain", "sft")
+TASKS = ("pretrain", "sft", "reward", "dpo", "rl")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -24,13 +24,14 @@ ROPE_SCALINGS = ("none", "linear", "llama3")
 LATER_MODEL_KEYS = {
     "unpadded_vocab_size": 0, "attn_qkv_bias": False, "attn_out_bias": False, "mlp_bias": False,
     "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_low_freq_factor": 1.0,
-    "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192,
+    "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192, "reward_head": False,
 }
 EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 # Model keys that may differ between a checkpoint and the run loading it: they change how the
-# same parameters are computed with, not what the parameters are.
+# same parameters are computed with, not what the parameters are (reward_head: a reward model
+# starts from a chat model's parameters and adds a fresh head, see alignment.py).
 FREE_MODEL_KEYS = ("max_len", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
-                   "vocab_multiple", "unpadded_vocab_size")
+                   "vocab_multiple", "unpadded_vocab_size", "reward_head")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -154,6 +155,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
              f"is {e.early_stop_mode!r}; choose min or max.")
     _require(e.patience >= 1, "eval.patience", "must be >= 1.")
     _require(e.min_delta >= 0, "eval.min_delta", "must be >= 0.")
+    _validate_alignment(cfg)
     _require(not cfg.model_from_init or cfg.init_from, "model_from_init",
              "needs init_from (the run or model directory to take the model config from).")
 
@@ -173,6 +175,38 @@ def _validate_peft(cfg) -> None:
              f"is {p.trainable_layers}; it must be between 0 and model.num_layers "
              f"({cfg.model.num_layers}).")
     peft.lora_targets(p, cfg.model)  # raises UserError naming a target that matches nothing
+    # alignment.py (reward/dpo/rl) builds its own steps and reference copy; not wired to PEFT yet.
+    _require(not peft.active(p) or cfg.task in ("pretrain", "sft"), "peft.method",
+             f"PEFT is not available for task={cfg.task} yet (pretrain and sft only); set "
+             "peft.method=none and peft.trainable=''.")
+
+
+def _validate_alignment(cfg) -> None:
+    """The keys of task=reward / dpo / rl (t5x_like/alignment.py)."""
+    reward = cfg.task == "reward"
+    _require(bool(cfg.model.reward_head) == reward, "model.reward_head",
+             "task=reward needs the scalar reward head: set it to True (configs/reward.py does)."
+             if reward else f"is True but task={cfg.task}; only a reward model has the head.")
+    _require(cfg.task not in ("reward", "dpo", "rl") or cfg.init_from, "init_from",
+             f"task={cfg.task} starts from a trained chat model: set it to an SFT run.")
+    p = cfg.dpo
+    _require(p.beta > 0, "dpo.beta", f"is {p.beta}; it must be positive.")
+    _require(p.loss in ("sigmoid", "ipo"), "dpo.loss", f"is {p.loss!r}; choose sigmoid or ipo.")
+    _require(0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing",
+             f"is {p.label_smoothing}; it must be in [0, 0.5).")
+    r = cfg.rl
+    _require(r.group_size >= 2, "rl.group_size",
+             f"is {r.group_size}; group-relative advantages need at least 2 replies per prompt.")
+    _require(r.temperature > 0, "rl.temperature", "must be positive (sampling, not greedy).")
+    _require(r.max_new_tokens >= 1, "rl.max_new_tokens", "must be >= 1.")
+    _require(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0.")
+    _require(r.eval_prompts >= 1, "rl.eval_prompts", "must be >= 1.")
+    _require(r.reward == "exact_answer" or r.reward.startswith("model:"), "rl.reward",
+             f"is {r.reward!r}; use exact_answer or model:<reward model workdir>.")
+    if cfg.task == "rl" and r.reward.startswith("model:"):
+        path = r.reward[len("model:"):]
+        _require(os.path.isfile(os.path.join(path, "config.json")), "rl.reward",
+                 f"{path} is not a run directory (no config.json); train a reward model first.")
 
 
 def check_same_model(saved_model, model, where: str) -> None:

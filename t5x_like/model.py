@@ -22,6 +22,7 @@ Initialization (fan-in scaled; residual outputs further scaled by 1/sqrt(2L), as
     layers.w_down        [L, F, d]      (layers, mlp, embed)              1/sqrt(F)/sqrt(2L)
     final_norm           [d]            (norm,)                           ones
     lm_head              [d, V]         (embed, vocab)                    1/sqrt(d) (absent if tied)
+    reward_head          [d]            (embed,)                          zeros (model.reward_head)
 
 Optional biases (for imported Qwen2-style or biased Llama models; absent by default), all zeros:
 
@@ -34,6 +35,10 @@ Optional biases (for imported Qwen2-style or biased Llama models; absent by defa
 RoPE frequencies can be rescaled for long contexts as HF transformers does ("linear" and
 "llama3", `model.rope_scaling`). When `model.unpadded_vocab_size` is set (imported models), the
 logits of the padding rows at or above it are masked, so they are never predicted or sampled.
+
+A reward model (`model.reward_head`, task=reward) is the same transformer with one more vector:
+its score of a sequence is reward_head . h[last], the final hidden state at the last token of the
+reply. It starts at zero, so every reply scores 0 until training separates them.
 
 Dropout is functional (an explicit key per call, folded per layer), so a step's randomness is a
 pure function of (seed, step): nothing random needs saving for an exact resume.
@@ -132,6 +137,8 @@ class Transformer(nnx.Module):
         self.final_norm = _param(None, (d,), None, ("norm",), dtype)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs.params(), (d, V), d ** -0.5, ("embed", "vocab"), dtype)
+        if cfg.reward_head:
+            self.reward_head = _param(None, (d,), 0, ("embed",), dtype)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None, lora=None,
                  lora_dropout=0.0):
@@ -145,6 +152,15 @@ class Transformer(nnx.Module):
         return self.logits(self.hidden(tokens, positions=positions, segment_ids=segment_ids,
                                        dropout_rng=dropout_rng, lora=lora,
                                        lora_dropout=lora_dropout), lora)
+
+    def score(self, tokens, last, *, positions=None, segment_ids=None, dropout_rng=None,
+              lora=None, lora_dropout=0.0):
+        """Reward model: tokens [B, T], last [B] (index of each row's last reply token) ->
+        float32 scores [B]."""
+        h = self.hidden(tokens, positions=positions, segment_ids=segment_ids,
+                        dropout_rng=dropout_rng, lora=lora, lora_dropout=lora_dropout)
+        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]  # [B, T, d] -> [B, d]
+        return h_last.astype(jnp.float32) @ self.reward_head[...].astype(jnp.float32)
 
     def hidden(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None, lora=None,
                lora_dropout=0.0):

@@ -189,7 +189,8 @@ def prepare_data(cfg, workdir: str) -> prepare.Prepared:
 
 
 # The record kind each task trains on (data_pipelines/records.py).
-TASK_KINDS = {"pretrain": "text", "sft": "chat"}
+TASK_KINDS = {"pretrain": "text", "sft": "chat", "reward": "preference", "dpo": "preference",
+              "rl": "chat"}
 
 
 def example_encoder(cfg, tokenizer, text_field: str, counts: collections.Counter) -> Callable:
@@ -229,8 +230,8 @@ def check_batch(cfg, mesh) -> None:
 def global_batch(local: dict, mesh) -> dict:
     """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded on the mesh."""
     sharding = partitioning.batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
-            for k in pipeline.FEATURES}
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local.items()}
 
 
 def _pad_rows(local: dict | None, rows: int, template: dict) -> dict:
@@ -391,6 +392,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     logging.info("Mesh %s over %d devices (%s), %d processes", dict(mesh.shape),
                  jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
 
+    if cfg.task in ("reward", "dpo", "rl"):  # preference tuning: the same state, loop, checkpoints
+        from t5x_like import alignment
+
+        return alignment.train_and_evaluate(cfg, workdir, prepared=prepared, tokenizer=tokenizer,
+                                            mesh=mesh, init_dir=init_dir, init_step=init_step)
     local_eval_batch = cfg.eval.batch_size // jax.process_count()
     example_counts: collections.Counter = collections.Counter()
     encode = example_encoder(cfg, tokenizer, prepared.text_field, example_counts)

@@ -131,3 +131,40 @@ def test_prompt_too_long_is_refused(setup):
     decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=1, max_len=32)
     with pytest.raises(ValueError, match="exceeds the decoder's 32 positions"):
         decoder.generate([[tok.bos_id] * 30], decoding.Sampling(max_new_tokens=8))
+
+
+def test_a_prompt_near_the_cache_limit_still_equals_recomputation(setup):
+    """40 prompt tokens pad to 64 = max_len: the padding must leave room for the new tokens."""
+    tok, cfg, graphdef, params = setup
+    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=1)
+    prompt = [tok.bos_id, *tok.encode("What is 12 + 30? " * 6)][:40]
+    assert len(prompt) == 40
+    completion = decoder.generate([prompt], decoding.Sampling(max_new_tokens=20))[0]
+    assert completion.tokens == naive_greedy(graphdef, params, prompt, 20, {tok.eos_id},
+                                             tok.vocab_size)
+
+
+def test_decoding_on_a_sharded_mesh_equals_one_device(tmp_path):
+    """Parameters and cache sharded over data x fsdp x tensor (8 fake devices): the same greedy
+    tokens as on one device, for a batch that fills the mesh and for a lone prompt."""
+    import ml_collections
+
+    import chat_model
+    from data_pipelines import chat_template
+    from t5x_like import partitioning, runs
+
+    path = chat_model.make(str(tmp_path / "model"), max_len=64)
+    mesh = partitioning.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2}))
+    one, sharded = runs.load(path), runs.load(path, mesh=mesh)
+    assert max(len(x.sharding.device_set) for x in jax.tree.leaves(sharded.params)) == 8
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded.params))
+    tok = one.tokenizer
+    prompts = [[tok.bos_id, *tok.encode(t)] for t in ["What is 12 + 30? ", "7", "3 - 4 ="]]
+    # A random model may stop at once: ban the stop tokens so every row makes 8 tokens.
+    ban = tuple((t, float("-inf")) for t in chat_template.reply_stop_ids(tok))
+    sampling = decoding.Sampling(max_new_tokens=8, logit_bias=ban)
+    for batch in (prompts, prompts[:1]):
+        want = decoding.Decoder.from_run(one, max_batch=4).generate(batch, sampling)
+        got = decoding.Decoder.from_run(sharded, max_batch=4).generate(batch, sampling)
+        assert [len(c.tokens) for c in want] == [8] * len(batch)
+        assert [c.tokens for c in got] == [c.tokens for c in want]

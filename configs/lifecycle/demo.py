@@ -28,10 +28,10 @@ def stage(kind: str, **fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(base)
 
 
-def demo_eval(run: str, checkpoint: str = "latest") -> ml_collections.ConfigDict:
+def demo_eval(run: str, checkpoint: str = "latest", args: str = "") -> ml_collections.ConfigDict:
     """Held-out exact match (200 questions) and chat loss of `run` (configs/eval/demo.py)."""
     return stage("eval", run=run, suite="configs/eval/demo.py", checkpoint=checkpoint,
-                 quick_args="tasks.arithmetic.n=8 tasks.arithmetic_chat.n=8")
+                 args=args, quick_args=f"{args} tasks.arithmetic.n=8 tasks.arithmetic_chat.n=8")
 
 
 def get_config():
@@ -45,11 +45,13 @@ def get_config():
     # pod instead, e.g. "bash launch/tpu_pod.sh --tpu=NAME --zone=Z --accelerator=v5p-8 --"
     # (the workdir must then be on storage every worker and this host see, e.g. gs://).
     cfg.train_launcher = ""
-    cfg.order = ("pretrain,sft,eval_sft,dpo,eval_dpo,rl,eval_rl,export,feedback,"
+    cfg.order = ("pretrain,eval_pretrain,sft,eval_sft,dpo,eval_dpo,rl,eval_rl,export,feedback,"
                  "dpo_feedback,eval_final")
     cfg.stages = ml_collections.ConfigDict()
     s = cfg.stages
     s.pretrain = stage("train", config="configs/pretrain_tiny.py")
+    # The pretrained model is not a chat model: it answers the same questions as text.
+    s.eval_pretrain = demo_eval("pretrain", args="tasks.arithmetic.template=plain")
     s.sft = stage("train", config="configs/sft_chat.py", init_from="pretrain")
     s.eval_sft = demo_eval("sft", checkpoint="best")
     s.dpo = stage("train", config="configs/dpo.py", init_from="sft")

@@ -46,7 +46,7 @@ def get_config():
                            data_from="feedback", args="model.max_len=256",
                            quick_args="model.max_len=64")
     s.eval_final = shared_eval("dpo_feedback")
-    for unused in ("rl", "eval_rl"):
+    for unused in ("rl", "eval_rl", "eval_pretrain"):
         del s[unused]
     return cfg
 

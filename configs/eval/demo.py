@@ -1,0 +1,22 @@
+"""The embedded demo task: held-out arithmetic questions answered by a chat model.
+
+    python -m t5x_like.evaluate --workdir=runs/sft --config=configs/eval/demo.py
+
+arithmetic: 200 held-out questions (synthetic.answer_pair's prompts, the ones preference tuning
+sees) through the chat template, greedy, exact match by synthetic.check_answer (the reply's
+first integer is the answer); evaluate.demo_accuracy runs this task from Python.
+arithmetic_chat: loss, perplexity, bits per byte and token accuracy on held-out dialogues,
+assistant tokens only.
+A pretrained (not chat) model answers the same questions as text continuation with
+`--config.tasks.arithmetic.template=plain`.
+"""
+
+from configs.eval import common
+
+
+def get_config():
+    cfg = common.suite()
+    cfg.tasks.arithmetic = common.task("generate", "synthetic:arithmetic", n=200,
+                                       max_new_tokens=8, stop_strings=("\n",))
+    cfg.tasks.arithmetic_chat = common.task("likelihood", "synthetic:arithmetic_chat", n=500)
+    return cfg
