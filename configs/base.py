@@ -188,6 +188,23 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.checkpoint.keep_best = 1
     cfg.checkpoint.best_mode = "min"  # min | max
 
+    # Parameter-efficient fine-tuning of the init_from model (t5x_like/peft.py): only LoRA
+    # adapters and/or the parameters named in `trainable` learn and get optimizer state; the
+    # base stays frozen, and checkpoints hold only what learns (plus base.json naming the base).
+    cfg.peft = ml_collections.ConfigDict()
+    cfg.peft.method = "none"  # none | lora
+    cfg.peft.rank = 8  # LoRA rank r
+    cfg.peft.alpha = 16.0  # LoRA scale alpha / r
+    cfg.peft.dropout = 0.0  # dropout on the adapters' inputs (training only)
+    # What LoRA adapts: q, k, v, o, gate, up, down, embed, head; groups attention, mlp, all;
+    # or fnmatch patterns over those names or the parameter names (e.g. "w_*"). Comma-separated.
+    cfg.peft.targets = "attention"
+    # Base parameters trained in full (with or without LoRA): fnmatch patterns over parameter
+    # paths, e.g. "lm_head,final_norm" or "layers/*norm"; "" = none.
+    cfg.peft.trainable = ""
+    cfg.peft.trainable_layers = 0  # also train the last N transformer layers in full
+    cfg.peft.base_dtype = ""  # dtype the frozen base is kept in; "" = model.param_dtype
+
     # task=dpo: Direct Preference Optimization on (prompt, chosen, rejected) pairs against a
     # frozen reference (the init_from model), t5x_like/preference_losses.py.
     cfg.dpo = ml_collections.ConfigDict()

@@ -135,6 +135,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _require(0 <= dist.process_id < dist.num_processes, "distributed.process_id",
                  f"is {dist.process_id}; it must be in [0, distributed.num_processes).")
 
+    _validate_peft(cfg)
+
     c = cfg.checkpoint
     _require(c.every_steps > 0, "checkpoint.every_steps", "must be positive.")
     _require(c.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1.")
@@ -156,6 +158,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _validate_alignment(cfg)
     _require(not cfg.model_from_init or cfg.init_from, "model_from_init",
              "needs init_from (the run or model directory to take the model config from).")
+
+
+def _validate_peft(cfg) -> None:
+    """The peft section (t5x_like/peft.py); patterns are matched against the model later."""
+    from t5x_like import peft  # local: peft imports jax
+
+    p = cfg.peft
+    _require(p.method in ("none", "lora"), "peft.method", f"is {p.method!r}; choose none or lora.")
+    _require(p.rank >= 1, "peft.rank", f"is {p.rank}; it must be >= 1.")
+    _require(p.alpha > 0, "peft.alpha", f"is {p.alpha}; it must be positive.")
+    _require(0.0 <= p.dropout < 1.0, "peft.dropout", f"is {p.dropout}; it must be in [0, 1).")
+    _require(p.base_dtype in ("",) + DTYPES, "peft.base_dtype",
+             f"is {p.base_dtype!r}; choose float32, bfloat16 or '' (= model.param_dtype).")
+    _require(0 <= p.trainable_layers <= cfg.model.num_layers, "peft.trainable_layers",
+             f"is {p.trainable_layers}; it must be between 0 and model.num_layers "
+             f"({cfg.model.num_layers}).")
+    peft.lora_targets(p, cfg.model)  # raises UserError naming a target that matches nothing
+    # alignment.py (reward/dpo/rl) builds its own steps and reference copy; not wired to PEFT yet.
+    _require(not peft.active(p) or cfg.task in ("pretrain", "sft"), "peft.method",
+             f"PEFT is not available for task={cfg.task} yet (pretrain and sft only); set "
+             "peft.method=none and peft.trainable=''.")
 
 
 def _validate_alignment(cfg) -> None:

@@ -58,8 +58,9 @@ def _bucket(n: int, lo: int = 1) -> int:
 
 class Decoder:
     def __init__(self, graphdef, params, model_cfg, tokenizer, *, max_batch: int = 16,
-                 max_len: int | None = None, candidates: int = 16, mesh=None):
+                 max_len: int | None = None, candidates: int = 16, mesh=None, lora=None):
         self.graphdef, self.params, self.cfg, self.tokenizer = graphdef, params, model_cfg, tokenizer
+        self.lora = lora  # unmerged LoRA adapters (runs.load(merge=False)), or None
         self.max_batch = max_batch
         self.max_len = max_len or model_cfg.max_len  # cache slots: prompt + new tokens
         self.candidates = candidates
@@ -69,7 +70,8 @@ class Decoder:
 
     @classmethod
     def from_run(cls, run, **kwargs) -> "Decoder":
-        return cls(run.graphdef, run.params, run.cfg.model, run.tokenizer, mesh=run.mesh, **kwargs)
+        return cls(run.graphdef, run.params, run.cfg.model, run.tokenizer, mesh=run.mesh,
+                   lora=run.lora, **kwargs)
 
     # -- device functions -------------------------------------------------------------------
 
@@ -110,17 +112,18 @@ class Decoder:
         scores = jnp.where(greedy[:, None], logits, scaled + gumbel)
         return jax.lax.top_k(scores, self.candidates)[1]
 
-    def _prefill_fn(self, params, tokens, positions, segments, controls, keys, *, cache_len):
+    def _prefill_fn(self, params, lora, tokens, positions, segments, controls, keys, *,
+                    cache_len):
         net = model.bind(self.graphdef, params)
         cache = model.init_cache(self.cfg, tokens.shape[0], cache_len)
-        logits, cache = net.decode(tokens, positions, segments, cache, 0)
+        logits, cache = net.decode(tokens, positions, segments, cache, 0, lora=lora)
         return self._choose(logits[:, -1], controls, keys, 0), cache
 
-    def _step_fn(self, params, cache, tokens, positions, index, controls, keys, step):
+    def _step_fn(self, params, lora, cache, tokens, positions, index, controls, keys, step):
         net = model.bind(self.graphdef, params)
         segments = jnp.ones_like(tokens)
         logits, cache = net.decode(tokens[:, None], positions[:, None], segments[:, None],
-                                   cache, index)
+                                   cache, index, lora=lora)
         return self._choose(logits[:, 0], controls, keys, step), cache
 
     # -- host loop ---------------------------------------------------------------------------
@@ -170,7 +173,7 @@ class Decoder:
             + [jax.random.key_data(jax.random.key(0))] * (B - n)))
 
         with _maybe_mesh(self.mesh):
-            candidates, cache = self._prefill(self.params, tokens, positions, segments,
+            candidates, cache = self._prefill(self.params, self.lora, tokens, positions, segments,
                                               controls, keys, cache_len=S)
             next_pos = positions[:, -1] + 1
             for step in range(max_new):
@@ -181,7 +184,7 @@ class Decoder:
                 yield [row.completion() for row in rows]
                 if all(row.done for row in rows) or step == max_new - 1:
                     break
-                candidates, cache = self._step(self.params, cache, chosen, next_pos,
+                candidates, cache = self._step(self.params, self.lora, cache, chosen, next_pos,
                                                np.int32(P + step), controls, keys,
                                                np.int32(step + 1))
                 next_pos = next_pos + 1

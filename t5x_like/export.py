@@ -4,6 +4,11 @@
 The model directory holds `config.json`, `tokenizer.model` and `checkpoints/<step>/params` (no
 optimizer state, no data state): what `sample`, `evaluate`, `serve` and `--config.init_from`
 load. It is written under a temporary name and renamed when complete.
+
+A PEFT run (t5x_like/peft.py) exports with `--merge` as a whole model, its adapters folded into
+the base weights (for serving, init_from and `t5x_like.hf export`); without `--merge` as an
+adapter directory: the adapters and `base.json` naming the base, which `runs.load` reads with
+the base (checking it is the same one).
 """
 
 import os
@@ -14,24 +19,34 @@ import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
-from t5x_like import checkpoints, cli, config as config_lib, runs
+from t5x_like import checkpoints, cli, config as config_lib, peft, runs
 from t5x_like.errors import UserError
 
-def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32") -> str:
+
+def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
+           merge: bool = False) -> str:
     """Writes the model directory `out` from `workdir`'s checkpoint; returns `out`."""
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise UserError(f"{out} already exists; choose a new --out (exports never overwrite).")
-    run = runs.load(workdir, step=step)
-    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), run.params)
+    adapters = peft.read_ref(workdir) is not None and not merge
+    run = runs.load(workdir, step=step)  # a PEFT run comes merged: a whole model
     cfg = config_lib.to_dict(run.cfg)
-    cfg["model"]["param_dtype"] = dtype
+    if adapters:  # only what was trained, in float32 like the training run
+        params = peft.load_trainable(run.cfg, workdir, run.step)
+    else:
+        params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), run.params)
+        cfg["model"]["param_dtype"] = dtype
+        if "peft" in cfg:  # merged: a plain model from now on
+            cfg["peft"].update(method="none", trainable="", trainable_layers=0)
     tmp = f"{out}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
         config_lib.save_json(ml_collections.ConfigDict(cfg), os.path.join(tmp, "config.json"))
         shutil.copyfile(run.tokenizer.path, os.path.join(tmp, "tokenizer.model"))
+        if adapters:
+            shutil.copyfile(os.path.join(workdir, peft.REF_FILE), os.path.join(tmp, peft.REF_FILE))
         checkpoints.save_params(tmp, run.step, params)
         os.replace(tmp, out)
     finally:
@@ -42,7 +57,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
 def main(argv):
     del argv
     f = flags.FLAGS
-    out = export(f.workdir, f.out, step=f.step, dtype=f.dtype)
+    out = export(f.workdir, f.out, step=f.step, dtype=f.dtype, merge=f.merge)
     print(f"exported {f.workdir} -> {out}")
 
 
@@ -51,4 +66,6 @@ if __name__ == "__main__":  # flags are defined only when run as a program (modu
     flags.DEFINE_string("out", None, "Model directory to create.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+    flags.DEFINE_bool("merge", False, "PEFT runs: fold the adapters into the base weights (a "
+                      "whole model); otherwise export the adapters and the base reference.")
     cli.run(main)

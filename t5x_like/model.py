@@ -140,22 +140,33 @@ class Transformer(nnx.Module):
         if cfg.reward_head:
             self.reward_head = _param(None, (d,), 0, ("embed",), dtype)
 
-    def __call__(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None):
-        """tokens [B, T] -> float32 logits [B, T, V]."""
-        return self.logits(self.hidden(tokens, positions=positions, segment_ids=segment_ids,
-                                       dropout_rng=dropout_rng))
+    def __call__(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None, lora=None,
+                 lora_dropout=0.0):
+        """tokens [B, T] -> float32 logits [B, T, V].
 
-    def score(self, tokens, last, *, positions=None, segment_ids=None, dropout_rng=None):
+        lora: LoRA adapters added to the weights they adapt (t5x_like/peft.py `combine`):
+        {"layers": {"wq": {"a": [L, d, r], "b": [L, r, H, D]}, ...}, "embed": {"a", "b"},
+        "lm_head": {"a", "b"}}, b already scaled by alpha / rank; lora_dropout applies to the
+        adapters' inputs when dropout_rng is given.
+        """
+        return self.logits(self.hidden(tokens, positions=positions, segment_ids=segment_ids,
+                                       dropout_rng=dropout_rng, lora=lora,
+                                       lora_dropout=lora_dropout), lora)
+
+    def score(self, tokens, last, *, positions=None, segment_ids=None, dropout_rng=None,
+              lora=None, lora_dropout=0.0):
         """Reward model: tokens [B, T], last [B] (index of each row's last reply token) ->
         float32 scores [B]."""
         h = self.hidden(tokens, positions=positions, segment_ids=segment_ids,
-                        dropout_rng=dropout_rng)
+                        dropout_rng=dropout_rng, lora=lora, lora_dropout=lora_dropout)
         h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]  # [B, T, d] -> [B, d]
         return h_last.astype(jnp.float32) @ self.reward_head[...].astype(jnp.float32)
 
-    def hidden(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None):
+    def hidden(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None, lora=None,
+               lora_dropout=0.0):
         """tokens [B, T] -> final-normed hidden states [B, T, d] in the compute dtype."""
         cfg = self.cfg
+        lora = lora or {}
         dtype = jnp.dtype(cfg.dtype)
         B, T = tokens.shape
         if positions is None:
@@ -166,47 +177,54 @@ class Transformer(nnx.Module):
         keys = (jax.random.split(dropout_rng, cfg.num_layers + 1) if rate
                 else jnp.zeros((cfg.num_layers + 1, 2), jnp.uint32))
 
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = _embed(self.embed[...], tokens, lora.get("embed")).astype(dtype)
         x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
         x = _dropout(x, rate, keys[-1])
+        lora_rate = lora_dropout if dropout_rng is not None else 0.0
+        lora_keys = (jax.random.split(jax.random.fold_in(dropout_rng, 1), cfg.num_layers)
+                     if lora_rate else jnp.zeros((cfg.num_layers, 2), jnp.uint32))
         sin, cos = rope_for(cfg, positions)
         mask = attention_mask(segment_ids, segment_ids)
 
         def body(x, xs):
-            params, key = xs
-            return layer(params, x, sin, cos, mask, cfg, rate, key)[0], None
+            params, key, adapters, lora_key = xs
+            return layer(params, x, sin, cos, mask, cfg, rate, key,
+                         lora=(adapters, lora_rate, lora_key))[0], None
 
         body = _remat(body, cfg.remat)
-        params = self.layers.arrays()
+        xs = (self.layers.arrays(), keys[:-1], lora.get("layers", {}), lora_keys)
         if cfg.scan_layers:
-            x, _ = jax.lax.scan(body, x, (params, keys[:-1]))
+            x, _ = jax.lax.scan(body, x, xs)
         else:
             for i in range(cfg.num_layers):
-                x, _ = body(x, jax.tree.map(lambda a: a[i], (params, keys[:-1])))
+                x, _ = body(x, jax.tree.map(lambda a: a[i], xs))
         return rms_norm(x, self.final_norm[...], cfg.norm_eps)
 
-    def decode(self, tokens, positions, segment_ids, cache: dict, index):
+    def decode(self, tokens, positions, segment_ids, cache: dict, index, lora=None):
         """One incremental step with a KV cache (prefill is the same call with T > 1).
 
         tokens, positions, segment_ids [B, T]; cache {"k", "v": [L, B, S, K, D],
         "segments": [B, S]} from `init_cache`; index: the cache slot of tokens[:, 0] (the same
         for every row: prompts are left-padded, padding has segment 0 and is never attended).
-        Returns float32 logits [B, T, V] and the updated cache.
+        lora: unmerged LoRA adapters, as in `__call__`. Returns float32 logits [B, T, V] and the
+        updated cache.
         """
         cfg = self.cfg
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+        lora = lora or {}
+        x = _embed(self.embed[...], tokens, lora.get("embed")).astype(jnp.dtype(cfg.dtype))
         x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
         sin, cos = rope_for(cfg, positions)
         segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))
         mask = attention_mask(segment_ids, segments, q_offset=index)
 
         def body(x, xs):
-            params, k_cache, v_cache = xs
+            params, k_cache, v_cache, adapters = xs
             x, (k_cache, v_cache) = layer(params, x, sin, cos, mask, cfg, 0.0, None,
-                                          kv_cache=(k_cache, v_cache, index))
+                                          kv_cache=(k_cache, v_cache, index),
+                                          lora=(adapters, 0.0, None))
             return x, (k_cache, v_cache)
 
-        xs = (self.layers.arrays(), cache["k"], cache["v"])
+        xs = (self.layers.arrays(), cache["k"], cache["v"], lora.get("layers", {}))
         if cfg.scan_layers:
             x, (k, v) = jax.lax.scan(body, x, xs)
         else:
@@ -216,33 +234,40 @@ class Transformer(nnx.Module):
                 outs.append(kv)
             k, v = (jnp.stack(parts) for parts in zip(*outs))
         h = rms_norm(x, self.final_norm[...], cfg.norm_eps)
-        return self.logits(h), {"k": k, "v": v, "segments": segments}
+        return self.logits(h, lora), {"k": k, "v": v, "segments": segments}
 
-    def logits(self, h):
-        """hidden [B, T, d] -> float32 logits [B, T, V]."""
+    def logits(self, h, lora=None):
+        """hidden [B, T, d] -> float32 logits [B, T, V] (plus the output LoRA, if any)."""
+        lora = lora or {}
         if self.cfg.tie_embeddings:
             w = self.embed[...].astype(h.dtype).T
+            ad = lora.get("embed")  # the tied output weight is embed.T, so (A B).T = B.T A.T
+            ad = ad and {"a": ad["b"].T, "b": ad["a"].T}
         else:
             w = self.lm_head[...].astype(h.dtype)
+            ad = lora.get("lm_head")
         out = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+        if ad:
+            out = out + lora_delta(h, ad).astype(jnp.float32)
         used, rows = self.cfg.unpadded_vocab_size, self.cfg.vocab_size
         if 0 < used < rows:  # padding rows: never a target, never sampled
             out = jnp.where(jnp.arange(rows) < used, out, _MASK_VALUE)
         return partitioning.constrain(out, ("act_batch", "act_len", "act_vocab"))
 
 
-def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None):
+def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None, lora=None):
     """One transformer layer on per-layer parameters `p` (dict of arrays without "layers").
 
     With kv_cache=(k_cache, v_cache, index) the new keys/values are written into the caches at
-    slot `index` and attention reads the whole cache (mask [B, T, S]). Returns (x, caches).
+    slot `index` and attention reads the whole cache (mask [B, T, S]). lora=(adapters of this
+    layer, dropout rate, key) adds the low-rank updates. Returns (x, caches).
     """
     dtype = x.dtype
     k_attn, k_mlp = jax.random.split(key) if rate else (None, None)
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = _bias(jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dtype)), p, "q_bias")
-    k = _bias(jnp.einsum("btd,dhk->bthk", h, p["wk"].astype(dtype)), p, "k_bias")
-    v = _bias(jnp.einsum("btd,dhk->bthk", h, p["wv"].astype(dtype)), p, "v_bias")
+    q = _bias(_proj("btd,dhk->bthk", h, p, "wq", lora), p, "q_bias")
+    k = _bias(_proj("btd,dhk->bthk", h, p, "wk", lora), p, "k_bias")
+    v = _bias(_proj("btd,dhk->bthk", h, p, "wv", lora), p, "v_bias")
     q = partitioning.constrain(q, ("act_batch", "act_len", "act_heads", None))
     k = partitioning.constrain(k, ("act_batch", "act_len", "act_kv_heads", None))
     v = partitioning.constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
@@ -253,15 +278,15 @@ def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None):
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
         kv_cache = (k, v)
     o = attention(q, k.astype(dtype), v.astype(dtype), mask)
-    o = _bias(jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dtype)), p, "o_bias")
+    o = _bias(_proj("bthk,hkd->btd", o, p, "wo", lora), p, "o_bias")
     x = x + _dropout(o, rate, k_attn)
     x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
 
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    gate = _bias(jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dtype)), p, "gate_bias")
-    up = _bias(jnp.einsum("btd,df->btf", h, p["w_up"].astype(dtype)), p, "up_bias")
+    gate = _bias(_proj("btd,df->btf", h, p, "w_gate", lora), p, "gate_bias")
+    up = _bias(_proj("btd,df->btf", h, p, "w_up", lora), p, "up_bias")
     hidden = partitioning.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
-    out = _bias(jnp.einsum("btf,fd->btd", hidden, p["w_down"].astype(dtype)), p, "down_bias")
+    out = _bias(_proj("btf,fd->btd", hidden, p, "w_down", lora), p, "down_bias")
     x = x + _dropout(out, rate, k_mlp)
     return partitioning.constrain(x, ("act_batch", "act_len", "act_embed")), kv_cache
 
@@ -273,6 +298,36 @@ def init_cache(cfg, batch: int, length: int) -> dict:
     names = ("layers", "act_batch", "act_len", "act_kv_heads", None)
     zeros = lambda: partitioning.constrain(jnp.zeros(shape, dtype), names)  # noqa: E731
     return {"k": zeros(), "v": zeros(), "segments": jnp.zeros((batch, length), jnp.int32)}
+
+
+# Projections LoRA can adapt, each with its own dropout stream (the index folded into the key).
+LORA_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def _proj(eq, x, p, name, lora):
+    """x @ p[name] (as the einsum `eq`), plus the LoRA update when `lora` adapts `name`."""
+    y = jnp.einsum(eq, x, p[name].astype(x.dtype))
+    if lora is None or name not in lora[0]:
+        return y
+    adapters, rate, key = lora
+    if rate:
+        x = _dropout(x, rate, jax.random.fold_in(key, LORA_PROJECTIONS.index(name)))
+    return y + lora_delta(x, adapters[name])
+
+
+def lora_delta(x, ad):
+    """(x @ A) @ B: A [in..., r] contracts x's trailing input dims, B [r, out...] expands them;
+    never forms the full-size A @ B."""
+    a, b = ad["a"].astype(x.dtype), ad["b"].astype(x.dtype)
+    return jnp.tensordot(jnp.tensordot(x, a, a.ndim - 1), b, 1)
+
+
+def _embed(table, tokens, ad):
+    """Embedding rows of `tokens`, plus A[tokens] @ B when the embedding has a LoRA adapter."""
+    x = jnp.take(table, tokens, axis=0)
+    if ad:  # in float32: a bfloat16 base would round small updates away
+        x = x.astype(jnp.float32) + (jnp.take(ad["a"], tokens, axis=0) @ ad["b"]).astype(jnp.float32)
+    return x
 
 
 def _bias(y, p, name):

@@ -33,6 +33,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA adapters' rank: small, kept whole (peft.py)
     ("act_batch", ("data", "fsdp")),
     ("act_len", None),
     ("act_embed", None),

@@ -85,13 +85,18 @@ def plan(cfg, target: Target, *, compile_step: bool = True) -> dict:
     with jax.set_mesh(mesh), partitioning.axis_rules(rules):
         spec = trainer.state_spec(cfg, mesh)
         params = spec.abstract["params"]
-        n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(spec.base_abstract or params))
         out["parameters"] = n_params
         out["param_bytes"] = _shard_bytes(params)
         out["opt_bytes"] = _shard_bytes(spec.abstract["opt_state"])
         out["grad_bytes"] = out["param_bytes"] * 4 // max(
             1, jnp.dtype(cfg.model.param_dtype).itemsize)  # gradients accumulate in float32
         out["activation_bytes_estimate"] = activation_bytes_estimate(cfg, dp, tp)
+        base_args = ()
+        if spec.adapt is not None:  # PEFT: a frozen base, and state for the trainable part only
+            base_args = (spec.base_abstract,)
+            out["peft"] = _peft_saving(cfg, mesh, spec, out)
+            params = spec.base_abstract  # the model's own tensors, for "largest" below
         if compile_step:
             try:
                 train_step, _ = trainer.compile_steps(cfg, spec, mesh)
@@ -99,7 +104,8 @@ def plan(cfg, target: Target, *, compile_step: bool = True) -> dict:
                 batch = {k: jax.ShapeDtypeStruct(
                     (B, T), jnp.float32 if k == "weights" else jnp.int32,
                     sharding=partitioning.batch_sharding(mesh)) for k in pipeline.FEATURES}
-                memory = train_step.lower(spec.abstract, batch).compile().memory_analysis()
+                memory = train_step.lower(spec.abstract, batch,
+                                          *base_args).compile().memory_analysis()
                 out["compiled"] = {
                     "argument_bytes": memory.argument_size_in_bytes,
                     "output_bytes": memory.output_size_in_bytes,
@@ -111,6 +117,7 @@ def plan(cfg, target: Target, *, compile_step: bool = True) -> dict:
                 out["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if "peak_bytes" not in out:
             out["peak_bytes"] = (out["param_bytes"] + out["opt_bytes"] + out["grad_bytes"]
+                                 + out.get("peft", {}).get("base_bytes", 0)
                                  + out["activation_bytes_estimate"])
         tokens = cfg.data.batch_size * cfg.model.max_len
         out["tokens_per_step"] = tokens
@@ -123,6 +130,31 @@ def plan(cfg, target: Target, *, compile_step: bool = True) -> dict:
             for k in largest]
     del np
     return out
+
+
+def _peft_saving(cfg, mesh, spec, out: dict) -> dict:
+    """Per-device bytes of the weights' training state (parameters, AdamW moments, gradients)
+    with PEFT against full fine-tuning of the same model, from both state specs."""
+    from t5x_like import peft, trainer
+
+    full_cfg = cfg.as_configdict() if hasattr(cfg, "as_configdict") else cfg.copy()
+    full_cfg.peft.method, full_cfg.peft.trainable, full_cfg.peft.trainable_layers = "none", "", 0
+    full = trainer.state_spec(full_cfg, mesh)
+    full_params = _shard_bytes(full.abstract["params"])
+    full_bytes = full_params + _shard_bytes(full.abstract["opt_state"]) + full_params * 4 // max(
+        1, full.abstract["params"]["embed"].dtype.itemsize)
+    base_bytes = _shard_bytes(spec.base_abstract)
+    peft_bytes = base_bytes + out["param_bytes"] + out["opt_bytes"] + out["grad_bytes"]
+    return {"trainable": peft.count(spec.adapt.abstract), "base_bytes": base_bytes,
+            "base_dtype": str(jax_dtype(spec.base_abstract)), "full_ft_bytes": full_bytes,
+            "peft_bytes": peft_bytes, "saved_bytes": full_bytes - peft_bytes,
+            "summary": peft.summary(spec.adapt)}
+
+
+def jax_dtype(tree):
+    import jax
+
+    return jax.tree.leaves(tree)[0].dtype
 
 
 def _flat_names(params, spec):
@@ -142,6 +174,14 @@ def render(cfg_name: str, p: dict, mfu: float) -> str:
              f"              optimizer {_gib(p['opt_bytes'])} (AdamW moments, float32)",
              f"              grads     {_gib(p['grad_bytes'])}",
              f"              activations (estimate) {_gib(p['activation_bytes_estimate'])}"]
+    if "peft" in p:
+        e = p["peft"]
+        lines += [f"  {e['summary']}",
+                  f"  per device: frozen base {_gib(e['base_bytes'])} ({e['base_dtype']}); the "
+                  "params/optimizer/grads above are the trainable part only",
+                  f"  weights + optimizer + grads per device: full fine-tuning "
+                  f"{_gib(e['full_ft_bytes'])} -> PEFT {_gib(e['peft_bytes'])}: saves "
+                  f"{_gib(e['saved_bytes'])} ({e['saved_bytes'] / e['full_ft_bytes']:.0%})"]
     if "compiled" in p:
         c = p["compiled"]
         lines.append(f"  compiled train step, per device: arguments {_gib(c['argument_bytes'])}, "

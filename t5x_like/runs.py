@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like import checkpoints, config as config_lib, model, partitioning
+from t5x_like import checkpoints, config as config_lib, model, partitioning, peft
 from t5x_like.errors import UserError
 
 
@@ -24,12 +24,17 @@ class Run:
     params: dict
     step: int
     mesh: jax.sharding.Mesh
+    lora: dict | None = None  # unmerged LoRA adapters (load(merge=False)); model.apply(lora=)
 
 
-def load(workdir: str, *, step: int | None = None, mesh=None) -> Run:
+def load(workdir: str, *, step: int | None = None, mesh=None, merge: bool = True,
+         base: str | None = None) -> Run:
     """Restores a run's parameters (latest checkpoint unless `step`) onto `mesh`.
 
     The default mesh is one device: the model replicated, fine for sampling small models.
+    A PEFT run (adapters + base.json) loads its base, checked against the recorded one (`base`
+    points elsewhere if it moved); merge=True folds the adapters into the weights, so `params`
+    is a plain model, merge=False keeps them apart in `lora`.
     """
     cfg = config_lib.load_json(os.path.join(workdir, "config.json"))
     tok_path = os.path.join(workdir, "tokenizer.model")
@@ -40,6 +45,11 @@ def load(workdir: str, *, step: int | None = None, mesh=None) -> Run:
         one_device = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
         mesh = partitioning.make_mesh(one_device, jax.devices()[:1])
     graphdef, abstract, names = model.abstract_model(cfg.model, cfg.seed)
+    if peft.read_ref(workdir) is not None:
+        with jax.set_mesh(mesh):
+            params, lora, step = peft.load_adapted(cfg, workdir, abstract, names, mesh, step=step,
+                                                   base_dir=base, merge_adapters=merge)
+        return Run(cfg, tokenizer, graphdef, params, step, mesh, lora)
     with jax.set_mesh(mesh):
         shardings = partitioning.tree_shardings(mesh, abstract, names)
         target = checkpoints.abstract_with_shardings(abstract, shardings)

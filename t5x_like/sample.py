@@ -13,7 +13,7 @@ from t5x_like import cli, decoding, runs
 def main(argv):
     del argv
     f = flags.FLAGS
-    run = runs.load(f.workdir, step=f.step)
+    run = runs.load(f.workdir, step=f.step, merge=f.merge, base=f.base)
     tok = run.tokenizer
     prompt = [tok.bos_id, *tok.encode(f.prompt)]
     decoder = decoding.Decoder.from_run(run, max_batch=f.num_samples,
@@ -37,4 +37,7 @@ if __name__ == "__main__":  # flags are defined only when run as a program (modu
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("num_samples", 1, "Independent samples to print.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_bool("merge", True, "PEFT runs: fold the adapters into the weights (false: "
+                      "run the base with the adapters on the side).")
+    flags.DEFINE_string("base", None, "PEFT runs: the base model, if it moved since training.")
     cli.run(main)

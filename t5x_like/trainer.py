@@ -32,7 +32,7 @@ from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like import batches as batches_lib
 from t5x_like import checkpoints, config as config_lib, flops, losses, model
 from t5x_like import optimizer as optimizer_lib
-from t5x_like import partitioning
+from t5x_like import partitioning, peft
 from t5x_like.errors import UserError
 from t5x_like import metrics as metrics_lib
 from t5x_like.metrics import MetricWriter
@@ -43,23 +43,26 @@ from t5x_like.metrics import MetricWriter
 
 
 def make_train_step(graphdef, tx, schedule, *, seed: int, z_loss: float, accum_steps: int,
-                    dropout: float) -> Callable:
-    """Returns train_step(state, batch) -> (state, metrics); the loss is the weighted mean NLL
-    over all targets of the global batch (plus z-loss), micro-batches summed before dividing."""
+                    dropout: float, adapt: peft.Peft | None = None) -> Callable:
+    """Returns train_step(state, batch, base=None) -> (state, metrics); the loss is the weighted
+    mean NLL over all targets of the global batch (plus z-loss), micro-batches summed before
+    dividing. With PEFT (`adapt`), state["params"] is the trainable part and `base` the frozen
+    base model (peft.py)."""
+    forward = peft.forward(graphdef, adapt)
 
-    def loss_fn(params, batch, rng):
-        logits = model.apply(graphdef, params, batch["inputs"], positions=batch["positions"],
-                             segment_ids=batch["segment_ids"], dropout_rng=rng)
+    def loss_fn(params, batch, rng, base):
+        logits = forward(params, base, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"], dropout_rng=rng)
         stats = losses.token_stats(logits, batch["targets"], batch["weights"])
         return stats["nll_sum"] + z_loss * stats["z_sum"], stats
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, batch):
+    def train_step(state, batch, base=None):
         params = state["params"]
         rng = jax.random.fold_in(jax.random.key(seed), state["step"]) if dropout else None
         if accum_steps == 1:
-            (_, stats), grads = grad_fn(params, batch, rng)
+            (_, stats), grads = grad_fn(params, batch, rng, base)
         else:
             # [B, ...] -> [A, B/A, ...] taking every A-th row, so each device keeps its own rows.
             micro = jax.tree.map(
@@ -69,11 +72,11 @@ def make_train_step(graphdef, tx, schedule, *, seed: int, z_loss: float, accum_s
             def body(carry, xs):
                 mb, i = xs
                 mb_rng = None if rng is None else jax.random.fold_in(rng, i)
-                (_, s), g = grad_fn(params, mb, mb_rng)
+                (_, s), g = grad_fn(params, mb, mb_rng, base)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grad_fn, params, first, rng)
+            shapes = jax.eval_shape(grad_fn, params, first, rng, base)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
             (grads, stats), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
         denom = jnp.maximum(stats["weight_sum"], 1.0)
@@ -92,10 +95,12 @@ def make_train_step(graphdef, tx, schedule, *, seed: int, z_loss: float, accum_s
     return train_step
 
 
-def make_eval_step(graphdef) -> Callable:
-    def eval_step(params, batch, token_bytes):
-        logits = model.apply(graphdef, params, batch["inputs"], positions=batch["positions"],
-                             segment_ids=batch["segment_ids"])
+def make_eval_step(graphdef, adapt: peft.Peft | None = None) -> Callable:
+    forward = peft.forward(graphdef, adapt)
+
+    def eval_step(params, batch, token_bytes, base=None):
+        logits = forward(params, base, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"])
         return losses.token_stats(logits, batch["targets"], batch["weights"], token_bytes)
     return eval_step
 
@@ -111,11 +116,20 @@ class StateSpec:
     schedule: optax.Schedule
     abstract: dict  # ShapeDtypeStructs with .sharding: what restores target
     shardings: dict  # NamedShardings with the same structure
+    adapt: peft.Peft | None = None  # PEFT: params are the trainable part of a frozen base
+    base_abstract: dict | None = None  # PEFT: the frozen base (a train step input, not state)
+    base_shardings: dict | None = None
 
 
 def state_spec(cfg, mesh) -> StateSpec:
     """Shapes and shardings of the whole train state, computed without allocating it."""
     graphdef, abstract_params, names = model.abstract_model(cfg.model, cfg.seed)
+    adapt = peft.build(cfg, abstract_params, names)
+    base_abstract = base_shardings = None
+    if adapt is not None:  # only the trainable part is state, differentiated and optimized
+        base_shardings = partitioning.tree_shardings(mesh, adapt.base_abstract, adapt.base_names)
+        base_abstract = checkpoints.abstract_with_shardings(adapt.base_abstract, base_shardings)
+        abstract_params, names = adapt.abstract, adapt.names
     param_shardings = partitioning.tree_shardings(mesh, abstract_params, names)
     schedule = optimizer_lib.learning_rate(cfg.optimizer, cfg.steps)
     tx = optimizer_lib.make(cfg.optimizer, cfg.steps)
@@ -128,7 +142,8 @@ def state_spec(cfg, mesh) -> StateSpec:
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
                 "opt_state": abstract_opt}
     return StateSpec(graphdef, tx, schedule,
-                     checkpoints.abstract_with_shardings(abstract, shardings), shardings)
+                     checkpoints.abstract_with_shardings(abstract, shardings), shardings,
+                     adapt, base_abstract, base_shardings)
 
 
 def init_state(cfg, spec: StateSpec) -> dict:
@@ -145,11 +160,13 @@ def compile_steps(cfg, spec: StateSpec, mesh):
     train_step = make_train_step(spec.graphdef, spec.tx, spec.schedule, seed=cfg.seed,
                                  z_loss=cfg.optimizer.z_loss,
                                  accum_steps=cfg.optimizer.grad_accum_steps,
-                                 dropout=cfg.model.dropout)
-    train_jit = jax.jit(train_step, in_shardings=(spec.shardings, batch_sharding),
+                                 dropout=cfg.model.dropout or (spec.adapt and spec.adapt.dropout),
+                                 adapt=spec.adapt)
+    base = () if spec.adapt is None else (spec.base_shardings,)  # PEFT: base is an input
+    train_jit = jax.jit(train_step, in_shardings=(spec.shardings, batch_sharding, *base),
                         out_shardings=(spec.shardings, replicated), donate_argnums=0)
-    eval_jit = jax.jit(make_eval_step(spec.graphdef),
-                       in_shardings=(spec.shardings["params"], batch_sharding, replicated),
+    eval_jit = jax.jit(make_eval_step(spec.graphdef, spec.adapt),
+                       in_shardings=(spec.shardings["params"], batch_sharding, replicated, *base),
                        out_shardings=replicated)
     return train_jit, eval_jit
 
@@ -296,12 +313,22 @@ def _inherit_model(cfg, init_dir: str):
     return cfg
 
 
-def _state_from_init(cfg, spec: StateSpec, init_dir: str, init_step: int | None) -> dict:
-    """Parameters of another run or model directory; fresh optimizer state; step 0."""
+def _check_init_model(cfg, init_dir: str) -> None:
     where = os.path.join(init_dir, "config.json")
     config_lib.check_same_model(config_lib.load_json(where).model, cfg.model, where)
-    params, step = checkpoints.restore_params(init_dir, spec.abstract["params"], init_step)
-    logging.info("Initialized parameters from %s step %d (optimizer fresh, step 0)", init_dir, step)
+
+
+def _state_from_init(cfg, spec: StateSpec, init_dir: str, init_step: int | None,
+                     base=None) -> dict:
+    """Parameters of another run or model directory (PEFT: fresh adapters and copies of the
+    tuned parts of `base`); fresh optimizer state; step 0."""
+    _check_init_model(cfg, init_dir)
+    if base is not None:
+        params = peft.init_trainable(spec.adapt, base, cfg.seed, spec.shardings["params"])
+    else:
+        params, step = checkpoints.restore_params(init_dir, spec.abstract["params"], init_step)
+        logging.info("Initialized parameters from %s step %d (optimizer fresh, step 0)",
+                     init_dir, step)
     opt_state = jax.jit(spec.tx.init, out_shardings=spec.shardings["opt_state"])(params)
     return {"step": jax.device_put(jnp.zeros((), jnp.int32), spec.shardings["step"]),
             "params": params, "opt_state": opt_state}
@@ -345,6 +372,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
             cfg = _inherit_model(cfg, init_dir)
     config_lib.validate(cfg)
     workdir = os.path.abspath(workdir)
+    peft.check_run(cfg, workdir, init_dir)
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
@@ -395,6 +423,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     with jax.set_mesh(mesh), partitioning.axis_rules(rules):
         spec = state_spec(cfg, mesh)
         train_step, eval_step = compile_steps(cfg, spec, mesh)
+        base = None
+        if spec.adapt is not None:  # the frozen base goes into every step as an input
+            _check_init_model(cfg, init_dir)
+            base = peft.run_base(spec.adapt, workdir, init_dir, init_step, spec.base_shardings)
+            train_step, eval_step = peft.with_base(train_step, eval_step, base)
+            logging.info(peft.summary(spec.adapt))
         ckpt = checkpoints.Checkpointer(
             checkpoints.checkpoint_dir(workdir), max_to_keep=c.max_to_keep,
             async_save=c.async_save, keep_best_by=c.keep_best_by, keep_best=c.keep_best,
@@ -406,7 +440,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
             if state is not None:
                 logging.info("Resuming from step %d", int(jax.device_get(state["step"])))
             elif init_dir:
-                state = _state_from_init(cfg, spec, init_dir, init_step)
+                state = _state_from_init(cfg, spec, init_dir, init_step, base)
             else:
                 state = init_state(cfg, spec)
             # Lines logged after the restored step (or by a run killed before its first
