@@ -43,6 +43,7 @@ def test_quick_lifecycle_runs_every_stage_and_writes_the_report(tmp_path, monkey
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     cfg = demo_config()
     cfg.quick = True
+    cfg.order = cfg.order.replace("eval_dpo,", "eval_dpo,rl,eval_rl,")  # every kind of stage
     workdir = tmp_path / "lc"
     state = lifecycle.run_lifecycle(cfg, str(workdir))
 
