@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5x_like import model, preference_losses
+from t5x_like import model, peft, preference_losses
 from t5x_like import optimizer as optimizer_lib
 
 
@@ -54,13 +54,18 @@ def reward_stats(graphdef) -> Callable:
     return stats_fn
 
 
-def dpo_stats(graphdef, *, beta: float, loss_type: str, label_smoothing: float) -> Callable:
-    """DPO (or IPO) of the policy against the frozen reference."""
+def dpo_stats(graphdef, *, beta: float, loss_type: str, label_smoothing: float,
+              adapt: peft.Peft | None = None) -> Callable:
+    """DPO (or IPO) of the policy against the frozen reference. With PEFT (`adapt`) `params`
+    is the trainable tree and `ref_params` the frozen base: the policy is base + adapters and
+    the reference the base alone, so the weights are held once."""
+    forward, reference = peft.forward(graphdef, adapt), peft.reference_forward(graphdef)
+
     def stats_fn(params, ref_params, batch, rng):
         flat = _flat(batch)
         kw = dict(positions=flat["positions"], segment_ids=flat["segment_ids"])
-        logits = model.apply(graphdef, params, flat["inputs"], dropout_rng=rng, **kw)
-        ref_logits = jax.lax.stop_gradient(model.apply(graphdef, ref_params, flat["inputs"], **kw))
+        logits = forward(params, ref_params, flat["inputs"], dropout_rng=rng, **kw)
+        ref_logits = jax.lax.stop_gradient(reference(ref_params, flat["inputs"], **kw))
         logp, n = preference_losses.sequence_logprobs(logits, flat["targets"], flat["weights"])
         ref_logp, _ = preference_losses.sequence_logprobs(ref_logits, flat["targets"],
                                                           flat["weights"])
