@@ -20,8 +20,8 @@ preemption. What differs per task:
 The reference model (dpo, rl) is the init_from model: restored once more onto the same mesh
 with the policy's shardings, passed to every step as an argument that is never donated nor
 differentiated, and never saved (a resumed run restores it from init_from again). With PEFT
-(dpo, rl; t5x_like/peft.py) the reference is the frozen base itself and the policy is base +
-adapters, so the weights are held once.
+(t5x_like/peft.py) the reference is the frozen base itself and the policy is base + adapters,
+so the weights are held once; task=reward trains the adapters and the (new) reward head.
 """
 
 import collections
@@ -164,7 +164,7 @@ def train_and_evaluate(cfg, workdir: str, *, prepared, tokenizer, mesh, init_dir
             state = ckpt.restore_newest_valid(spec.abstract, batches=train_batches)
             if state is not None:
                 logging.info("Resuming from step %d", int(jax.device_get(state["step"])))
-            elif cfg.task == "reward":
+            elif cfg.task == "reward" and base is None:
                 state = reward_state_from_init(cfg, spec, init_dir, init_step)
             else:
                 state = trainer._state_from_init(cfg, spec, init_dir, init_step, base=base)
@@ -192,7 +192,7 @@ def train_and_evaluate(cfg, workdir: str, *, prepared, tokenizer, mesh, init_dir
 
 def _pair_steps(cfg, spec, mesh, reference, eval_source, encode, local_eval_batch):
     if cfg.task == "reward":
-        stats_fn = preference.reward_stats(spec.graphdef)
+        stats_fn = preference.reward_stats(spec.graphdef, spec.adapt)
     else:
         stats_fn = preference.dpo_stats(spec.graphdef, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss,
                                         label_smoothing=cfg.dpo.label_smoothing, adapt=spec.adapt)

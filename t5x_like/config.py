@@ -175,10 +175,6 @@ def _validate_peft(cfg) -> None:
              f"is {p.trainable_layers}; it must be between 0 and model.num_layers "
              f"({cfg.model.num_layers}).")
     peft.lora_targets(p, cfg.model)  # raises UserError naming a target that matches nothing
-    # task=reward trains a new head on a base without one; not wired to PEFT yet.
-    _require(not peft.active(p) or cfg.task != "reward", "peft.method",
-             "PEFT is not available for task=reward yet (pretrain, sft, dpo and rl only); set "
-             "peft.method=none and peft.trainable=''.")
 
 
 def _validate_alignment(cfg) -> None:

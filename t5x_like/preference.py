@@ -36,14 +36,19 @@ def _pairs(values):
     return pairs[:, 0], pairs[:, 1]
 
 
-def reward_stats(graphdef) -> Callable:
-    """Bradley-Terry on the reward model's scores of chosen and rejected."""
+def reward_stats(graphdef, adapt: peft.Peft | None = None) -> Callable:
+    """Bradley-Terry on the reward model's scores of chosen and rejected. With PEFT (`adapt`)
+    `params` is the trainable tree (adapters and the head) and `ref_params` the frozen base."""
     def stats_fn(params, ref_params, batch, rng):
-        del ref_params
         flat = _flat(batch)
+        lora, lora_dropout = None, 0.0
+        if adapt is not None:
+            params, lora = peft.combine(adapt, params, ref_params)
+            lora_dropout = adapt.dropout
         scores = model.bind(graphdef, params).score(
             flat["inputs"], last_index(flat["weights"]), positions=flat["positions"],
-            segment_ids=flat["segment_ids"], dropout_rng=rng)
+            segment_ids=flat["segment_ids"], dropout_rng=rng, lora=lora,
+            lora_dropout=lora_dropout)
         chosen, rejected = _pairs(scores)
         valid = (batch["weights"][:, 0].sum(-1) > 0).astype(jnp.float32)
         loss = preference_losses.bradley_terry(chosen, rejected)

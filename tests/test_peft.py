@@ -322,8 +322,31 @@ def test_lora_dpo_and_rl_runs_keep_the_base(runs_dir):
     assert set(stored) == {"lora"}
 
 
-def test_peft_is_refused_for_the_reward_task(tmp_path):
-    cfg = tiny(tmp_path, method="lora")
-    cfg.task, cfg.init_from, cfg.model.reward_head = "reward", "x", True
-    with pytest.raises(UserError, match="task=reward"):
-        config_lib.validate(cfg)
+@pytest.mark.slow  # a LoRA reward model on the tiny base of runs_dir (~1 minute)
+def test_lora_reward_model_trains_adapters_and_its_new_head(runs_dir):
+    from t5x_like import reward_model
+
+    root, _ = runs_dir
+    cfg = tiny("", method="lora", targets="attention", rank=4)
+    cfg.task, cfg.init_from, cfg.model_from_init = "reward", str(root / "pre"), True
+    cfg.model.reward_head = True
+    cfg.steps, cfg.log_every_steps, cfg.optimizer.lr = 2, 1, 1e-2
+    cfg.data.update(synthetic_docs=80, source="synthetic:arithmetic_pairs",
+                    dedup=dict(near=False, exact=True, decontaminate=True, threshold=0.8,
+                               num_perm=128, ngram=5, seed=1))
+    cfg.eval.steps = 1
+    workdir = str(root / "lora_reward")
+    result = trainer.train_and_evaluate(cfg, workdir)
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["pairs"] > 0
+    stored = peft.load_trainable(config_lib.load_json(f"{workdir}/config.json"), workdir, None)
+    # The checkpoint: adapters plus the head (zeros in the chat base), which learned.
+    assert set(stored) == {"lora", "tuned"} and set(stored["tuned"]) == {"reward_head"}
+    assert float(np.abs(jax.device_get(stored["tuned"]["reward_head"])).max()) > 0
+    pre = leaves(runs.load(str(root / "pre")).params)
+    unmerged = leaves(runs.load(workdir, merge=False).params)
+    for k, v in pre.items():
+        np.testing.assert_array_equal(unmerged[k], v)
+    rm = reward_model.RewardModel.load(workdir)  # merged: a plain reward model
+    prompt = [{"role": "user", "content": "What is 3 + 4?"}]
+    scores = rm.score([prompt] * 3, ["7", "8", "7"])
+    assert scores[0] == pytest.approx(scores[2], abs=1e-5) and scores[0] != scores[1]
