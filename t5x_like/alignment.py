@@ -19,7 +19,9 @@ preemption. What differs per task:
 
 The reference model (dpo, rl) is the init_from model: restored once more onto the same mesh
 with the policy's shardings, passed to every step as an argument that is never donated nor
-differentiated, and never saved (a resumed run restores it from init_from again).
+differentiated, and never saved (a resumed run restores it from init_from again). With PEFT
+(t5x_like/peft.py) the reference is the frozen base itself and the policy is base + adapters,
+so the weights are held once; task=reward trains the adapters and the (new) reward head.
 """
 
 import collections
@@ -31,7 +33,8 @@ from absl import logging
 
 from data_pipelines import preference_data
 from t5x_like import batches as batches_lib
-from t5x_like import checkpoints, config as config_lib, decoding, partitioning, preference, rl
+from t5x_like import checkpoints, config as config_lib, decoding, partitioning, peft, preference
+from t5x_like import rl
 from t5x_like import trainer
 from t5x_like.errors import UserError
 from t5x_like.metrics import MetricWriter
@@ -150,17 +153,28 @@ def train_and_evaluate(cfg, workdir: str, *, prepared, tokenizer, mesh, init_dir
         writer = MetricWriter(workdir, enabled=primary)
         preemption = trainer.Preemption(c.save_on_preemption)
         try:
+            # PEFT: the frozen base is the reference (the policy is base + adapters), so the
+            # weights are held once; it is recorded in base.json and checked on resume.
+            base = None
+            if spec.adapt is not None:
+                trainer._check_init_model(cfg, init_dir)
+                base = peft.run_base(spec.adapt, workdir, init_dir, init_step,
+                                     spec.base_shardings)
+                logging.info(peft.summary(spec.adapt))
             state = ckpt.restore_newest_valid(spec.abstract, batches=train_batches)
             if state is not None:
                 logging.info("Resuming from step %d", int(jax.device_get(state["step"])))
-            elif cfg.task == "reward":
+            elif cfg.task == "reward" and base is None:
                 state = reward_state_from_init(cfg, spec, init_dir, init_step)
             else:
-                state = trainer._state_from_init(cfg, spec, init_dir, init_step)
+                state = trainer._state_from_init(cfg, spec, init_dir, init_step, base=base)
             writer.truncate_after(int(jax.device_get(state["step"])))
             # The frozen reference: the init_from model again, on the policy's shardings.
-            reference = (None if cfg.task == "reward" else
-                         trainer._state_from_init(cfg, spec, init_dir, init_step)["params"])
+            if base is not None:
+                reference = base
+            else:
+                reference = (None if cfg.task == "reward" else
+                             trainer._state_from_init(cfg, spec, init_dir, init_step)["params"])
             if cfg.task == "rl":
                 train_step, evaluate = _rl_steps(cfg, spec, mesh, tokenizer, reference, state,
                                                  eval_source)
@@ -178,15 +192,17 @@ def train_and_evaluate(cfg, workdir: str, *, prepared, tokenizer, mesh, init_dir
 
 def _pair_steps(cfg, spec, mesh, reference, eval_source, encode, local_eval_batch):
     if cfg.task == "reward":
-        stats_fn = preference.reward_stats(spec.graphdef)
+        stats_fn = preference.reward_stats(spec.graphdef, spec.adapt)
     else:
         stats_fn = preference.dpo_stats(spec.graphdef, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss,
-                                        label_smoothing=cfg.dpo.label_smoothing)
-    step = preference.make_train_step(stats_fn, spec.tx, spec.schedule, seed=cfg.seed,
-                                      dropout=cfg.model.dropout)
+                                        label_smoothing=cfg.dpo.label_smoothing, adapt=spec.adapt)
+    step = preference.make_train_step(
+        stats_fn, spec.tx, spec.schedule, seed=cfg.seed,
+        dropout=cfg.model.dropout or (spec.adapt is not None and spec.adapt.dropout))
     batch_sharding = {k: partitioning.batch_sharding(mesh) for k in preference_data.PAIR_FEATURES}
     replicated = partitioning.replicated(mesh)
-    ref_sharding = None if reference is None else spec.shardings["params"]
+    ref_sharding = (None if reference is None else spec.base_shardings if spec.adapt is not None
+                    else spec.shardings["params"])
     train_jit = jax.jit(step, in_shardings=(spec.shardings, ref_sharding, batch_sharding),
                         out_shardings=(spec.shardings, replicated), donate_argnums=0)
     eval_jit = jax.jit(preference.make_eval_step(stats_fn),
@@ -200,17 +216,26 @@ def _pair_steps(cfg, spec, mesh, reference, eval_source, encode, local_eval_batc
 def _rl_steps(cfg, spec, mesh, tokenizer, reference, state, eval_source):
     rows = {k: partitioning.batch_sharding(mesh) for k in (*preference_data.PAIR_FEATURES,
                                                             "advantages")}
-    update = jax.jit(rl.make_update(spec.graphdef, spec.tx, spec.schedule, kl_coef=cfg.rl.kl_coef),
-                     in_shardings=(spec.shardings, spec.shardings["params"], rows),
+    update = jax.jit(rl.make_update(spec.graphdef, spec.tx, spec.schedule, kl_coef=cfg.rl.kl_coef,
+                                    adapt=spec.adapt),
+                     in_shardings=(spec.shardings, spec.base_shardings or spec.shardings["params"],
+                                   rows),
                      out_shardings=(spec.shardings, partitioning.replicated(mesh)),
                      donate_argnums=0)
     reward_fn = rl.reward_function(cfg.rl.reward, mesh=mesh)
+    if spec.adapt is None:
+        policy = rl._whole
+    else:  # PEFT: decode with base (+ tuned parameters) and the LoRA adapters unmerged
+        def policy(params):
+            full, lora = peft.combine(spec.adapt, params, reference)
+            return full, (lora or None)
     decoder = decoding.Decoder(spec.graphdef, state["params"], cfg.model, tokenizer,
                                max_batch=cfg.data.batch_size * cfg.rl.group_size,
                                max_len=cfg.model.max_len, mesh=mesh)
     train_step = rl.make_train_step(decoder, tokenizer,
                                     lambda s, batch: update(s, reference, batch), reward_fn,
-                                    cfg.rl, seed=cfg.seed, max_len=cfg.model.max_len, mesh=mesh)
+                                    cfg.rl, seed=cfg.seed, max_len=cfg.model.max_len, mesh=mesh,
+                                    policy=policy)
     prompt_len = cfg.model.max_len - cfg.rl.max_new_tokens - 1
     encode = preference_data.prompt_encoder(tokenizer, max_len=prompt_len)
     # eval.steps batches of eval.batch_size prompts at most (0 = rl.eval_prompts of them).
@@ -230,6 +255,6 @@ def _rl_steps(cfg, spec, mesh, tokenizer, reference, state, eval_source):
         if not prompts:
             raise UserError("the validation split gave no prompts to evaluate (rl.eval_prompts "
                             "is 0 or every prompt is too long); check data.eval_split.")
-        return rl.evaluate(eval_decoder, tokenizer, params, prompts, reward_fn, cfg.rl)
+        return rl.evaluate(eval_decoder, tokenizer, params, prompts, reward_fn, cfg.rl, policy)
 
     return train_step, evaluate

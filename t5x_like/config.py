@@ -175,10 +175,6 @@ def _validate_peft(cfg) -> None:
              f"is {p.trainable_layers}; it must be between 0 and model.num_layers "
              f"({cfg.model.num_layers}).")
     peft.lora_targets(p, cfg.model)  # raises UserError naming a target that matches nothing
-    # alignment.py (reward/dpo/rl) builds its own steps and reference copy; not wired to PEFT yet.
-    _require(not peft.active(p) or cfg.task in ("pretrain", "sft"), "peft.method",
-             f"PEFT is not available for task={cfg.task} yet (pretrain and sft only); set "
-             "peft.method=none and peft.trainable=''.")
 
 
 def _validate_alignment(cfg) -> None:

@@ -139,6 +139,8 @@ def build(cfg, abstract_params: dict, names: dict) -> Peft | None:
             raise UserError(f"config key 'peft.trainable': {pattern!r} matches no parameter; "
                             f"they are {', '.join(paths)}.")
         tuned.update({q: 0 for q in hits})  # a whole parameter wins over its last layers
+    if "reward_head" in paths:  # task=reward: the new head (zeros in the base) always learns
+        tuned["reward_head"] = 0
 
     f32 = jnp.float32
     abstract: dict = {}
@@ -354,7 +356,13 @@ def load_base(adapt: Peft, base_dir: str, step: int | None, shardings: dict,
     target = checkpoints.abstract_with_shardings(
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, full_dtype), adapt.base_abstract),
         shardings)
+    # A reward model from a chat model: the base has no head; it starts at zero (a tuned part).
+    new_head = "reward_head" in target and not saved.model.get("reward_head")
+    head = target.pop("reward_head") if new_head else None
     base, step = checkpoints.restore_params(base_dir, target, step)
+    if new_head:
+        base["reward_head"] = jax.jit(lambda: jnp.zeros(head.shape, head.dtype),
+                                      out_shardings=head.sharding)()
     ref = {"path": os.path.abspath(base_dir), "step": step, "fingerprint": fingerprint(base)}
     if expect is not None and not same_fingerprint(ref["fingerprint"], expect["fingerprint"]):
         raise UserError(f"the base model {base_dir} step {step} is not the base these adapters "

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5x_like import model, preference_losses
+from t5x_like import model, peft, preference_losses
 from t5x_like import optimizer as optimizer_lib
 
 
@@ -36,14 +36,19 @@ def _pairs(values):
     return pairs[:, 0], pairs[:, 1]
 
 
-def reward_stats(graphdef) -> Callable:
-    """Bradley-Terry on the reward model's scores of chosen and rejected."""
+def reward_stats(graphdef, adapt: peft.Peft | None = None) -> Callable:
+    """Bradley-Terry on the reward model's scores of chosen and rejected. With PEFT (`adapt`)
+    `params` is the trainable tree (adapters and the head) and `ref_params` the frozen base."""
     def stats_fn(params, ref_params, batch, rng):
-        del ref_params
         flat = _flat(batch)
+        lora, lora_dropout = None, 0.0
+        if adapt is not None:
+            params, lora = peft.combine(adapt, params, ref_params)
+            lora_dropout = adapt.dropout
         scores = model.bind(graphdef, params).score(
             flat["inputs"], last_index(flat["weights"]), positions=flat["positions"],
-            segment_ids=flat["segment_ids"], dropout_rng=rng)
+            segment_ids=flat["segment_ids"], dropout_rng=rng, lora=lora,
+            lora_dropout=lora_dropout)
         chosen, rejected = _pairs(scores)
         valid = (batch["weights"][:, 0].sum(-1) > 0).astype(jnp.float32)
         loss = preference_losses.bradley_terry(chosen, rejected)
@@ -54,13 +59,18 @@ def reward_stats(graphdef) -> Callable:
     return stats_fn
 
 
-def dpo_stats(graphdef, *, beta: float, loss_type: str, label_smoothing: float) -> Callable:
-    """DPO (or IPO) of the policy against the frozen reference."""
+def dpo_stats(graphdef, *, beta: float, loss_type: str, label_smoothing: float,
+              adapt: peft.Peft | None = None) -> Callable:
+    """DPO (or IPO) of the policy against the frozen reference. With PEFT (`adapt`) `params`
+    is the trainable tree and `ref_params` the frozen base: the policy is base + adapters and
+    the reference the base alone, so the weights are held once."""
+    forward, reference = peft.forward(graphdef, adapt), peft.reference_forward(graphdef)
+
     def stats_fn(params, ref_params, batch, rng):
         flat = _flat(batch)
         kw = dict(positions=flat["positions"], segment_ids=flat["segment_ids"])
-        logits = model.apply(graphdef, params, flat["inputs"], dropout_rng=rng, **kw)
-        ref_logits = jax.lax.stop_gradient(model.apply(graphdef, ref_params, flat["inputs"], **kw))
+        logits = forward(params, ref_params, flat["inputs"], dropout_rng=rng, **kw)
+        ref_logits = jax.lax.stop_gradient(reference(ref_params, flat["inputs"], **kw))
         logp, n = preference_losses.sequence_logprobs(logits, flat["targets"], flat["weights"])
         ref_logp, _ = preference_losses.sequence_logprobs(ref_logits, flat["targets"],
                                                           flat["weights"])

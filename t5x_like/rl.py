@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from data_pipelines import chat_template, preference_data, synthetic
-from t5x_like import decoding, model, preference_losses
+from t5x_like import decoding, peft, preference_losses
 from t5x_like import optimizer as optimizer_lib
 
 RewardFn = Callable[[Sequence[list[dict]], Sequence[str]], np.ndarray]
@@ -72,13 +72,16 @@ def reply_rows(tokenizer, prompts: Sequence[Sequence[int]],
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def make_update(graphdef, tx, schedule, *, kl_coef: float) -> Callable:
+def make_update(graphdef, tx, schedule, *, kl_coef: float, adapt=None) -> Callable:
     """update(state, ref_params, batch) -> (state, metrics); batch = reply rows + "advantages"
-    [N]. Pure; jitted with shardings by alignment.py."""
+    [N]. Pure; jitted with shardings by alignment.py. With PEFT (`adapt`, peft.py) the state's
+    params are the trainable tree and `ref_params` the frozen base, which is the reference."""
+    forward, reference = peft.forward(graphdef, adapt), peft.reference_forward(graphdef)
+
     def loss_fn(params, ref_params, batch):
         kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
-        logits = model.apply(graphdef, params, batch["inputs"], **kw)
-        ref_logits = jax.lax.stop_gradient(model.apply(graphdef, ref_params, batch["inputs"], **kw))
+        logits = forward(params, ref_params, batch["inputs"], **kw)
+        ref_logits = jax.lax.stop_gradient(reference(ref_params, batch["inputs"], **kw))
         logp, n = preference_losses.sequence_logprobs(logits, batch["targets"], batch["weights"])
         kl = preference_losses.token_kl(logits, ref_logits, batch["weights"])
         tokens = jnp.maximum(jnp.sum(n), 1.0)
@@ -120,10 +123,15 @@ def sample_and_score(decoder, tokenizer, prompts: Sequence[Sequence[int]], rewar
     return completions, messages, reward_fn(messages, [c.text for c in completions])
 
 
+def _whole(params):
+    return params, None
+
+
 def make_train_step(decoder, tokenizer, update, reward_fn: RewardFn, rl_cfg, *, seed: int,
-                    max_len: int, mesh=None) -> Callable:
+                    max_len: int, mesh=None, policy: Callable = _whole) -> Callable:
     """train_step(state, batch) -> (state, metrics) for the trainer's loop: sample, reward,
-    advantages, update. `update` is the jitted `make_update(...)` with the reference bound."""
+    advantages, update. `update` is the jitted `make_update(...)` with the reference bound;
+    `policy(state params) -> (decoder params, LoRA inputs or None)` (PEFT: base + adapters)."""
     end = tokenizer.marker_ids[chat_template.END]
     G = rl_cfg.group_size
 
@@ -135,7 +143,7 @@ def make_train_step(decoder, tokenizer, update, reward_fn: RewardFn, rl_cfg, *, 
                                       temperature=rl_cfg.temperature, top_p=rl_cfg.top_p,
                                       stop_tokens=(end,), seed=hash((seed, step, i)) % 2**31)
                     for i in range(len(grouped))]
-        decoder.params = state["params"]  # sample with the policy being trained
+        decoder.params, decoder.lora = policy(state["params"])  # sample with the policy trained
         completions, _, rewards = sample_and_score(decoder, tokenizer, grouped, reward_fn,
                                                    sampling)
         advantages = group_advantages(rewards.reshape(len(prompts), G)).reshape(-1)
@@ -159,10 +167,10 @@ def make_train_step(decoder, tokenizer, update, reward_fn: RewardFn, rl_cfg, *, 
 
 
 def evaluate(decoder, tokenizer, params, prompts: Sequence[Sequence[int]], reward_fn: RewardFn,
-             rl_cfg) -> dict[str, float]:
+             rl_cfg, policy: Callable = _whole) -> dict[str, float]:
     """Greedy replies to held-out prompts: mean reward, accuracy (exact_answer), length."""
     end = tokenizer.marker_ids[chat_template.END]
-    decoder.params = params
+    decoder.params, decoder.lora = policy(params)
     greedy = decoding.Sampling(max_new_tokens=rl_cfg.max_new_tokens, stop_tokens=(end,))
     completions, _, rewards = sample_and_score(decoder, tokenizer, prompts, reward_fn,
                                                [greedy] * len(prompts))

@@ -237,3 +237,116 @@ def test_adapters_shard_with_their_weights(tmp_path):
     # The frozen base can be half the size; what trains stays float32.
     assert {x.dtype for x in jax.tree.leaves(spec.base_abstract)} == {jnp.dtype("bfloat16")}
     assert {x.dtype for x in jax.tree.leaves(spec.abstract["params"])} == {jnp.dtype("float32")}
+
+
+def pair_batch(cfg, rng):
+    T = cfg.model.max_len
+    batch = {"inputs": rng.integers(3, 300, (8, 2, T)), "targets": rng.integers(3, 300, (8, 2, T)),
+             "weights": np.concatenate([np.zeros((8, 2, T // 2)), np.ones((8, 2, T // 2))], -1),
+             "segment_ids": np.ones((8, 2, T)), "positions": np.broadcast_to(np.arange(T), (8, 2, T))}
+    return {k: v.astype(np.float32 if k == "weights" else np.int32) for k, v in batch.items()}
+
+
+def test_lora_dpo_trains_the_adapters_against_the_base_as_reference(tmp_path):
+    from t5x_like import preference
+
+    cfg = tiny(tmp_path, method="lora", targets="attention,head", rank=4)
+    cfg.task, cfg.init_from, cfg.optimizer.lr = "dpo", "x", 1e-2
+    cfg = config_lib.resolve(cfg, 300)
+    config_lib.validate(cfg)  # PEFT is accepted for task=dpo
+    mesh = partitioning.make_mesh(cfg.mesh)
+    batch = pair_batch(cfg, np.random.default_rng(0))
+    with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
+        spec = trainer.state_spec(cfg, mesh)
+        base = model.init_params(cfg.model, 0, spec.base_shardings)
+        params = peft.init_trainable(spec.adapt, base, cfg.seed, spec.shardings["params"])
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": jax.jit(spec.tx.init)(params)}
+        before_base, before_params = leaves(base), leaves(params)
+        stats_fn = preference.dpo_stats(spec.graphdef, beta=0.1, loss_type="sigmoid",
+                                        label_smoothing=0.0, adapt=spec.adapt)
+        step = jax.jit(preference.make_train_step(stats_fn, spec.tx, spec.schedule, seed=0,
+                                                  dropout=0.0),
+                       in_shardings=(spec.shardings, spec.base_shardings, None), donate_argnums=0)
+        history = []
+        for _ in range(3):
+            state, metrics = step(state, base, batch)
+            history.append(jax.device_get(metrics))
+    # Step 0: the policy (base + adapters with B = 0) is exactly the reference (the base).
+    assert float(history[0]["loss"]) == pytest.approx(np.log(2), abs=1e-6)
+    assert float(history[0]["kl"]) == pytest.approx(0.0, abs=1e-7)
+    assert float(history[-1]["kl"]) > 0 and float(history[-1]["loss"]) < np.log(2)
+    # The base, which is the reference, is byte-identical; only adapters are trained at all.
+    for k, v in leaves(base).items():
+        np.testing.assert_array_equal(v, before_base[k])
+    after = leaves(state["params"])
+    assert set(after) == set(before_params) and all("['lora']" in k for k in after)
+    assert all(np.abs(v).max() > 0 for k, v in after.items() if k.endswith("['b']"))
+
+
+@pytest.mark.slow  # DPO then RL on the tiny base of runs_dir (~1 minute on 2 busy cores)
+def test_lora_dpo_and_rl_runs_keep_the_base(runs_dir):
+    from t5x_like import metrics as metrics_lib
+
+    root, _ = runs_dir
+    pre = leaves(runs.load(str(root / "pre")).params)
+
+    def follow_up(task, **data):
+        cfg = tiny("", method="lora", targets="attention", rank=4)
+        cfg.task, cfg.init_from, cfg.model_from_init = task, str(root / "pre"), True
+        cfg.steps, cfg.log_every_steps, cfg.optimizer.lr = 2, 1, 1e-2
+        cfg.data.update(synthetic_docs=80, dedup=dict(near=False, exact=True,
+                                                      decontaminate=True, threshold=0.8,
+                                                      num_perm=128, ngram=5, seed=1), **data)
+        cfg.eval.steps = 1
+        return cfg, str(root / f"lora_{task}")
+
+    cfg, workdir = follow_up("dpo", source="synthetic:arithmetic_pairs")
+    result = trainer.train_and_evaluate(cfg, workdir)
+    assert {"loss", "accuracy", "kl"} <= set(result)
+    train = [r for r in metrics_lib.read_metrics(workdir) if r["split"] == "train"]
+    assert train[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and train[1]["kl"] > 0
+    assert json.loads((root / "lora_dpo" / "base.json").read_text())["path"] == str(root / "pre")
+    unmerged = runs.load(workdir, merge=False)
+    assert set(unmerged.lora["layers"]) == {"wq", "wk", "wv", "wo"}
+    for k, v in leaves(unmerged.params).items():  # the checkpoint holds adapters only
+        np.testing.assert_array_equal(v, pre[k])
+
+    cfg, workdir = follow_up("rl", source="synthetic:arithmetic_chat")
+    cfg.rl.update(group_size=2, max_new_tokens=4, eval_prompts=8)
+    result = trainer.train_and_evaluate(cfg, workdir)
+    assert {"reward", "accuracy", "reply_length"} <= set(result)
+    train = [r for r in metrics_lib.read_metrics(workdir) if r["split"] == "train"]
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-6) and 0 < train[0]["reply_length"] <= 4
+    stored = peft.load_trainable(config_lib.load_json(f"{workdir}/config.json"), workdir, None)
+    assert set(stored) == {"lora"}
+
+
+@pytest.mark.slow  # a LoRA reward model on the tiny base of runs_dir (~1 minute)
+def test_lora_reward_model_trains_adapters_and_its_new_head(runs_dir):
+    from t5x_like import reward_model
+
+    root, _ = runs_dir
+    cfg = tiny("", method="lora", targets="attention", rank=4)
+    cfg.task, cfg.init_from, cfg.model_from_init = "reward", str(root / "pre"), True
+    cfg.model.reward_head = True
+    cfg.steps, cfg.log_every_steps, cfg.optimizer.lr = 2, 1, 1e-2
+    cfg.data.update(synthetic_docs=80, source="synthetic:arithmetic_pairs",
+                    dedup=dict(near=False, exact=True, decontaminate=True, threshold=0.8,
+                               num_perm=128, ngram=5, seed=1))
+    cfg.eval.steps = 1
+    workdir = str(root / "lora_reward")
+    result = trainer.train_and_evaluate(cfg, workdir)
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["pairs"] > 0
+    stored = peft.load_trainable(config_lib.load_json(f"{workdir}/config.json"), workdir, None)
+    # The checkpoint: adapters plus the head (zeros in the chat base), which learned.
+    assert set(stored) == {"lora", "tuned"} and set(stored["tuned"]) == {"reward_head"}
+    assert float(np.abs(jax.device_get(stored["tuned"]["reward_head"])).max()) > 0
+    pre = leaves(runs.load(str(root / "pre")).params)
+    unmerged = leaves(runs.load(workdir, merge=False).params)
+    for k, v in pre.items():
+        np.testing.assert_array_equal(unmerged[k], v)
+    rm = reward_model.RewardModel.load(workdir)  # merged: a plain reward model
+    prompt = [{"role": "user", "content": "What is 3 + 4?"}]
+    scores = rm.score([prompt] * 3, ["7", "8", "7"])
+    assert scores[0] == pytest.approx(scores[2], abs=1e-5) and scores[0] != scores[1]
