@@ -16,8 +16,10 @@ model_from_init); the reference never changes. Pairs come from a preference sour
 Recipe, and why:
 - beta 0.1, the DPO paper's value: large enough that the implicit reward margin grows fast on
   a tiny model, small enough that the KL to the reference stays small (the metrics show it).
-- learning rate 3e-4, a third of SFT's, constant after a short warmup: 40 steps must move the
-  log-ratios by several nats on a CPU budget of minutes; the KL metric shows how far it went.
+- learning rate 5e-5, a twentieth of SFT's, constant after a short warmup. Measured on the
+  demo from an SFT model at 98% held-out exact match: 3e-4 drove the KL to 0.42 nats and the
+  accuracy down to 77.5% (DPO lowers the chosen replies' likelihood too, and the end marker
+  took over some answers); 5e-5 raised it to 99%.
 - model.max_len 96: a demo pair with the system prompt is about 75 tokens (the prompt alone 69
   with the demo's tokenizer); the step runs the policy and the reference on both replies, so
   rows no longer than needed keep it short.
@@ -46,7 +48,7 @@ def get_config():
     cfg.data.dedup.near = False
     cfg.dpo.beta = 0.1
     cfg.dpo.loss = "sigmoid"
-    cfg.optimizer.lr = 3e-4
+    cfg.optimizer.lr = 5e-5
     cfg.optimizer.schedule = "constant"
     cfg.optimizer.warmup_steps = 5
     cfg.optimizer.weight_decay = 0.0

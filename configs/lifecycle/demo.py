@@ -71,7 +71,9 @@ def get_config():
     s.feedback = stage("feedback", run="export", args="conversations=48 n=2 temperature=0.8",
                        quick_args="conversations=8 n=2 temperature=0.8")
     # A feedback round gives tens of pairs, not thousands: hold out a larger share to validate.
+    # Tens of pairs: fewer steps than the first round, or it memorizes them (KL grows fast).
     s.dpo_feedback = stage("train", config="configs/dpo.py", init_from="dpo",
-                           data_from="feedback", args="data.validation_fraction=0.3")
+                           data_from="feedback",
+                           args="data.validation_fraction=0.3 steps=10 data.batch_size=8")
     s.eval_final = demo_eval("dpo_feedback")
     return cfg
