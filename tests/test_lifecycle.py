@@ -49,7 +49,8 @@ def test_quick_lifecycle_runs_every_stage_and_writes_the_report(tmp_path, monkey
 
     names = lifecycle.stage_names(cfg)
     assert [n for n in names if state["stages"].get(n, {}).get("done")] == names
-    for name in ("eval_pretrain", "eval_sft", "eval_dpo", "eval_rl", "eval_final"):
+    for name in ("eval_pretrain", "eval_pretrain_text", "eval_sft", "eval_dpo", "eval_rl",
+                 "eval_final"):
         task = state["stages"][name]["results"]["tasks"]["arithmetic"]
         assert task["n"] == 8 and 0.0 <= task["metrics"]["exact_match"] <= 1.0
     fb = state["stages"]["feedback"]["feedback"]

@@ -48,16 +48,18 @@ def get_config():
     # RL (stages rl, eval_rl) is defined but not in the default order: it samples inside the
     # loop and doubles the CPU time. Add it back with
     # --config.order=pretrain,eval_pretrain,sft,eval_sft,dpo,eval_dpo,rl,eval_rl,export,...
-    cfg.order = ("pretrain,eval_pretrain,sft,eval_sft,dpo,eval_dpo,export,feedback,"
-                 "dpo_feedback,eval_final")
+    cfg.order = ("pretrain,eval_pretrain,eval_pretrain_text,sft,eval_sft,dpo,eval_dpo,export,"
+                 "feedback,dpo_feedback,eval_final")
     cfg.stages = ml_collections.ConfigDict()
     s = cfg.stages
     # Longer than pretrain_tiny's 600 steps and without dropout: the units digit of an answer
     # (a lookup over both operands' last digits) is learned only after ~1,000 steps.
     s.pretrain = stage("train", config="configs/pretrain_tiny.py",
                        args="steps=1500 model.dropout=0.0")
-    # The pretrained model is not a chat model: it answers the same questions as text.
-    s.eval_pretrain = demo_eval("pretrain", args="tasks.arithmetic.template=plain")
+    # The pretrained model asked in chat form (what SFT teaches), and as plain text (what it
+    # already knows).
+    s.eval_pretrain = demo_eval("pretrain")
+    s.eval_pretrain_text = demo_eval("pretrain", args="tasks.arithmetic.template=plain")
     s.sft = stage("train", config="configs/sft_chat.py", init_from="pretrain")
     s.eval_sft = demo_eval("sft", checkpoint="best")
     s.dpo = stage("train", config="configs/dpo.py", init_from="sft")
@@ -68,7 +70,7 @@ def get_config():
     # Simulated users ask training-split questions (never the held-out ones evaluation uses);
     # the demo judge marks a reply up when its number is right, else down with the right answer
     # as the correction -> (corrected > original) preference pairs.
-    s.feedback = stage("feedback", run="export", args="conversations=48 n=2 temperature=0.8",
+    s.feedback = stage("feedback", run="export", args="conversations=64 n=2 temperature=1.0",
                        quick_args="conversations=8 n=2 temperature=0.8")
     # A feedback round gives tens of pairs, not thousands: hold out a larger share to validate.
     # Tens of pairs: fewer steps than the first round, or it memorizes them (KL grows fast).

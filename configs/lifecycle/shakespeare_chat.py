@@ -46,7 +46,7 @@ def get_config():
                            data_from="feedback", args="model.max_len=256 data.validation_fraction=0.3",
                            quick_args="model.max_len=64 data.validation_fraction=0.3")
     s.eval_final = shared_eval("dpo_feedback")
-    for unused in ("rl", "eval_rl", "eval_pretrain"):
+    for unused in ("rl", "eval_rl", "eval_pretrain", "eval_pretrain_text"):
         del s[unused]
     return cfg
 
