@@ -129,7 +129,7 @@ def train_stage(cfg, name, st, workdir, record) -> None:
     if st.init_from:
         cmd.append(f"--config.init_from={os.path.join(workdir, st.init_from)}")
     if st.data_from:
-        pairs = os.path.join(workdir, st.data_from, "preference.jsonl")
+        pairs = os.path.join(workdir, st.data_from, "train_pairs.jsonl")
         cmd.append(f"--config.data.source=preference:{pairs}")
     cmd += [_expand(a if a.startswith("--") else f"--config.{a}", workdir)
             for a in _args(cfg, st)]
@@ -297,6 +297,18 @@ def feedback_stage(cfg, name, st, workdir, record) -> None:
     if not record["feedback"]["preference_records"]:
         raise RuntimeError(f"stage {name}: the feedback gave no preference pairs (every reply "
                            "was rated up); ask more conversations or raise the temperature.")
+    # A round gives a handful of pairs: too few to hold some out, and DPO on them alone drifts.
+    # replay=N adds N of the task's own training pairs (the demo's) to what the next stage uses.
+    replay = int(opts.get("replay", 0))
+    with open(os.path.join(out, "preference.jsonl"), encoding="utf-8") as f:
+        pairs = [line for line in f if line.strip()]
+    if replay:
+        from data_pipelines import synthetic
+        pairs += [json.dumps(synthetic.answer_pair(i, "train", seed=11)) + "\n"
+                  for i in range(replay)]
+    with open(os.path.join(out, "train_pairs.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(pairs)
+    record["feedback"]["replayed_pairs"] = replay
 
 
 RUNNERS = {"prepare": prepare_stage, "train": train_stage, "eval": eval_stage, "export": export_stage,

@@ -177,8 +177,10 @@ def write(cfg, workdir: str, state: dict, names: list[str]) -> str:
                   f"rated: {info['up']} up, {info['down']} down. Exported "
                   f"{info.get('preference_records', 0)} preference pairs and "
                   f"{info.get('sft_records', 0)} SFT conversations "
-                  f"({n}/preference.jsonl, {n}/sft.jsonl); trained on by: "
-                  f"{', '.join(users) or 'no stage'}.", ""]
+                  f"({n}/preference.jsonl, {n}/sft.jsonl); with "
+                  f"{info.get('replayed_pairs', 0)} replayed task pairs "
+                  f"({n}/train_pairs.jsonl) trained on by: {', '.join(users) or 'no stage'}.",
+                  ""]
 
     sample_lines = []
     for name, _ in evals:

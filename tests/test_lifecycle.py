@@ -55,9 +55,13 @@ def test_quick_lifecycle_runs_every_stage_and_writes_the_report(tmp_path, monkey
         assert task["n"] == 8 and 0.0 <= task["metrics"]["exact_match"] <= 1.0
     fb = state["stages"]["feedback"]["feedback"]
     assert fb["conversations"] == 8 and fb["replies"] == 16 and fb["up"] + fb["down"] == 16
-    pairs = workdir / "feedback" / "preference.jsonl"
-    assert fb["preference_records"] == sum(1 for _ in open(pairs)) > 0
-    # The feedback round's pairs are what the last DPO stage trained on.
+    exported = workdir / "feedback" / "preference.jsonl"
+    assert fb["preference_records"] == sum(1 for _ in open(exported)) > 0
+    # The feedback round's pairs (and the replayed ones) are what the last DPO stage trained on.
+    pairs = workdir / "feedback" / "train_pairs.jsonl"
+    assert open(pairs).read().startswith(open(exported).read())
+    assert sum(1 for _ in open(pairs)) == fb["preference_records"] + fb["replayed_pairs"] == (
+        fb["preference_records"] + 40)
     dpo_cfg = json.load(open(workdir / "dpo_feedback" / "config.json"))
     assert dpo_cfg["data"]["source"] == f"preference:{pairs}"
     assert dpo_cfg["init_from"] == str(workdir / "dpo")

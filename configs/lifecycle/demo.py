@@ -13,7 +13,9 @@ Stages run in `order`; each is an ordinary job (its command is in the report) in
               reply, export the database as preference pairs and SFT conversations; args:
               conversations=N n=<replies per prompt> temperature=T max_tokens=N
               prompts=demo|<chat JSONL or Alpaca file>  judge=demo|reward:<reward stage>
-A train stage with `data_from` = a feedback stage trains on that stage's exported pairs.
+              replay=N (the demo's own training pairs added to the feedback pairs)
+A train stage with `data_from` = a feedback stage trains on that stage's exported pairs (plus
+the replayed ones: feedback/train_pairs.jsonl).
 `args` are config overrides (key=value, or whole --flags); `quick_args` replace them under
 --quick; {data} is --data, {stage:NAME} a stage's directory.
 """
@@ -70,12 +72,12 @@ def get_config():
     # Simulated users ask training-split questions (never the held-out ones evaluation uses);
     # the demo judge marks a reply up when its number is right, else down with the right answer
     # as the correction -> (corrected > original) preference pairs.
-    s.feedback = stage("feedback", run="export", args="conversations=64 n=2 temperature=1.0",
-                       quick_args="conversations=8 n=2 temperature=0.8")
+    s.feedback = stage("feedback", run="export",
+                       args="conversations=64 n=2 temperature=1.0 replay=200",
+                       quick_args="conversations=8 n=2 temperature=0.8 replay=40")
     # A feedback round gives tens of pairs, not thousands: hold out a larger share to validate.
-    # Tens of pairs: fewer steps than the first round, or it memorizes them (KL grows fast).
+    # A handful of feedback pairs plus 200 replayed ones: a short round.
     s.dpo_feedback = stage("train", config="configs/dpo.py", init_from="dpo",
-                           data_from="feedback",
-                           args="data.validation_fraction=0.3 steps=10 data.batch_size=8")
+                           data_from="feedback", args="steps=20")
     s.eval_final = demo_eval("dpo_feedback")
     return cfg
