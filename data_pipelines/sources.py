@@ -218,17 +218,23 @@ def _units(path: str, unit: str, utf8: str, counts: dict | None):
         yield start, "\n".join(block)
 
 
+def json_lines(path: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file (.gz too);
+    a line that is not JSON stops with file and line."""
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column "
+                            f"{e.colno}); fix or remove the line.") from None
+
+
 def read_jsonl(paths: list[str], field: str) -> Iterator[str]:
     """The string `field` of every JSON object line; a bad line stops with file and line."""
     for path in paths:
-        for lineno, line in iter_lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column "
-                                f"{e.colno}); fix or remove the line.") from None
+        for lineno, record in json_lines(path):
             if not isinstance(record, dict) or field not in record:
                 keys = ", ".join(sorted(record)) if isinstance(record, dict) else "none"
                 raise UserError(f"{path}, line {lineno}: no field {field!r} (fields: {keys}); "

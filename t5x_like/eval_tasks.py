@@ -109,14 +109,7 @@ def _path(data_dir: str, name: str) -> str:
 
 def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) of a JSON-lines file (.gz too); a bad line names file and line."""
-    for lineno, line in sources.iter_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column "
-                            f"{e.colno}); fix or remove the line.") from None
+    for lineno, record in sources.json_lines(path):
         if not isinstance(record, dict):
             raise UserError(f"{path}, line {lineno}: expected a JSON object, got "
                             f"{type(record).__name__}.")

@@ -254,6 +254,17 @@ def _responses_with_feedback(path: str) -> list[dict]:
     return list(responses.values())
 
 
+def _add_unique(record: dict, kind: str, records: list, seen: set, counts) -> None:
+    """Appends `record` (counted under `kind`) unless an equal one is already there."""
+    key = _key(record)
+    if key in seen:
+        counts["duplicates"] += 1
+        return
+    seen.add(key)
+    counts[kind] += 1
+    records.append(record)
+
+
 def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
@@ -269,14 +280,8 @@ def sft_records(responses: list[dict]) -> tuple[list[dict], dict]:
             kind, reply = "upvoted", r["content"]
         else:
             continue
-        record = {"messages": r["prompt"] + [{"role": "assistant", "content": reply}]}
-        key = _key(record)
-        if key in seen:
-            counts["duplicates"] += 1
-            continue
-        seen.add(key)
-        counts[kind] += 1
-        records.append(record)
+        _add_unique({"messages": r["prompt"] + [{"role": "assistant", "content": reply}]},
+                    kind, records, seen, counts)
     return records, dict(counts)
 
 
@@ -329,14 +334,8 @@ def preference_records(responses: list[dict]) -> tuple[list[dict], dict]:
         if chosen_text == rejected_text:
             counts["identical"] += 1  # no preference to learn from two equal replies
             continue
-        record = {"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text}
-        key = _key(record)
-        if key in seen:
-            counts["duplicates"] += 1
-            continue
-        seen.add(key)
-        counts[kind] += 1
-        records.append(record)
+        _add_unique({"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text},
+                    kind, records, seen, counts)
     return records, dict(counts)
 
 
