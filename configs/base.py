@@ -61,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.param_dtype = "float32"
     cfg.model.scan_layers = True  # compile one layer and scan it: compile time flat in depth
     cfg.model.remat = "none"  # none | full | dots | dots_no_batch (what the backward recomputes)
+    # einsum: ours, in plain XLA ops, causal blocks of attention_block queries (0 = one block);
+    # dot_product_attention: jax.nn.dot_product_attention, cuDNN flash attention on a GPU when
+    # the dtype is bfloat16, XLA elsewhere. Both compute the same; neither changes parameters.
+    cfg.model.attention_impl = "einsum"
+    cfg.model.attention_block = 128
 
     cfg.optimizer = ml_collections.ConfigDict()
     cfg.optimizer.lr = 3e-3  # peak learning rate

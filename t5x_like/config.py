@@ -19,19 +19,22 @@ SCHEDULES = ("cosine", "linear", "constant")
 TEXT_UNITS = ("line", "paragraph", "file")
 TOKENIZER_TYPES = ("bpe", "unigram")
 ROPE_SCALINGS = ("none", "linear", "llama3")
+ATTENTION_IMPLS = ("einsum", "dot_product_attention")
 # Model keys added after the first runs were written, with the values that give the original
 # model: a config.json without them (an older run) reads as these (load_json, model.Transformer).
 LATER_MODEL_KEYS = {
     "unpadded_vocab_size": 0, "attn_qkv_bias": False, "attn_out_bias": False, "mlp_bias": False,
     "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_low_freq_factor": 1.0,
     "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192, "reward_head": False,
+    "attention_impl": "einsum", "attention_block": 128,
 }
 EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 # Model keys that may differ between a checkpoint and the run loading it: they change how the
 # same parameters are computed with, not what the parameters are (reward_head: a reward model
 # starts from a chat model's parameters and adds a fresh head, see alignment.py).
 FREE_MODEL_KEYS = ("max_len", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
-                   "vocab_multiple", "unpadded_vocab_size", "reward_head")
+                   "vocab_multiple", "unpadded_vocab_size", "reward_head", "attention_impl",
+                   "attention_block")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -64,6 +67,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
              f"is {m.param_dtype!r}; choose {' or '.join(DTYPES)}.")
     _require(m.remat in REMAT_POLICIES, "model.remat",
              f"is {m.remat!r}; choose one of {', '.join(REMAT_POLICIES)}.")
+    _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+             f"is {m.attention_impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}.")
+    _require(m.attention_block >= 0, "model.attention_block", "must be >= 0 (0 = one block).")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"is {m.dropout}; it must be in [0, 1).")
     _require(m.rope_theta > 0, "model.rope_theta", "must be positive.")
     _require(m.rope_scaling in ROPE_SCALINGS, "model.rope_scaling",
