@@ -58,7 +58,8 @@ def _bucket(n: int, lo: int = 1) -> int:
 
 class Decoder:
     def __init__(self, graphdef, params, model_cfg, tokenizer, *, max_batch: int = 16,
-                 max_len: int | None = None, candidates: int = 16, mesh=None, lora=None):
+                 max_len: int | None = None, candidates: int = 16, mesh=None, lora=None,
+                 steps_per_call: int = 8):
         self.graphdef, self.params, self.cfg, self.tokenizer = graphdef, params, model_cfg, tokenizer
         self.lora = lora  # unmerged LoRA adapters (runs.load(merge=False)), or None
         self.max_batch = max_batch
@@ -66,7 +67,11 @@ class Decoder:
         self.candidates = candidates
         self.mesh = mesh
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len",))
-        self._step = jax.jit(self._step_fn, donate_argnames=("cache",))
+        # Steps the device runs ahead in one call, feeding back its own first candidate: they
+        # stand while the host takes that candidate for every live row (no stop, ban or
+        # constraint intervening), so the host syncs once per call instead of once per token.
+        self.steps_per_call = max(1, steps_per_call)
+        self._steps = jax.jit(self._steps_fn, donate_argnames=("cache",), static_argnames=("n",))
 
     @classmethod
     def from_run(cls, run, **kwargs) -> "Decoder":
@@ -126,6 +131,20 @@ class Decoder:
                                    cache, index, lora=lora)
         return self._choose(logits[:, 0], controls, keys, step), cache
 
+    def _steps_fn(self, params, lora, cache, tokens, positions, index, controls, keys, step, *,
+                  n):
+        """n steps from `tokens` at cache slot `index`, each feeding in its first candidate:
+        candidates [n, B, C] for steps step .. step + n - 1."""
+        def body(carry, _):
+            cache, tokens, positions, index, step = carry
+            cands, cache = self._step_fn(params, lora, cache, tokens, positions, index, controls,
+                                         keys, step)
+            return (cache, cands[:, 0], positions + 1, index + 1, step + 1), cands
+
+        (cache, *_), cands = jax.lax.scan(body, (cache, tokens, positions, index, step), None,
+                                          length=n)
+        return cands, cache
+
     # -- host loop ---------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -175,19 +194,24 @@ class Decoder:
         with _maybe_mesh(self.mesh):
             candidates, cache = self._prefill(self.params, self.lora, tokens, positions, segments,
                                               controls, keys, cache_len=S)
-            next_pos = positions[:, -1] + 1
+            ahead = [np.asarray(candidates)]  # [B, C] candidates of this step and the next ones
             for step in range(max_new):
                 chosen = np.zeros(B, np.int32)
-                cands = np.asarray(candidates)
+                cands = ahead.pop(0)
                 for i, row in enumerate(rows):
                     chosen[i] = row.take(cands[i]) if not row.done else self.tokenizer.eos_id
                 yield [row.completion() for row in rows]
                 if all(row.done for row in rows) or step == max_new - 1:
                     break
-                candidates, cache = self._step(self.params, self.lora, cache, chosen, next_pos,
-                                               np.int32(P + step), controls, keys,
-                                               np.int32(step + 1))
-                next_pos = next_pos + 1
+                # The steps run ahead assumed every row takes its first candidate; a live row
+                # that took another (or a finished row, whose input no longer matters) ends them.
+                if not ahead or any(chosen[i] != cands[i, 0] for i, row in enumerate(rows)
+                                    if not row.done):
+                    n = min(self.steps_per_call, _bucket(max_new - step - 1))
+                    block, cache = self._steps(self.params, self.lora, cache, chosen,
+                                               positions[:, -1] + 1 + step, np.int32(P + step),
+                                               controls, keys, np.int32(step + 1), n=n)
+                    ahead = list(np.asarray(block))
         for row in rows:
             row.finish("length")
         yield [row.completion() for row in rows]

@@ -126,6 +126,36 @@ def test_sampling_controls(setup):
     assert mixed[0].tokens == greedy.tokens and mixed[1].tokens == c.tokens
 
 
+def test_steps_run_ahead_change_nothing(setup):
+    """Several steps per device call give token for token what one step per call gives: greedy,
+    seeded sampling, and rows whose bans and stops make the host overrule the device's guess."""
+    tok, cfg, graphdef, params = setup
+    prompts = [[tok.bos_id, *tok.encode(t)] for t in ["What is 1", "12 +", "7", "Q:"]]
+    forced = tok.encode("7")[0]
+    sampling = [decoding.Sampling(max_new_tokens=21),
+                decoding.Sampling(max_new_tokens=21, temperature=1.5, seed=4),
+                # The device always proposes `forced` first; the host must refuse every second.
+                decoding.Sampling(max_new_tokens=21, temperature=1.2, seed=5,
+                                  logit_bias=((forced, 100.0),),
+                                  banned_sequences=((forced, forced),)),
+                decoding.Sampling(max_new_tokens=13, temperature=1.0, seed=6, top_p=0.9,
+                                  stop_strings=("=",))]
+    outs, calls = {}, {}
+    for per_call in (1, 4, 8):
+        decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=4,
+                                   steps_per_call=per_call)
+        steps, calls[per_call] = decoder._steps, []
+        decoder._steps = lambda *a, _steps=steps, _calls=calls[per_call], **kw: (
+            _calls.append(kw["n"]) or _steps(*a, **kw))
+        outs[per_call] = [(c.tokens, c.finish_reason) for c in decoder.generate(prompts, sampling)]
+    assert outs[4] == outs[1] and outs[8] == outs[1]
+    steered = outs[1][2][0]
+    assert steered.count(forced) >= 5 and (forced, forced) not in zip(steered, steered[1:])
+    # One step per call: a call per token after the first. Eight: the ban overruled the device's
+    # guess (more calls than 8 + 8 + 4 for 20 tokens), and there were still fewer calls.
+    assert len(calls[1]) == 20 and 3 < len(calls[8]) < 20, calls
+
+
 def test_prompt_too_long_is_refused(setup):
     tok, cfg, graphdef, params = setup
     decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=1, max_len=32)
