@@ -204,7 +204,7 @@ class Decoder:
                 if all(row.done for row in rows) or step == max_new - 1:
                     break
                 # The steps run ahead assumed every row takes its first candidate; a live row
-                # that took another (or a finished row, whose input no longer matters) ends them.
+                # that took another ends them (a finished row's input no longer matters).
                 if not ahead or any(chosen[i] != cands[i, 0] for i, row in enumerate(rows)
                                     if not row.done):
                     n = min(self.steps_per_call, _bucket(max_new - step - 1))
