@@ -216,6 +216,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.dpo.beta = 0.1  # strength of the pull to the reference (larger = stays closer)
     cfg.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo (squared loss to a 1/(2 beta) margin)
     cfg.dpo.label_smoothing = 0.0  # sigmoid: > 0 is conservative DPO (pairs wrong this often)
+    cfg.dpo.rpo_alpha = 0.0  # > 0 adds this times the chosen reply's per-token NLL (RPO)
 
     # task=rl: online RL (GRPO-style group-relative policy gradient), t5x_like/rl.py. Each step
     # samples rl.group_size replies to each of data.batch_size prompts with the KV-cache decoder.

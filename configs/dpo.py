@@ -14,6 +14,13 @@ model_from_init); the reference never changes. Pairs come from a preference sour
 (chosen) and wrong by one, ten or the other operation (rejected).
 
 Recipe, and why:
+- rpo_alpha 1 (RPO: DPO plus the chosen reply's per-token NLL, Pang et al. 2024). Plain DPO
+  lowers the chosen answers' likelihood along with the rejected ones'; on the demo, from one
+  SFT model at 91% held-out exact match, 40 steps of plain DPO gave 87.5% and RPO 93% (93% and
+  91% with data seeds 1 and 2); from another at 98%, 99% and 98.5%. The NLL term alone (beta
+  0.001) gave 92.5%: on these off-policy pairs most of the gain is the NLL's, and the margin
+  keeps wrong answers from gaining. On-policy pairs (the SFT model's own wrong samples) with
+  plain DPO fell to 71%; with RPO, 91%.
 - beta 0.1, the DPO paper's value: large enough that the implicit reward margin grows fast on
   a tiny model, small enough that the KL to the reference stays small (the metrics show it).
 - learning rate 5e-5, a twentieth of SFT's, constant after a short warmup. Measured on the
@@ -48,6 +55,7 @@ def get_config():
     cfg.data.dedup.near = False
     cfg.dpo.beta = 0.1
     cfg.dpo.loss = "sigmoid"
+    cfg.dpo.rpo_alpha = 1.0
     cfg.optimizer.lr = 5e-5
     cfg.optimizer.schedule = "constant"
     cfg.optimizer.warmup_steps = 5

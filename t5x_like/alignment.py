@@ -195,7 +195,8 @@ def _pair_steps(cfg, spec, mesh, reference, eval_source, encode, local_eval_batc
         stats_fn = preference.reward_stats(spec.graphdef, spec.adapt)
     else:
         stats_fn = preference.dpo_stats(spec.graphdef, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss,
-                                        label_smoothing=cfg.dpo.label_smoothing, adapt=spec.adapt)
+                                        label_smoothing=cfg.dpo.label_smoothing,
+                                        rpo_alpha=cfg.dpo.rpo_alpha, adapt=spec.adapt)
     step = preference.make_train_step(
         stats_fn, spec.tx, spec.schedule, seed=cfg.seed,
         dropout=cfg.model.dropout or (spec.adapt is not None and spec.adapt.dropout))

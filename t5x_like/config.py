@@ -196,6 +196,7 @@ def _validate_alignment(cfg) -> None:
     _require(p.loss in ("sigmoid", "ipo"), "dpo.loss", f"is {p.loss!r}; choose sigmoid or ipo.")
     _require(0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing",
              f"is {p.label_smoothing}; it must be in [0, 0.5).")
+    _require(p.rpo_alpha >= 0, "dpo.rpo_alpha", f"is {p.rpo_alpha}; it must be >= 0 (0 = off).")
     r = cfg.rl
     _require(r.group_size >= 2, "rl.group_size",
              f"is {r.group_size}; group-relative advantages need at least 2 replies per prompt.")
@@ -340,4 +341,6 @@ def load_json(path: str) -> ml_collections.FrozenConfigDict:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or start a new workdir.")
     if isinstance(data.get("model"), dict):  # an older run: its model had none of these
         data["model"] = {**LATER_MODEL_KEYS, **data["model"]}
+    if isinstance(data.get("dpo"), dict):
+        data["dpo"] = {"rpo_alpha": 0.0, **data["dpo"]}
     return ml_collections.FrozenConfigDict(data)

@@ -40,7 +40,7 @@ from t5x_like.metrics import MetricWriter
 
 SUITE_KEYS = ("batch_size", "seed", "data_dir", "only", "tasks")
 TASK_KEYS = ("kind", "source", "n", "metrics", "template", "system", "max_new_tokens",
-             "temperature", "top_k", "top_p", "stop_strings", "split", "loss_on")
+             "temperature", "top_k", "top_p", "stop_strings", "split", "loss_on", "max_len")
 KINDS = ("generate", "likelihood")
 TEMPLATES = ("chat", "plain")
 
@@ -101,6 +101,7 @@ def _validate_task(name: str, t) -> None:
     require(t.temperature >= 0, "temperature", "must be >= 0 (0 = greedy).")
     require(t.top_k >= 0, "top_k", "must be >= 0 (0 = off).")
     require(0 < t.top_p <= 1, "top_p", "must be in (0, 1].")
+    require(t.max_len >= 0, "max_len", f"is {t.max_len}; use a window length, 0 = the run's.")
     require(t.loss_on in chat_template.LOSS_ON, "loss_on",
             f"is {t.loss_on!r}; choose one of {', '.join(chat_template.LOSS_ON)}.")
     try:
@@ -153,17 +154,17 @@ def likelihood_task(run, t, *, batch_size: int, workdir: str) -> dict:
               if t.source == "run" else None)
     return {"kind": "likelihood", "source": t.source, "n": len(records),
             "metrics": likelihood(run, records, batch_size=batch_size, loss_on=t.loss_on,
-                                  source=t.source, encode=encode)}
+                                  source=t.source, encode=encode, max_len=t.max_len)}
 
 
 def likelihood(run, records: list[dict], *, batch_size: int, loss_on: str = "assistant",
-               source: str = "records", encode=None) -> dict[str, float]:
+               source: str = "records", encode=None, max_len: int = 0) -> dict[str, float]:
     """Loss, perplexity, bits per byte and token accuracy of `run` over `records`.
 
     Text records are scored on every token (as pretraining does: bos + text + eos); chat
     records on the tokens `chat_template.encode(loss_on=...)` weights (assistant turns).
-    Sequences longer than the model are cut into pieces, every token scored. `encode`
-    (record -> {"tokens", "weights"}) replaces this encoding.
+    Sequences longer than `max_len` (0 = the run's model.max_len) are cut into pieces, every
+    token scored. `encode` (record -> {"tokens", "weights"}) replaces this encoding.
     """
     tok = run.tokenizer
     if not records:
@@ -177,7 +178,7 @@ def likelihood(run, records: list[dict], *, batch_size: int, loss_on: str = "ass
         return {"tokens": tokens, "weights": np.ones(len(tokens), np.float32)}
 
     encode = encode or default_encode
-    max_len = run.cfg.model.max_len
+    max_len = max_len or run.cfg.model.max_len
     dp = partitioning.data_parallel_size(run.mesh)
     if batch_size % dp:
         raise UserError(f"config key 'batch_size': {batch_size} is not divisible by the "

@@ -60,10 +60,11 @@ def reward_stats(graphdef, adapt: peft.Peft | None = None) -> Callable:
 
 
 def dpo_stats(graphdef, *, beta: float, loss_type: str, label_smoothing: float,
-              adapt: peft.Peft | None = None) -> Callable:
-    """DPO (or IPO) of the policy against the frozen reference. With PEFT (`adapt`) `params`
-    is the trainable tree and `ref_params` the frozen base: the policy is base + adapters and
-    the reference the base alone, so the weights are held once."""
+              rpo_alpha: float = 0.0, adapt: peft.Peft | None = None) -> Callable:
+    """DPO (or IPO) of the policy against the frozen reference, plus rpo_alpha times the chosen
+    reply's per-token NLL (RPO; 0 = plain DPO). With PEFT (`adapt`) `params` is the trainable
+    tree and `ref_params` the frozen base: the policy is base + adapters and the reference the
+    base alone, so the weights are held once."""
     forward, reference = peft.forward(graphdef, adapt), peft.reference_forward(graphdef)
 
     def stats_fn(params, ref_params, batch, rng):
@@ -74,12 +75,15 @@ def dpo_stats(graphdef, *, beta: float, loss_type: str, label_smoothing: float,
         logp, n = preference_losses.sequence_logprobs(logits, flat["targets"], flat["weights"])
         ref_logp, _ = preference_losses.sequence_logprobs(ref_logits, flat["targets"],
                                                           flat["weights"])
+        nll = preference_losses.chosen_nll(_pairs(logp)[0], _pairs(n)[0])
         if loss_type == "ipo":  # IPO compares length-averaged log-probabilities
             logp, ref_logp = logp / jnp.maximum(n, 1), ref_logp / jnp.maximum(n, 1)
         pc, pr = _pairs(logp)
         rc, rr = _pairs(ref_logp)
         loss, chosen, rejected = preference_losses.dpo(
             pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        if rpo_alpha:
+            loss = loss + rpo_alpha * nll
         valid = (batch["weights"][:, 0].sum(-1) > 0).astype(jnp.float32)
         kl = preference_losses.token_kl(jax.lax.stop_gradient(logits), ref_logits,
                                         flat["weights"])
@@ -87,13 +91,15 @@ def dpo_stats(graphdef, *, beta: float, loss_type: str, label_smoothing: float,
                 "correct_sum": jnp.sum(valid * (chosen > rejected)),
                 "margin_sum": jnp.sum(valid * (chosen - rejected)),
                 "chosen_sum": jnp.sum(valid * chosen), "rejected_sum": jnp.sum(valid * rejected),
+                "chosen_nll_sum": jnp.sum(valid * jax.lax.stop_gradient(nll)),
                 "kl_sum": jnp.sum(kl), "kl_tokens": jnp.sum(flat["weights"])}
     return stats_fn
 
 
 def summarize(sums: dict) -> dict[str, float]:
     """Sums over pairs -> loss, pairwise accuracy, margin, mean chosen / rejected reward (the
-    reward model's scores, or DPO's implicit rewards), and the per-token KL (DPO)."""
+    reward model's scores, or DPO's implicit rewards), and the per-token KL and the chosen
+    replies' per-token NLL (DPO)."""
     pairs = max(float(sums["pairs"]), 1e-9)
     out = {"loss": float(sums["loss_sum"]) / pairs, "accuracy": float(sums["correct_sum"]) / pairs,
            "margin": float(sums["margin_sum"]) / pairs,
@@ -101,6 +107,7 @@ def summarize(sums: dict) -> dict[str, float]:
            "rejected_reward": float(sums["rejected_sum"]) / pairs, "pairs": float(sums["pairs"])}
     if "kl_sum" in sums:
         out["kl"] = float(sums["kl_sum"]) / max(float(sums["kl_tokens"]), 1e-9)
+        out["chosen_nll"] = float(sums["chosen_nll_sum"]) / pairs
     return out
 
 

@@ -12,6 +12,11 @@ padding pairs of a short batch) and sum, like losses.py, so micro-batches and de
     IPO             u = (pi_c - ref_c) - (pi_r - ref_r) on length-averaged log-probs;
                     loss = (u - 1 / (2 beta))^2 (Azar et al. 2023): a target margin instead of
                     a margin pushed to infinity, so it does not overfit deterministic pairs
+    RPO             DPO (or IPO) + alpha * NLL of the chosen reply per token (Pang et al. 2024,
+                    "Iterative Reasoning Preference Optimization"; TRL's rpo_alpha): DPO alone
+                    may lower the chosen reply's likelihood along with the rejected one's, which
+                    on answers with one right form (math, the demo) costs accuracy; the NLL
+                    term keeps the chosen reply likely while the margin grows
 
 pi_x / ref_x are the log-probabilities of reply x given the prompt under the policy and the
 frozen reference; beta * (pi_x - ref_x) is DPO's implicit reward of x.
@@ -55,6 +60,11 @@ def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float
         raise ValueError(f"loss_type={loss_type!r}; choose one of {DPO_LOSSES}")
     return loss, beta * jax.lax.stop_gradient(chosen_ratio), beta * jax.lax.stop_gradient(
         rejected_ratio)
+
+
+def chosen_nll(policy_chosen, chosen_tokens):
+    """Per pair: the chosen reply's negative log-likelihood per token (RPO's extra term)."""
+    return -policy_chosen / jnp.maximum(chosen_tokens, 1.0)
 
 
 def token_kl(logits, ref_logits, weights):

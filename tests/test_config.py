@@ -79,6 +79,10 @@ def test_validate_names_the_key(tiny_cfg):
     tiny_cfg.optimizer.grad_accum_steps = 3
     with pytest.raises(UserError, match="optimizer.grad_accum_steps.*3 must divide data.batch_size"):
         config_lib.validate(tiny_cfg)
+    tiny_cfg.optimizer.grad_accum_steps = 1
+    tiny_cfg.dpo.rpo_alpha = -1.0
+    with pytest.raises(UserError, match="config key 'dpo.rpo_alpha': is -1.0; it must be >= 0"):
+        config_lib.validate(tiny_cfg)
 
 
 def test_resolve_derives_vocab_and_freezes(tiny_cfg):

@@ -128,6 +128,20 @@ def test_batched_generation_keeps_the_order_whatever_the_batches(run):
     assert alone.tokens == whole[2].tokens
 
 
+def test_likelihood_window_sets_where_dialogues_are_cut(run):
+    # Scored in windows of the run's max_len (64) by default, a dialogue is one sequence; in
+    # windows of 24 it is cut, and the turns after a cut lose their context.
+    conversation = next(d for d in (synthetic.dialogue(i, "validation") for i in range(200))
+                        if len(chat_template.encode(run.tokenizer, d)[0]) > 48)
+    tokens, weights = chat_template.encode(run.tokenizer, conversation)
+    want = direct_stats(run, tokens.tolist(), weights.tolist())
+    whole = eval_suite.likelihood(run, [{"messages": conversation}], batch_size=1)
+    cut = eval_suite.likelihood(run, [{"messages": conversation}], batch_size=1, max_len=24)
+    assert whole["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert cut["tokens"] == whole["tokens"] == weights[1:].sum()  # every token still scored
+    assert cut["loss"] != pytest.approx(want["loss"], rel=1e-3)
+
+
 def suite_with(**task):
     from configs.eval import common
 
@@ -143,6 +157,7 @@ def suite_with(**task):
     (dict(top_p=0.0), "config key 'tasks.t.top_p'"),
     (dict(template="raw"), "config key 'tasks.t.template'"),
     (dict(kind="likelihood", metrics="bleu"), "likelihood tasks always give"),
+    (dict(kind="likelihood", max_len=-1), "config key 'tasks.t.max_len'"),
 ])
 def test_suite_validation_names_the_key(change, message):
     with pytest.raises(UserError, match=message):

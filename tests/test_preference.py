@@ -81,6 +81,14 @@ def test_dpo_loss_on_a_crafted_batch(monkeypatch):
     # The exact KL on the 3 reply positions: chosen rows are (1/2, 1/6, 1/6, 1/6) vs uniform.
     kl_row = 0.5 * math.log(0.5 * 4) + 3 * (1 / 6) * math.log(4 / 6)
     np.testing.assert_allclose(got["kl"], 2 * kl_row / 3, rtol=1e-5)
+    # The chosen reply's NLL per token: 2 targets at 1/2 each -> ln 2. RPO adds alpha times it
+    # to the loss of every real pair (not the padding one), and reports it either way.
+    np.testing.assert_allclose(got["chosen_nll"], LN2, rtol=1e-5)
+    rpo = preference.summarize(jax.device_get(preference.dpo_stats(
+        None, beta=0.5, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.5)(
+        policy, reference, batch, None)))
+    np.testing.assert_allclose(rpo["loss"], math.log(1.5) + 0.5 * LN2, rtol=1e-5)
+    np.testing.assert_allclose(rpo["margin"], got["margin"], rtol=1e-6)
 
 
 def test_bradley_terry_on_a_crafted_batch(monkeypatch):

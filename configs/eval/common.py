@@ -40,5 +40,8 @@ def task(kind: str, source: str, **overrides) -> ml_collections.ConfigDict:
     t.stop_strings = ()  # plain template: end the reply at these, e.g. ("\n",)
     t.split = "validation"  # likelihood on run / prepared: which split
     t.loss_on = "assistant"  # likelihood on chat records: assistant | last_assistant | all
+    # likelihood: tokens per scored window (longer records are cut into windows); 0 = the run's
+    # model.max_len. Fix it to compare runs trained at different lengths on the same windows.
+    t.max_len = 0
     t.update(overrides)
     return t

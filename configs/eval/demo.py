@@ -6,7 +6,8 @@ arithmetic: 200 held-out questions (synthetic.answer_pair's prompts, the ones pr
 sees) through the chat template, greedy, exact match by synthetic.check_answer (the reply's
 first integer is the answer); evaluate.demo_accuracy runs this task from Python.
 arithmetic_chat: loss, perplexity, bits per byte and token accuracy on held-out dialogues,
-assistant tokens only.
+assistant tokens only, in windows of 128 tokens whatever length the run trained at (DPO's
+is 96), so every stage's numbers are over the same whole dialogues.
 A pretrained (not chat) model answers the same questions as text continuation with
 `--config.tasks.arithmetic.template=plain`.
 """
@@ -18,5 +19,6 @@ def get_config():
     cfg = common.suite()
     cfg.tasks.arithmetic = common.task("generate", "synthetic:arithmetic", n=200,
                                        max_new_tokens=8, stop_strings=("\n",))
-    cfg.tasks.arithmetic_chat = common.task("likelihood", "synthetic:arithmetic_chat", n=500)
+    cfg.tasks.arithmetic_chat = common.task("likelihood", "synthetic:arithmetic_chat", n=500,
+                                            max_len=128)
     return cfg
