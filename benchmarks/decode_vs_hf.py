@@ -1,6 +1,8 @@
 """Decoding throughput side by side: our KV-cache Decoder vs transformers `generate` with cache.
 
     python -m benchmarks.decode_vs_hf [--shape=S] [--batches=1,8,16] [--new=128] [--prompt=32]
+        [--also_stacked]   # also ours with the scanned, stacked layer weights (Decoder's
+                           # unstack_layers=False), to see what per-layer weights buy
 
 The same Llama shape (benchmarks/train_step.py SHAPES) with random weights, greedy, exactly
 --new tokens per row (no stop token can end a row early on either side), prompts of --prompt
@@ -34,11 +36,11 @@ class _NoTextTokenizer:
         return ""
 
 
-def ours(cfg, batch: int, prompt: np.ndarray, new: int):
+def ours(cfg, batch: int, prompt: np.ndarray, new: int, unstack: bool | None = None):
     graphdef, _, _ = model.abstract_model(cfg.model)
     params = model.init_params(cfg.model, 0)
     dec = decoding.Decoder(graphdef, params, cfg.model, _NoTextTokenizer(cfg.model.vocab_size),
-                           max_batch=batch, max_len=cfg.model.max_len)
+                           max_batch=batch, max_len=cfg.model.max_len, unstack_layers=unstack)
     prompts = [list(row) for row in prompt]
     sampling = decoding.Sampling(max_new_tokens=new)
 
@@ -79,6 +81,7 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no_peer", action="store_true")
+    parser.add_argument("--also_stacked", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     if not args.no_peer:
@@ -92,11 +95,15 @@ def main(argv=None):
         prompt = np.random.default_rng(batch).integers(4, cfg.model.vocab_size,
                                                        (batch, args.prompt)).astype(np.int64)
         fns = {"ours": ours(cfg, batch, prompt, args.new)}
+        if args.also_stacked:
+            fns["ours_stacked"] = ours(cfg, batch, prompt, args.new, unstack=False)
         if not args.no_peer:
             fns["theirs"] = theirs(cfg, prompt, args.new)
         secs = train_step.interleaved(fns, args.repeats, warmup=1)
         row = {"shape": args.shape, "batch": batch,
                "ours_new_tok_s": batch * args.new / secs["ours"]}
+        if "ours_stacked" in secs:
+            row["ours_stacked_new_tok_s"] = batch * args.new / secs["ours_stacked"]
         if "theirs" in secs:
             row["theirs_new_tok_s"] = batch * args.new / secs["theirs"]
             row["ratio"] = secs["theirs"] / secs["ours"]

@@ -59,8 +59,16 @@ def _bucket(n: int, lo: int = 1) -> int:
 class Decoder:
     def __init__(self, graphdef, params, model_cfg, tokenizer, *, max_batch: int = 16,
                  max_len: int | None = None, candidates: int = 16, mesh=None, lora=None,
-                 steps_per_call: int = 8):
-        self.graphdef, self.params, self.cfg, self.tokenizer = graphdef, params, model_cfg, tokenizer
+                 steps_per_call: int = 8, unstack_layers: bool | None = None):
+        self.graphdef, self.cfg, self.tokenizer = graphdef, model_cfg, tokenizer
+        # Per-layer copies of the layer weights (model.decode(layers=...)): a scan over the
+        # stacked ones makes XLA's CPU backend copy each layer's weights every step, which is
+        # most of a small model's time per token. They cost the layers' memory again, so by
+        # default only on a CPU, where that copy is what limits decoding.
+        if unstack_layers is None:
+            unstack_layers = jax.default_backend() == "cpu"
+        self.unstack_layers = unstack_layers
+        self.params = params
         self.lora = lora  # unmerged LoRA adapters (runs.load(merge=False)), or None
         self.max_batch = max_batch
         self.max_len = max_len or model_cfg.max_len  # cache slots: prompt + new tokens
@@ -72,6 +80,14 @@ class Decoder:
         # constraint intervening), so the host syncs once per call instead of once per token.
         self.steps_per_call = max(1, steps_per_call)
         self._steps = jax.jit(self._steps_fn, donate_argnames=("cache",), static_argnames=("n",))
+
+    @property
+    def params(self):
+        return self._weights[0]
+
+    @params.setter
+    def params(self, params):  # RL samples with each step's new parameters
+        self._weights = (params, model.unstack_layers(params) if self.unstack_layers else None)
 
     @classmethod
     def from_run(cls, run, **kwargs) -> "Decoder":
@@ -117,28 +133,31 @@ class Decoder:
         scores = jnp.where(greedy[:, None], logits, scaled + gumbel)
         return jax.lax.top_k(scores, self.candidates)[1]
 
-    def _prefill_fn(self, params, lora, tokens, positions, segments, controls, keys, *,
+    def _prefill_fn(self, weights, lora, tokens, positions, segments, controls, keys, *,
                     cache_len):
+        params, layers = weights
         net = model.bind(self.graphdef, params)
-        cache = model.init_cache(self.cfg, tokens.shape[0], cache_len)
-        logits, cache = net.decode(tokens, positions, segments, cache, 0, lora=lora)
+        cache = model.init_cache(self.cfg, tokens.shape[0], cache_len,
+                                 per_layer=layers is not None)
+        logits, cache = net.decode(tokens, positions, segments, cache, 0, lora=lora, layers=layers)
         return self._choose(logits[:, -1], controls, keys, 0), cache
 
-    def _step_fn(self, params, lora, cache, tokens, positions, index, controls, keys, step):
+    def _step_fn(self, weights, lora, cache, tokens, positions, index, controls, keys, step):
+        params, layers = weights
         net = model.bind(self.graphdef, params)
         segments = jnp.ones_like(tokens)
         logits, cache = net.decode(tokens[:, None], positions[:, None], segments[:, None],
-                                   cache, index, lora=lora)
+                                   cache, index, lora=lora, layers=layers)
         return self._choose(logits[:, 0], controls, keys, step), cache
 
-    def _steps_fn(self, params, lora, cache, tokens, positions, index, controls, keys, step, *,
+    def _steps_fn(self, weights, lora, cache, tokens, positions, index, controls, keys, step, *,
                   n):
         """n steps from `tokens` at cache slot `index`, each feeding in its first candidate:
         candidates [n, B, C] for steps step .. step + n - 1."""
         def body(carry, _):
             cache, tokens, positions, index, step = carry
-            cands, cache = self._step_fn(params, lora, cache, tokens, positions, index, controls,
-                                         keys, step)
+            cands, cache = self._step_fn(weights, lora, cache, tokens, positions, index,
+                                         controls, keys, step)
             return (cache, cands[:, 0], positions + 1, index + 1, step + 1), cands
 
         (cache, *_), cands = jax.lax.scan(body, (cache, tokens, positions, index, step), None,
@@ -192,8 +211,8 @@ class Decoder:
             + [jax.random.key_data(jax.random.key(0))] * (B - n)))
 
         with _maybe_mesh(self.mesh):
-            candidates, cache = self._prefill(self.params, self.lora, tokens, positions, segments,
-                                              controls, keys, cache_len=S)
+            candidates, cache = self._prefill(self._weights, self.lora, tokens, positions,
+                                              segments, controls, keys, cache_len=S)
             ahead = [np.asarray(candidates)]  # [B, C] candidates of this step and the next ones
             for step in range(max_new):
                 chosen = np.zeros(B, np.int32)
@@ -208,7 +227,7 @@ class Decoder:
                 if not ahead or any(chosen[i] != cands[i, 0] for i, row in enumerate(rows)
                                     if not row.done):
                     n = min(self.steps_per_call, _bucket(max_new - step - 1))
-                    block, cache = self._steps(self.params, self.lora, cache, chosen,
+                    block, cache = self._steps(self._weights, self.lora, cache, chosen,
                                                positions[:, -1] + 1 + step, np.int32(P + step),
                                                controls, keys, np.int32(step + 1), n=n)
                     ahead = list(np.asarray(block))

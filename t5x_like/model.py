@@ -200,15 +200,24 @@ class Transformer(nnx.Module):
                 x, _ = body(x, jax.tree.map(lambda a: a[i], xs))
         return rms_norm(x, self.final_norm[...], cfg.norm_eps)
 
-    def decode(self, tokens, positions, segment_ids, cache: dict, index, lora=None):
+    def decode(self, tokens, positions, segment_ids, cache: dict, index, lora=None,
+               layers=None):
         """One incremental step with a KV cache (prefill is the same call with T > 1).
 
-        tokens, positions, segment_ids [B, T]; cache {"k", "v": [L, B, S, K, D],
+        tokens, positions, segment_ids [B, T]; cache {"k": [L, B, K, S, D], "v": [L, B, K, D, S],
         "segments": [B, S]} from `init_cache`; index: the cache slot of tokens[:, 0] (the same
         for every row: prompts are left-padded, padding has segment 0 and is never attended).
         lora: unmerged LoRA adapters, as in `__call__`. Returns float32 logits [B, T, V] and the
         updated cache.
+
+        With `layers` (`unstack_layers(params)`: one dict of arrays per layer) and a per-layer
+        cache (`init_cache(per_layer=True)`: "k", "v" tuples of L arrays) the layers run
+        unrolled on their own buffers. A scan over stacked layers slices every layer's weights
+        and cache out of the stacks each step, and XLA's CPU backend copies those slices:
+        for one token of a small model that copy costs more than the matmuls.
         """
+        if layers is not None:
+            return self._decode_layers(tokens, positions, segment_ids, cache, index, lora, layers)
         cfg = self.cfg
         lora = lora or {}
         x = _embed(self.embed[...], tokens, lora.get("embed")).astype(jnp.dtype(cfg.dtype))
@@ -235,6 +244,25 @@ class Transformer(nnx.Module):
             k, v = (jnp.stack(parts) for parts in zip(*outs))
         h = rms_norm(x, self.final_norm[...], cfg.norm_eps)
         return self.logits(h, lora), {"k": k, "v": v, "segments": segments}
+
+    def _decode_layers(self, tokens, positions, segment_ids, cache, index, lora, layers):
+        cfg = self.cfg
+        lora = lora or {}
+        x = _embed(self.embed[...], tokens, lora.get("embed")).astype(jnp.dtype(cfg.dtype))
+        x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
+        sin, cos = rope_for(cfg, positions)
+        segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))
+        mask = attention_mask(segment_ids, segments, q_offset=index)
+        ks, vs = [], []
+        for i, params in enumerate(layers):
+            adapters = jax.tree.map(lambda a: a[i], lora.get("layers", {}))
+            x, (k, v) = layer(params, x, sin, cos, mask, cfg, 0.0, None,
+                              kv_cache=(cache["k"][i], cache["v"][i], index),
+                              lora=(adapters, 0.0, None))
+            ks.append(k)
+            vs.append(v)
+        h = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        return self.logits(h, lora), {"k": tuple(ks), "v": tuple(vs), "segments": segments}
 
     def logits(self, h, lora=None):
         """hidden [B, T, d] -> float32 logits [B, T, V] (plus the output LoRA, if any)."""
@@ -273,15 +301,33 @@ def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None, lora=None):
     v = partitioning.constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
     if kv_cache is not None:
+        # The cache holds keys [.., S, D] and values [.., D, S] (init_cache): each with the
+        # contracted dim last, the layouts XLA's CPU dots take as they are; any other is copied
+        # whole, every layer and step. A per-layer cache also merges batch and kv heads
+        # ([B * K, ...]): the dots' one batch dim, so no reshape sits between the in-place
+        # update and the dot (XLA fuses the update into each reader, copying the cache).
         k_cache, v_cache, index = kv_cache
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        kv_cache = (k, v)
-    if cfg.attention_impl == "dot_product_attention":
+        B, T, K, D = k.shape
+        new_k, new_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, K, T, D], [.., D, T]
+        merged = k_cache.ndim == 3
+        if merged:
+            new_k, new_v = new_k.reshape(B * K, T, D), new_v.reshape(B * K, D, T)
+        lead = (0,) if merged else (0, 0)
+        kv_cache = (
+            jax.lax.dynamic_update_slice(k_cache, new_k.astype(k_cache.dtype), (*lead, index, 0)),
+            jax.lax.dynamic_update_slice(v_cache, new_v.astype(v_cache.dtype), (*lead, 0, index)))
+        k_heads, v_heads = (c.astype(dtype) for c in kv_cache)
+        if cfg.attention_impl == "dot_product_attention":
+            S = k_heads.shape[-2]
+            k_bskd = k_heads.reshape(B, K, S, D).transpose(0, 2, 1, 3)
+            v_bskd = v_heads.reshape(B, K, D, S).transpose(0, 3, 1, 2)
+            o = jax.nn.dot_product_attention(q, k_bskd, v_bskd, mask=mask[:, None])
+        else:
+            o = _attend_cache(q, k_heads, v_heads, mask)
+    elif cfg.attention_impl == "dot_product_attention":
         o = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask[:, None])
-    else:  # blocks only in self-attention over whole sequences (training, scoring), not decoding
-        o = attention(q, k.astype(dtype), v.astype(dtype), mask,
-                      block=cfg.attention_block if kv_cache is None else 0)
+    else:  # blocks only in self-attention over whole sequences (training, scoring)
+        o = attention(q, k.astype(dtype), v.astype(dtype), mask, block=cfg.attention_block)
     o = _bias(_proj(o, p, "wo", lora, n_in=2), p, "o_bias")
     x = x + _dropout(o, rate, k_attn)
     x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
@@ -295,13 +341,35 @@ def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None, lora=None):
     return partitioning.constrain(x, ("act_batch", "act_len", "act_embed")), kv_cache
 
 
-def init_cache(cfg, batch: int, length: int) -> dict:
-    """An empty KV cache for `batch` rows of `length` slots, in the compute dtype."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, _head_dim(cfg))
-    dtype = jnp.dtype(cfg.dtype)
-    names = ("layers", "act_batch", "act_len", "act_kv_heads", None)
-    zeros = lambda: partitioning.constrain(jnp.zeros(shape, dtype), names)  # noqa: E731
-    return {"k": zeros(), "v": zeros(), "segments": jnp.zeros((batch, length), jnp.int32)}
+def init_cache(cfg, batch: int, length: int, per_layer: bool = False) -> dict:
+    """An empty KV cache for `batch` rows of `length` slots, in the compute dtype, in the
+    layouts the attention dots read without a copy (layer()): keys [L, B, K, S, D] and values
+    [L, B, K, D, S], or per_layer (for `decode(layers=...)`) tuples of L keys [B * K, S, D]
+    and values [B * K, D, S]."""
+    K, D, dtype = cfg.num_kv_heads, _head_dim(cfg), jnp.dtype(cfg.dtype)
+
+    def zeros(shape, names):
+        if per_layer:
+            return tuple(partitioning.constrain(jnp.zeros(shape, dtype), names)
+                         for _ in range(cfg.num_layers))
+        return partitioning.constrain(jnp.zeros((cfg.num_layers, *shape), dtype),
+                                      ("layers", *names))
+
+    if per_layer:  # batch and kv heads merged: rows of one batch row's heads stay together
+        return {"k": zeros((batch * K, length, D), ("act_batch", "act_len", None)),
+                "v": zeros((batch * K, D, length), ("act_batch", None, "act_len")),
+                "segments": jnp.zeros((batch, length), jnp.int32)}
+    return {"k": zeros((batch, K, length, D), ("act_batch", "act_kv_heads", "act_len", None)),
+            "v": zeros((batch, K, D, length), ("act_batch", "act_kv_heads", None, "act_len")),
+            "segments": jnp.zeros((batch, length), jnp.int32)}
+
+
+def unstack_layers(params) -> list[dict]:
+    """The stacked layer parameters of `params` as one dict of arrays per layer (copies, made
+    once, for `Transformer.decode(layers=...)`)."""
+    stacked = params["layers"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    return [jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers)]
 
 
 # Projections LoRA can adapt, each with its own dropout stream (the index folded into the key).
@@ -383,6 +451,29 @@ def _attend(q, k, v, mask):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(B, T, H, D)
+
+
+def _attend_cache(q, k, v, mask):
+    """attention() of q [B, T, H, D] over a KV cache in init_cache's layouts: k [B, K, S, D]
+    and v [B, K, D, S], or per layer k [B * K, S, D] and v [B * K, D, S]."""
+    B, T, H, D = q.shape
+    S = k.shape[-2]
+    K = k.shape[1] if k.ndim == 4 else k.shape[0] // B
+    G = H // K
+    q = q.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    if k.ndim == 3:
+        scores = jnp.einsum("nqd,nsd->nqs", q.reshape(B * K, G * T, D), k,
+                            preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
+    else:
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (D ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if v.ndim == 3:
+        out = jnp.einsum("nqs,nds->nqd", probs.reshape(B * K, G * T, S), v).reshape(B, K, G, T, D)
+    else:
+        out = jnp.einsum("bkgts,bkds->bkgtd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 def attention_mask(q_segments, kv_segments, q_offset=0):

@@ -42,9 +42,11 @@ def naive_greedy(graphdef, params, prompt, n, stop, vocab):
     return out
 
 
-def test_cached_greedy_equals_recomputation_for_a_ragged_batch(setup):
+@pytest.mark.parametrize("unstack", [True, False])  # per-layer weights and cache, or a scan
+def test_cached_greedy_equals_recomputation_for_a_ragged_batch(setup, unstack):
     tok, cfg, graphdef, params = setup
-    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=4)
+    decoder = decoding.Decoder(graphdef, params, cfg, tok, max_batch=4, unstack_layers=unstack)
+    assert (decoder._weights[1] is not None) == unstack
     prompts = [[tok.bos_id, *tok.encode(t)] for t in
                ["What is 12 + 30? ", "7", "Q: What is 99 - 1? A: 98\n12 plus", "3 - 4 ="]]
     completions = decoder.generate(prompts, decoding.Sampling(max_new_tokens=12))
