@@ -216,8 +216,6 @@ class Transformer(nnx.Module):
         and cache out of the stacks each step, and XLA's CPU backend copies those slices:
         for one token of a small model that copy costs more than the matmuls.
         """
-        if layers is not None:
-            return self._decode_layers(tokens, positions, segment_ids, cache, index, lora, layers)
         cfg = self.cfg
         lora = lora or {}
         x = _embed(self.embed[...], tokens, lora.get("embed")).astype(jnp.dtype(cfg.dtype))
@@ -233,36 +231,25 @@ class Transformer(nnx.Module):
                                           lora=(adapters, 0.0, None))
             return x, (k_cache, v_cache)
 
-        xs = (self.layers.arrays(), cache["k"], cache["v"], lora.get("layers", {}))
-        if cfg.scan_layers:
-            x, (k, v) = jax.lax.scan(body, x, xs)
-        else:
+        if layers is not None:  # per-layer weights and cache: unrolled, nothing sliced
             outs = []
-            for i in range(cfg.num_layers):
-                x, kv = body(x, jax.tree.map(lambda a: a[i], xs))
+            for i, params in enumerate(layers):
+                adapters = jax.tree.map(lambda a, i=i: a[i], lora.get("layers", {}))
+                x, kv = body(x, (params, cache["k"][i], cache["v"][i], adapters))
                 outs.append(kv)
-            k, v = (jnp.stack(parts) for parts in zip(*outs))
+            k, v = (tuple(parts) for parts in zip(*outs))
+        else:
+            xs = (self.layers.arrays(), cache["k"], cache["v"], lora.get("layers", {}))
+            if cfg.scan_layers:
+                x, (k, v) = jax.lax.scan(body, x, xs)
+            else:
+                outs = []
+                for i in range(cfg.num_layers):
+                    x, kv = body(x, jax.tree.map(lambda a, i=i: a[i], xs))
+                    outs.append(kv)
+                k, v = (jnp.stack(parts) for parts in zip(*outs))
         h = rms_norm(x, self.final_norm[...], cfg.norm_eps)
         return self.logits(h, lora), {"k": k, "v": v, "segments": segments}
-
-    def _decode_layers(self, tokens, positions, segment_ids, cache, index, lora, layers):
-        cfg = self.cfg
-        lora = lora or {}
-        x = _embed(self.embed[...], tokens, lora.get("embed")).astype(jnp.dtype(cfg.dtype))
-        x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
-        sin, cos = rope_for(cfg, positions)
-        segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))
-        mask = attention_mask(segment_ids, segments, q_offset=index)
-        ks, vs = [], []
-        for i, params in enumerate(layers):
-            adapters = jax.tree.map(lambda a: a[i], lora.get("layers", {}))
-            x, (k, v) = layer(params, x, sin, cos, mask, cfg, 0.0, None,
-                              kv_cache=(cache["k"][i], cache["v"][i], index),
-                              lora=(adapters, 0.0, None))
-            ks.append(k)
-            vs.append(v)
-        h = rms_norm(x, self.final_norm[...], cfg.norm_eps)
-        return self.logits(h, lora), {"k": tuple(ks), "v": tuple(vs), "segments": segments}
 
     def logits(self, h, lora=None):
         """hidden [B, T, d] -> float32 logits [B, T, V] (plus the output LoRA, if any)."""
