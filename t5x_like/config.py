@@ -28,6 +28,8 @@ LATER_MODEL_KEYS = {
     "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192, "reward_head": False,
     "attention_impl": "einsum", "attention_block": 128,
 }
+# The same for other sections: section -> {key: the value that gives the original behaviour}.
+LATER_KEYS = {"model": LATER_MODEL_KEYS, "dpo": {"rpo_alpha": 0.0}}
 EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 # Model keys that may differ between a checkpoint and the run loading it: they change how the
 # same parameters are computed with, not what the parameters are (reward_head: a reward model
@@ -339,8 +341,7 @@ def load_json(path: str) -> ml_collections.FrozenConfigDict:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or start a new workdir.")
-    if isinstance(data.get("model"), dict):  # an older run: its model had none of these
-        data["model"] = {**LATER_MODEL_KEYS, **data["model"]}
-    if isinstance(data.get("dpo"), dict):
-        data["dpo"] = {"rpo_alpha": 0.0, **data["dpo"]}
+    for section, later in LATER_KEYS.items():  # an older run had none of these
+        if isinstance(data.get(section), dict):
+            data[section] = {**later, **data[section]}
     return ml_collections.FrozenConfigDict(data)

@@ -1,5 +1,6 @@
 """Config loading: command-line overrides and the one-sentence errors for bad ones."""
 
+import json
 import os
 import subprocess
 import sys
@@ -100,6 +101,12 @@ def test_config_json_round_trip(tiny_cfg, tmp_path):
     config_lib.save_json(resolved, str(tmp_path / "config.json"))
     back = config_lib.load_json(str(tmp_path / "config.json"))
     assert config_lib.to_dict(back) == config_lib.to_dict(resolved)
+    # An older run's config.json, written before keys were added, reads with their defaults.
+    old = config_lib.to_dict(resolved)
+    del old["dpo"]["rpo_alpha"], old["model"]["attention_block"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    back = config_lib.load_json(str(tmp_path / "old.json"))
+    assert back.dpo.rpo_alpha == 0.0 and back.model.attention_block == 128
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="bad.json is not valid JSON"):
         config_lib.load_json(str(tmp_path / "bad.json"))
