@@ -37,12 +37,12 @@ SHAPES = {"S": (256, 4, 4, 704, 256, 16), "M": (512, 8, 8, 1408, 512, 8),
 VOCAB = 8192
 
 
-def config(shape: str, dtype: str, remat: str = "none"):
+def config(shape: str, dtype: str, remat: str = "none", loss_chunk: int = 0, vocab: int = VOCAB):
     d, L, H, F, T, B = SHAPES[shape]
     cfg = base.get_config()
     m = cfg.model
-    m.vocab_size, m.hidden_dim, m.num_layers, m.num_heads, m.num_kv_heads = VOCAB, d, L, H, H
-    m.mlp_dim, m.max_len, m.dtype, m.remat = F, T, dtype, remat
+    m.vocab_size, m.hidden_dim, m.num_layers, m.num_heads, m.num_kv_heads = vocab, d, L, H, H
+    m.mlp_dim, m.max_len, m.dtype, m.remat, m.loss_chunk = F, T, dtype, remat, loss_chunk
     cfg.data.batch_size = B
     cfg.optimizer.warmup_steps = 10
     return cfg
@@ -63,7 +63,7 @@ class Ours:
         self.mesh = partitioning.make_mesh(cfg.mesh)
         B, T = cfg.data.batch_size, cfg.model.max_len
         rng = np.random.default_rng(0)
-        tokens = rng.integers(4, VOCAB, (B, T + 1)).astype(np.int32)
+        tokens = rng.integers(4, cfg.model.vocab_size, (B, T + 1)).astype(np.int32)
         local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                  "weights": np.ones((B, T), np.float32), "segment_ids": np.ones((B, T), np.int32),
                  "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
@@ -75,6 +75,10 @@ class Ours:
             start = time.perf_counter()
             self.step_fn = self.step_fn.lower(self.state, self.batch).compile()
             self.compile_s = time.perf_counter() - start
+        # XLA's temporary buffers of one step (activations, logits, gradients before the update):
+        # what remat and model.loss_chunk shrink; the state itself is not counted.
+        memory = self.step_fn.memory_analysis()
+        self.temp_gib = memory.temp_size_in_bytes / 2 ** 30 if memory else float("nan")
 
     def step(self):
         self.state, metrics = self.step_fn(self.state, self.batch)
@@ -90,7 +94,8 @@ class Theirs:
                             cfg.model.mlp_dim, cfg.model.max_len, cfg.data.batch_size)
         torch.manual_seed(0)
         hf_cfg = transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=d, intermediate_size=F, num_hidden_layers=L,
+            vocab_size=cfg.model.vocab_size, hidden_size=d, intermediate_size=F,
+            num_hidden_layers=L,
             num_attention_heads=H, num_key_value_heads=H, max_position_embeddings=T,
             rms_norm_eps=cfg.model.norm_eps, rope_theta=cfg.model.rope_theta,
             tie_word_embeddings=False, attn_implementation="sdpa")
@@ -100,7 +105,7 @@ class Theirs:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.b1, o.b2),
                                      eps=o.eps, weight_decay=o.weight_decay)
         self.clip = o.grad_clip
-        self.ids = torch.randint(4, VOCAB, (B, T))
+        self.ids = torch.randint(4, cfg.model.vocab_size, (B, T))
         # bfloat16 compute with float32 parameters: torch's own mixed precision on the CPU.
         self.autocast = dtype == "bfloat16"
 
@@ -112,17 +117,21 @@ class Theirs:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        float(loss)
+        float(loss.detach())  # the host reads the loss, as ours does
 
 
 def interleaved(fns: dict, steps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn, timing them in turn so load hits all alike."""
+    """Median seconds per call of each fn, timing them in turn so load hits all alike.
+
+    A pause before each timed call lets the previous library's worker threads, which spin for
+    a while after their work (OpenMP's, XLA's), go idle instead of slowing the next call."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {k: [] for k in fns}
     for _ in range(steps):
         for k, fn in fns.items():
+            time.sleep(0.25)
             start = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - start)
@@ -139,6 +148,11 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--loss_chunks", default=str(base.get_config().model.loss_chunk),
+                        help="model.loss_chunk values, one row each (0 = the whole logits); "
+                             "default: configs/base.py's")
+    parser.add_argument("--vocab", type=int, default=VOCAB,
+                        help="vocabulary size (the issue's CPU shapes use 8192)")
     parser.add_argument("--no_peer", action="store_true", help="ours only (no torch needed)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
@@ -149,34 +163,36 @@ def main(argv=None):
     on_cpu = jax.devices()[0].platform == "cpu"
     peaks = {}
     rows = []
-    for shape in args.shapes.split(","):
-        for dtype in args.dtypes.split(","):
-            cfg = config(shape, dtype, args.remat)
-            ours = Ours(cfg)
-            fns = {"ours": ours.step}
-            if not args.no_peer:
-                fns["theirs"] = Theirs(cfg, dtype).step
-            secs = interleaved(fns, args.steps)
-            tokens = cfg.data.batch_size * cfg.model.max_len
-            flop = flops.train_flops_per_token(cfg.model, cfg.model.max_len) * tokens
-            if on_cpu:
-                peaks.setdefault(dtype, matmul_tflops(dtype))
-                peak = peaks[dtype]
-            else:
-                peak = flops.peak_tflops(jax.devices()[0].device_kind) * jax.device_count()
-            row = {"shape": shape, "dtype": dtype, "params_M": round(
-                       flops.matmul_params(cfg.model) / 1e6 + VOCAB * cfg.model.hidden_dim / 1e6, 1),
-                   "ours_tok_s": tokens / secs["ours"],
-                   "ours_tflops": flop / secs["ours"] / 1e12,
-                   "ours_mfu": flop / secs["ours"] / 1e12 / peak,
-                   "compile_s": ours.compile_s}
-            if "theirs" in secs:
-                row["theirs_tok_s"] = tokens / secs["theirs"]
-                row["ratio"] = secs["theirs"] / secs["ours"]
-            row["peak_tflops"] = peak
-            row["peak_rss_gib"] = peak_rss_gib()
-            rows.append(row)
-            del ours, fns
+    combos = [(shape, dtype, int(chunk)) for shape in args.shapes.split(",")
+              for dtype in args.dtypes.split(",") for chunk in args.loss_chunks.split(",")]
+    for shape, dtype, chunk in combos:
+        cfg = config(shape, dtype, args.remat, chunk, args.vocab)
+        ours = Ours(cfg)
+        fns = {"ours": ours.step}
+        if not args.no_peer:
+            fns["theirs"] = Theirs(cfg, dtype).step
+        secs = interleaved(fns, args.steps)
+        tokens = cfg.data.batch_size * cfg.model.max_len
+        flop = flops.train_flops_per_token(cfg.model, cfg.model.max_len) * tokens
+        if on_cpu:
+            peaks.setdefault(dtype, matmul_tflops(dtype))
+            peak = peaks[dtype]
+        else:
+            peak = flops.peak_tflops(jax.devices()[0].device_kind) * jax.device_count()
+        row = {"shape": shape, "dtype": dtype, "loss_chunk": chunk, "params_M": round(
+                   (flops.matmul_params(cfg.model) + cfg.model.vocab_size * cfg.model.hidden_dim)
+                   / 1e6, 1),
+               "ours_tok_s": tokens / secs["ours"],
+               "ours_tflops": flop / secs["ours"] / 1e12,
+               "ours_mfu": flop / secs["ours"] / 1e12 / peak,
+               "compile_s": ours.compile_s, "ours_temp_gib": ours.temp_gib}
+        if "theirs" in secs:
+            row["theirs_tok_s"] = tokens / secs["theirs"]
+            row["ratio"] = secs["theirs"] / secs["ours"]
+        row["peak_tflops"] = peak
+        row["peak_rss_gib"] = peak_rss_gib()
+        rows.append(row)
+        del ours, fns
     common.report("train_step", rows, args.out,
                   {"command": "python -m benchmarks.train_step " + " ".join(argv or sys.argv[1:]),
                    "steps": args.steps,

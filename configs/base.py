@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
     # the dtype is bfloat16, XLA elsewhere. Both compute the same; neither changes parameters.
     cfg.model.attention_impl = "einsum"
     cfg.model.attention_block = 128
+    # Positions per chunk of the output layer + loss (0 = all at once): the [B, T, V] float32
+    # logits never exist whole, only [B, loss_chunk, V] (losses.chunked_loss); same result,
+    # less memory, and on CPU a little faster too (BENCHMARKS.md, "Chunked cross-entropy").
+    cfg.model.loss_chunk = 128
 
     cfg.optimizer = ml_collections.ConfigDict()
     cfg.optimizer.lr = 3e-3  # peak learning rate

@@ -26,7 +26,7 @@ LATER_MODEL_KEYS = {
     "unpadded_vocab_size": 0, "attn_qkv_bias": False, "attn_out_bias": False, "mlp_bias": False,
     "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_low_freq_factor": 1.0,
     "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192, "reward_head": False,
-    "attention_impl": "einsum", "attention_block": 128,
+    "attention_impl": "einsum", "attention_block": 128, "loss_chunk": 128,
 }
 # The same for other sections: section -> {key: the value that gives the original behaviour}.
 LATER_KEYS = {"model": LATER_MODEL_KEYS, "dpo": {"rpo_alpha": 0.0}}
@@ -36,7 +36,7 @@ EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 # starts from a chat model's parameters and adds a fresh head, see alignment.py).
 FREE_MODEL_KEYS = ("max_len", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
                    "vocab_multiple", "unpadded_vocab_size", "reward_head", "attention_impl",
-                   "attention_block")
+                   "attention_block", "loss_chunk")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -72,6 +72,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
              f"is {m.attention_impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}.")
     _require(m.attention_block >= 0, "model.attention_block", "must be >= 0 (0 = one block).")
+    _require(m.loss_chunk >= 0, "model.loss_chunk", "must be >= 0 (0 = the whole sequence).")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"is {m.dropout}; it must be in [0, 1).")
     _require(m.rope_theta > 0, "model.rope_theta", "must be positive.")
     _require(m.rope_scaling in ROPE_SCALINGS, "model.rope_scaling",

@@ -4,6 +4,8 @@ Every function takes per-target `weights` (0 on padding, 0 outside the assistant
 SFT) and returns sums; callers divide by the summed weight once, after all micro-batches.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +33,74 @@ def token_stats(logits, targets, weights, token_bytes=None) -> dict[str, jax.Arr
         stats["byte_nats_sum"] = jnp.sum(w * nll * (nbytes > 0))
         stats["bytes_sum"] = jnp.sum(w * nbytes)
     return stats
+
+
+def chunked_loss(logits_fn, head, h, targets, weights, *, chunk: int, z_loss: float = 0.0,
+                 token_bytes=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(nll_sum + z_loss * z_sum, token_stats sums) of the logits `logits_fn(head, h)`, computed
+    `chunk` positions at a time so that the [B, T, V] float32 logits never exist whole.
+
+    h [B, T, d] final hidden states; head: the output layer's arrays (model.apply_hidden).
+    Each chunk's gradients (to h and to head) are taken in the forward pass, while its logits
+    are at hand, so the backward pass only scales them: no logits are kept or recomputed, and
+    the FLOPs are those of the unchunked loss. Chunks run along the sequence with the batch dim
+    whole, so a batch sharded over devices stays sharded. The stats come back without gradient.
+    """
+    B, T = targets.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T  # padded positions carry weight 0
+
+    def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+    loss, stats = _fused_loss(logits_fn, float(z_loss), head, split(h), split(targets),
+                              split(weights), token_bytes)
+    return loss, jax.lax.stop_gradient(stats)
+
+
+def _chunks(logits_fn, z_loss, head, hs, ts, ws, token_bytes, with_grads: bool):
+    def chunk_loss(head, hc, tc, wc):
+        s = token_stats(logits_fn(head, hc), tc, wc, token_bytes)
+        return s["nll_sum"] + z_loss * s["z_sum"], s
+
+    def body(carry, xs):
+        hc, tc, wc = xs
+        if not with_grads:
+            loss, stats = chunk_loss(head, hc, tc, wc)
+            return jax.tree.map(jnp.add, carry, (loss, stats)), None
+        loss, vjp, stats = jax.vjp(lambda p, x: chunk_loss(p, x, tc, wc), head, hc,
+                                   has_aux=True)
+        d_head, d_h = vjp(jnp.ones_like(loss))
+        return jax.tree.map(jnp.add, carry, (loss, stats, d_head)), d_h
+
+    first = jax.tree.map(lambda x: x[0], (hs, ts, ws))
+    shapes = jax.eval_shape(lambda: chunk_loss(head, *first))
+    if with_grads:
+        shapes = (*shapes, head)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.scan(body, zeros, (hs, ts, ws))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_loss(logits_fn, z_loss, head, hs, ts, ws, token_bytes):
+    return _chunks(logits_fn, z_loss, head, hs, ts, ws, token_bytes, with_grads=False)[0]
+
+
+def _fused_loss_fwd(logits_fn, z_loss, head, hs, ts, ws, token_bytes):
+    (loss, stats, d_head), d_hs = _chunks(logits_fn, z_loss, head, hs, ts, ws, token_bytes,
+                                          with_grads=True)
+    return (loss, stats), (d_head, d_hs)
+
+
+def _fused_loss_bwd(logits_fn, z_loss, grads, cotangent):
+    g = cotangent[0]  # the stats leave through stop_gradient: only the loss has a cotangent
+    d_head, d_hs = grads
+    d_head = jax.tree.map(lambda x: (x * g).astype(x.dtype), d_head)
+    return d_head, (d_hs * g).astype(d_hs.dtype), None, None, None
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 
 
 def summarize(stats: dict) -> dict[str, float]:

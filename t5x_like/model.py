@@ -44,6 +44,7 @@ Dropout is functional (an explicit key per call, folded per layer), so a step's 
 pure function of (seed, step): nothing random needs saving for an exact resume.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -253,21 +254,28 @@ class Transformer(nnx.Module):
 
     def logits(self, h, lora=None):
         """hidden [B, T, d] -> float32 logits [B, T, V] (plus the output LoRA, if any)."""
+        return output_logits(self.output_head(lora), h, self.cfg.unpadded_vocab_size)
+
+    def output_head(self, lora=None):
+        """(w [d, V], its LoRA adapter or None): the output projection, tied or not."""
         lora = lora or {}
         if self.cfg.tie_embeddings:
-            w = self.embed[...].astype(h.dtype).T
             ad = lora.get("embed")  # the tied output weight is embed.T, so (A B).T = B.T A.T
-            ad = ad and {"a": ad["b"].T, "b": ad["a"].T}
-        else:
-            w = self.lm_head[...].astype(h.dtype)
-            ad = lora.get("lm_head")
-        out = dense(h, w, preferred_element_type=jnp.float32)
-        if ad:
-            out = out + lora_delta(h, ad).astype(jnp.float32)
-        used, rows = self.cfg.unpadded_vocab_size, self.cfg.vocab_size
-        if 0 < used < rows:  # padding rows: never a target, never sampled
-            out = jnp.where(jnp.arange(rows) < used, out, _MASK_VALUE)
-        return partitioning.constrain(out, ("act_batch", "act_len", "act_vocab"))
+            return self.embed[...].T, ad and {"a": ad["b"].T, "b": ad["a"].T}
+        return self.lm_head[...], lora.get("lm_head")
+
+
+def output_logits(head, h, unpadded_vocab_size: int = 0):
+    """(w [d, V], LoRA or None), hidden [B, T, d] -> float32 logits [B, T, V]; vocab rows past
+    `unpadded_vocab_size` (padding: never a target, never sampled) get the mask value."""
+    w, ad = head
+    out = dense(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    if ad:
+        out = out + lora_delta(h, ad).astype(jnp.float32)
+    rows = out.shape[-1]
+    if 0 < unpadded_vocab_size < rows:
+        out = jnp.where(jnp.arange(rows) < unpadded_vocab_size, out, _MASK_VALUE)
+    return partitioning.constrain(out, ("act_batch", "act_len", "act_vocab"))
 
 
 def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None, lora=None):
@@ -577,6 +585,16 @@ def bind(graphdef, params) -> Transformer:
 def apply(graphdef, params, tokens, **kwargs):
     """Functional call: logits of the model `graphdef` with parameters `params` (pure dict)."""
     return nnx.merge(graphdef, params)(tokens, **kwargs)
+
+
+def apply_hidden(graphdef, params, tokens, lora=None, **kwargs):
+    """Functional call without the output layer: (hidden [B, T, d], head, logits_fn) where
+    logits_fn(head, h) = the logits of h (`output_logits`). The chunked loss
+    (losses.chunked_loss) takes them apart so that the full [B, T, V] logits never exist."""
+    m = nnx.merge(graphdef, params)
+    h = m.hidden(tokens, lora=lora, **kwargs)
+    return h, m.output_head(lora), functools.partial(
+        output_logits, unpadded_vocab_size=m.cfg.unpadded_vocab_size)
 
 
 def count_params(params) -> int:

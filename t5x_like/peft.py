@@ -198,20 +198,21 @@ def _adapters(lora: dict):
             yield node
 
 
-def forward(graphdef, adapt: Peft | None) -> Callable:
-    """fn(params, base, tokens, **kwargs) -> logits of the model being trained.
+def forward(graphdef, adapt: Peft | None, hidden: bool = False) -> Callable:
+    """fn(params, base, tokens, **kwargs) -> logits of the model being trained; with `hidden`,
+    (hidden states, head, logits_fn) instead (model.apply_hidden), for the chunked loss.
 
     Without PEFT `params` is the whole model and `base` is ignored; with PEFT `params` is the
     trainable tree and `base` the frozen base. The reference model of preference tuning is
     `model.apply(graphdef, base, tokens, ...)`: the base without adapters.
     """
+    call = model.apply_hidden if hidden else model.apply
     if adapt is None:
-        return lambda params, base, tokens, **kw: model.apply(graphdef, params, tokens, **kw)
+        return lambda params, base, tokens, **kw: call(graphdef, params, tokens, **kw)
 
     def apply(params, base, tokens, **kwargs):
         full, lora = combine(adapt, params, base)
-        return model.apply(graphdef, full, tokens, lora=lora, lora_dropout=adapt.dropout,
-                           **kwargs)
+        return call(graphdef, full, tokens, lora=lora, lora_dropout=adapt.dropout, **kwargs)
     return apply
 
 

@@ -42,19 +42,39 @@ from t5x_like.metrics import MetricWriter
 # Pure steps.
 
 
+def make_loss(graphdef, adapt: peft.Peft | None = None, *, z_loss: float = 0.0,
+              loss_chunk: int = 0) -> Callable:
+    """loss(params, base, batch, rng=None, token_bytes=None) -> (nll_sum + z_loss * z_sum,
+    losses.token_stats sums): the language-model loss of pretraining, SFT and evaluation.
+
+    With `loss_chunk` (model.loss_chunk) the output layer and the loss run that many positions
+    at a time (losses.chunked_loss): same values and gradients, without the [B, T, V] logits.
+    """
+    forward = peft.forward(graphdef, adapt, hidden=bool(loss_chunk))
+
+    def loss(params, base, batch, rng=None, token_bytes=None):
+        out = forward(params, base, batch["inputs"], positions=batch["positions"],
+                      segment_ids=batch["segment_ids"], dropout_rng=rng)
+        if loss_chunk:
+            h, head, logits_fn = out
+            return losses.chunked_loss(logits_fn, head, h, batch["targets"], batch["weights"],
+                                       chunk=loss_chunk, z_loss=z_loss, token_bytes=token_bytes)
+        stats = losses.token_stats(out, batch["targets"], batch["weights"], token_bytes)
+        return stats["nll_sum"] + z_loss * stats["z_sum"], stats
+    return loss
+
+
 def make_train_step(graphdef, tx, schedule, *, seed: int, z_loss: float, accum_steps: int,
-                    dropout: float, adapt: peft.Peft | None = None) -> Callable:
+                    dropout: float, adapt: peft.Peft | None = None,
+                    loss_chunk: int = 0) -> Callable:
     """Returns train_step(state, batch, base=None) -> (state, metrics); the loss is the weighted
     mean NLL over all targets of the global batch (plus z-loss), micro-batches summed before
     dividing. With PEFT (`adapt`), state["params"] is the trainable part and `base` the frozen
     base model (peft.py)."""
-    forward = peft.forward(graphdef, adapt)
+    loss = make_loss(graphdef, adapt, z_loss=z_loss, loss_chunk=loss_chunk)
 
     def loss_fn(params, batch, rng, base):
-        logits = forward(params, base, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"], dropout_rng=rng)
-        stats = losses.token_stats(logits, batch["targets"], batch["weights"])
-        return stats["nll_sum"] + z_loss * stats["z_sum"], stats
+        return loss(params, base, batch, rng)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -95,13 +115,11 @@ def make_train_step(graphdef, tx, schedule, *, seed: int, z_loss: float, accum_s
     return train_step
 
 
-def make_eval_step(graphdef, adapt: peft.Peft | None = None) -> Callable:
-    forward = peft.forward(graphdef, adapt)
+def make_eval_step(graphdef, adapt: peft.Peft | None = None, loss_chunk: int = 0) -> Callable:
+    loss = make_loss(graphdef, adapt, loss_chunk=loss_chunk)
 
     def eval_step(params, batch, token_bytes, base=None):
-        logits = forward(params, base, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"])
-        return losses.token_stats(logits, batch["targets"], batch["weights"], token_bytes)
+        return loss(params, base, batch, token_bytes=token_bytes)[1]
     return eval_step
 
 
@@ -161,11 +179,11 @@ def compile_steps(cfg, spec: StateSpec, mesh):
                                  z_loss=cfg.optimizer.z_loss,
                                  accum_steps=cfg.optimizer.grad_accum_steps,
                                  dropout=cfg.model.dropout or (spec.adapt and spec.adapt.dropout),
-                                 adapt=spec.adapt)
+                                 adapt=spec.adapt, loss_chunk=cfg.model.loss_chunk)
     base = () if spec.adapt is None else (spec.base_shardings,)  # PEFT: base is an input
     train_jit = jax.jit(train_step, in_shardings=(spec.shardings, batch_sharding, *base),
                         out_shardings=(spec.shardings, replicated), donate_argnums=0)
-    eval_jit = jax.jit(make_eval_step(spec.graphdef, spec.adapt),
+    eval_jit = jax.jit(make_eval_step(spec.graphdef, spec.adapt, cfg.model.loss_chunk),
                        in_shardings=(spec.shardings["params"], batch_sharding, replicated, *base),
                        out_shardings=replicated)
     return train_jit, eval_jit

@@ -26,7 +26,8 @@ def run(tmp_path_factory):
     model_cfg = dict(vocab_size=512, vocab_multiple=128, hidden_dim=32, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, max_len=64,
                      rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, dropout=0.0,
-                     dtype="float32", param_dtype="float32", scan_layers=True, remat="none")
+                     dtype="float32", param_dtype="float32", scan_layers=True, remat="none",
+                     loss_chunk=16)  # the chunked loss, checked against numpy below
     cfg = ml_collections.FrozenConfigDict({"model": model_cfg})
     graphdef, _, _ = model.abstract_model(cfg.model)
     params = model.init_params(cfg.model, seed=1)

@@ -29,17 +29,21 @@ def fake_batch(cfg, seed=0):
             "positions": np.repeat(positions[None], B, 0).astype(np.int32)}
 
 
-def run_steps(cfg, devices, n=5):
+def run_steps(cfg, devices, n=5, keys=("loss",), vary_batch=False):
+    """n real train steps on a mesh of `devices`: ([loss per step] or, with several `keys`,
+    [tuple of those metrics per step], final params on the host, final state)."""
     mesh = partitioning.make_mesh(cfg.mesh, devices)
     with jax.set_mesh(mesh):
         spec = trainer.state_spec(cfg, mesh)
         train_step, _ = trainer.compile_steps(cfg, spec, mesh)
         state = trainer.init_state(cfg, spec)
-        losses = []
+        out = []
         for i in range(n):
-            state, metrics = train_step(state, trainer.global_batch(fake_batch(cfg), mesh))
-            losses.append(float(metrics["loss"]))
-        return losses, jax.device_get(state["params"]), state
+            batch = fake_batch(cfg, i if vary_batch else 0)
+            state, metrics = train_step(state, trainer.global_batch(batch, mesh))
+            values = tuple(float(metrics[k]) for k in keys)
+            out.append(values if len(keys) > 1 else values[0])
+        return out, jax.device_get(state["params"]), state
 
 
 # (data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,4,2), (2,1,4); the reference is (1,1,1)
@@ -59,6 +63,19 @@ def test_sharded_steps_match_one_device(tiny_cfg):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6,
                                                              err_msg=str(mesh)),
                      params, one_params)
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(data=2, tensor=4)])
+def test_chunked_loss_on_a_mesh_matches_one_device(tiny_cfg, mesh):
+    """model.loss_chunk with the batch sharded over data and the vocab over tensor."""
+    one_losses, one_params, _ = run_steps(resolved(tiny_cfg.copy_and_resolve_references()),
+                                          jax.devices()[:1], n=3)
+    cfg = tiny_cfg.copy_and_resolve_references()
+    cfg.model.loss_chunk = 12
+    losses, params, _ = run_steps(resolved(cfg, **mesh), jax.devices(), n=3)
+    np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+                 params, one_params)
 
 
 # Per-device shard shapes written out by hand from the rules table (not computed by the code

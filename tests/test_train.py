@@ -114,23 +114,14 @@ def test_resume_refuses_a_different_model(trained, tmp_path):
 def test_gradient_accumulation_matches_one_big_batch(tiny_cfg):
     import jax
 
-    from t5x_like import config as config_lib, partitioning
-    from test_sharding import fake_batch
+    from t5x_like import config as config_lib
+    from test_sharding import run_steps
 
     def losses(accum):
         cfg = tiny_cfg.copy_and_resolve_references()
         cfg.optimizer.grad_accum_steps = accum
-        cfg = config_lib.resolve(cfg, 300)
-        mesh = partitioning.make_mesh(cfg.mesh, jax.devices()[:1])
-        with jax.set_mesh(mesh):
-            spec = trainer.state_spec(cfg, mesh)
-            step, _ = trainer.compile_steps(cfg, spec, mesh)
-            state = trainer.init_state(cfg, spec)
-            out = []
-            for _ in range(2):
-                state, m = step(state, trainer.global_batch(fake_batch(cfg), mesh))
-                out.append((float(m["loss"]), float(m["grad_norm"])))
-            return out
+        return run_steps(config_lib.resolve(cfg, 300), jax.devices()[:1], n=2,
+                         keys=("loss", "grad_norm"))[0]
 
     np.testing.assert_allclose(losses(4), losses(1), rtol=1e-5)
 
@@ -150,3 +141,73 @@ def test_early_stopping_stops_and_stays_stopped(tiny_cfg, tmp_path):
     again = trainer.train_and_evaluate(tiny_cfg, str(tmp_path))  # a rerun does not train on
     assert again["early_stopped"] and again["step"] == 3
     assert len(records(tmp_path, "train")) == len(records(tmp_path, "validation")) == 3
+
+
+def test_chunked_loss_equals_the_full_logits_loss():
+    """losses.chunked_loss against token_stats of the whole logits, with an output LoRA, masked
+    padding rows, z-loss and byte counts; chunks that divide T and ones that do not."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from t5x_like import losses, model
+
+    rng = np.random.default_rng(0)
+    B, T, d, V = 3, 10, 8, 40
+    h = jnp.asarray(rng.normal(size=(B, T, d)), jnp.float32)
+    head = (jnp.asarray(rng.normal(size=(d, V)), jnp.float32),
+            {"a": jnp.asarray(rng.normal(size=(d, 2)), jnp.float32),
+             "b": jnp.asarray(rng.normal(size=(2, V)), jnp.float32)})
+    targets = jnp.asarray(rng.integers(0, V - 5, (B, T)))
+    weights = jnp.asarray(rng.integers(0, 2, (B, T)), jnp.float32)
+    token_bytes = jnp.asarray(rng.integers(0, 4, V))
+    logits_fn = functools.partial(model.output_logits, unpadded_vocab_size=V - 5)
+
+    def full(head, h):
+        s = losses.token_stats(logits_fn(head, h), targets, weights, token_bytes)
+        return s["nll_sum"] + 0.1 * s["z_sum"], s
+
+    (want, want_stats), want_grads = jax.value_and_grad(full, (0, 1), has_aux=True)(head, h)
+    assert float(want_stats["weight_sum"]) > 0 and float(want_stats["bytes_sum"]) > 0
+    for chunk in (1, 3, 10, 16):
+        fn = functools.partial(losses.chunked_loss, logits_fn, chunk=chunk, z_loss=0.1,
+                               token_bytes=token_bytes)
+        (got, stats), grads = jax.jit(jax.value_and_grad(
+            lambda head, h: fn(head, h, targets, weights), (0, 1), has_aux=True))(head, h)
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"chunk {chunk}")
+        for k in want_stats:
+            np.testing.assert_allclose(stats[k], want_stats[k], rtol=1e-5, err_msg=k)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     grads, want_grads)
+        # A cotangent other than 1 scales the gradients taken in the forward pass.
+        scaled = jax.grad(lambda head, h: 2.5 * fn(head, h, targets, weights)[0], (0, 1))(head, h)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 2.5 * b, rtol=1e-5, atol=1e-6),
+                     scaled, want_grads)
+        # Without a gradient (evaluation) the forward alone gives the same sums.
+        np.testing.assert_allclose(jax.jit(fn)(head, h, targets, weights)[0], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_train_step_with_loss_chunk_matches_the_full_loss(tiny_cfg, tie):
+    """model.loss_chunk through the real train step (tied and untied output layers, a chunk
+    that does not divide max_len): same losses, gradient norms and parameters."""
+    import jax
+
+    from t5x_like import config as config_lib
+    from test_sharding import run_steps
+
+    def run(chunk):
+        cfg = tiny_cfg.copy_and_resolve_references()
+        cfg.model.tie_embeddings, cfg.model.loss_chunk = tie, chunk
+        cfg.optimizer.z_loss = 1e-3
+        metrics, params, _ = run_steps(config_lib.resolve(cfg, 300), jax.devices()[:1], n=3,
+                                       keys=("loss", "accuracy", "grad_norm", "z_loss"),
+                                       vary_batch=True)
+        return metrics, params
+
+    want, want_params = run(0)
+    got, params = run(12)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params, want_params)
