@@ -67,9 +67,11 @@ def test_sharded_steps_match_one_device(tiny_cfg):
 
 @pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(data=2, tensor=4)])
 def test_chunked_loss_on_a_mesh_matches_one_device(tiny_cfg, mesh):
-    """model.loss_chunk with the batch sharded over data and the vocab over tensor."""
-    one_losses, one_params, _ = run_steps(resolved(tiny_cfg.copy_and_resolve_references()),
-                                          jax.devices()[:1], n=3)
+    """model.loss_chunk with the batch sharded over data and the vocab over tensor, against
+    the whole logits on one device."""
+    one = tiny_cfg.copy_and_resolve_references()
+    one.model.loss_chunk = 0
+    one_losses, one_params, _ = run_steps(resolved(one), jax.devices()[:1], n=3)
     cfg = tiny_cfg.copy_and_resolve_references()
     cfg.model.loss_chunk = 12
     losses, params, _ = run_steps(resolved(cfg, **mesh), jax.devices(), n=3)

@@ -170,7 +170,7 @@ def test_chunked_loss_equals_the_full_logits_loss():
 
     (want, want_stats), want_grads = jax.value_and_grad(full, (0, 1), has_aux=True)(head, h)
     assert float(want_stats["weight_sum"]) > 0 and float(want_stats["bytes_sum"]) > 0
-    for chunk in (1, 3, 10, 16):
+    for chunk in (1, 3, 16):  # one position; chunks that do not divide T; one padded chunk
         fn = functools.partial(losses.chunked_loss, logits_fn, chunk=chunk, z_loss=0.1,
                                token_bytes=token_bytes)
         (got, stats), grads = jax.jit(jax.value_and_grad(
@@ -181,17 +181,18 @@ def test_chunked_loss_equals_the_full_logits_loss():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      grads, want_grads)
         # A cotangent other than 1 scales the gradients taken in the forward pass.
-        scaled = jax.grad(lambda head, h: 2.5 * fn(head, h, targets, weights)[0], (0, 1))(head, h)
+        scaled = jax.jit(jax.grad(lambda head, h: 2.5 * fn(head, h, targets, weights)[0],
+                                  (0, 1)))(head, h)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 2.5 * b, rtol=1e-5, atol=1e-6),
                      scaled, want_grads)
         # Without a gradient (evaluation) the forward alone gives the same sums.
         np.testing.assert_allclose(jax.jit(fn)(head, h, targets, weights)[0], want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_train_step_with_loss_chunk_matches_the_full_loss(tiny_cfg, tie):
-    """model.loss_chunk through the real train step (tied and untied output layers, a chunk
-    that does not divide max_len): same losses, gradient norms and parameters."""
+def test_train_step_with_loss_chunk_matches_the_full_loss(tiny_cfg):
+    """model.loss_chunk through the real train step (tied output layer: the head is embed.T; a
+    chunk that does not divide max_len): same losses, gradient norms and parameters. The untied
+    head is checked on meshes in test_sharding and by the eval suite's fixture."""
     import jax
 
     from t5x_like import config as config_lib
@@ -199,7 +200,7 @@ def test_train_step_with_loss_chunk_matches_the_full_loss(tiny_cfg, tie):
 
     def run(chunk):
         cfg = tiny_cfg.copy_and_resolve_references()
-        cfg.model.tie_embeddings, cfg.model.loss_chunk = tie, chunk
+        cfg.model.tie_embeddings, cfg.model.loss_chunk = True, chunk
         cfg.optimizer.z_loss = 1e-3
         metrics, params, _ = run_steps(config_lib.resolve(cfg, 300), jax.devices()[:1], n=3,
                                        keys=("loss", "accuracy", "grad_norm", "z_loss"),
