@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import common, train_step  # noqa: E402
 
 
-def projections(shape: str, vocab: int) -> list[tuple[str, int, int, int]]:
+def projections(shape: str, vocab: int) -> list[tuple[str, int, int, int, int]]:
     """(name, tokens, d_in, d_out, count per step) of every projection of `shape`."""
     d, L, _, F, T, B = train_step.SHAPES[shape]
     n = B * T

@@ -95,8 +95,8 @@ class Theirs:
         torch.manual_seed(0)
         hf_cfg = transformers.LlamaConfig(
             vocab_size=cfg.model.vocab_size, hidden_size=d, intermediate_size=F,
-            num_hidden_layers=L,
-            num_attention_heads=H, num_key_value_heads=H, max_position_embeddings=T,
+            num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=H,
+            max_position_embeddings=T,
             rms_norm_eps=cfg.model.norm_eps, rope_theta=cfg.model.rope_theta,
             tie_word_embeddings=False, attn_implementation="sdpa")
         self.torch = torch

@@ -187,7 +187,7 @@ def likelihood(run, records: list[dict], *, batch_size: int, loss_on: str = "ass
                                     seed=0, train=False)
     with jax.set_mesh(run.mesh):
         eval_step = jax.jit(trainer.make_eval_step(run.graphdef,
-                                                      loss_chunk=run.cfg.model.loss_chunk))
+                                                   loss_chunk=run.cfg.model.loss_chunk))
         token_bytes = jax.device_put(jnp.asarray(tok.token_bytes()),
                                      partitioning.replicated(run.mesh))
         try:
