@@ -50,6 +50,22 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.attn_qkv_bias = False  # on the query, key and value projections
     cfg.model.attn_out_bias = False  # on the attention output projection
     cfg.model.mlp_bias = False  # on the three SwiGLU projections
+    # Architecture switches of the open families (model.py's docstring), all off: Llama. Set by
+    # `t5x_like.hf import` (Qwen3: qk_norm; Gemma 2: all but qk_norm and rope_local_theta, with
+    # global_every 2; Gemma 3: all but the softcaps, global_every 6; Mistral: sliding_window).
+    cfg.model.qk_norm = False  # RMSNorm over each query and key head before RoPE
+    cfg.model.post_norms = False  # RMSNorm also on the attention and MLP outputs (Gemma)
+    cfg.model.norm_plus_one = False  # RMSNorm scales by (1 + w), w starting at 0 (Gemma)
+    cfg.model.mlp_activation = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, tanh GELU: Gemma)
+    cfg.model.embed_scale = False  # embeddings times sqrt(hidden_dim) (Gemma)
+    cfg.model.query_pre_attn_scalar = 0.0  # scores scaled by its ** -0.5; 0 = head_dim's
+    cfg.model.attn_logit_softcap = 0.0  # scores -> cap * tanh(scores / cap); 0 = off
+    cfg.model.final_logit_softcap = 0.0  # the same on the output logits; 0 = off
+    # Local layers attend to the sliding_window most recent keys only (0 = none, every layer
+    # global); global_every n: layers with (i + 1) % n == 0 stay global (0 = all local).
+    cfg.model.sliding_window = 0
+    cfg.model.global_every = 0
+    cfg.model.rope_local_theta = 0.0  # > 0: local layers' RoPE base, unscaled (Gemma 3)
     # Rows of vocab_size a tokenizer can produce; the logits of the padding rows above are masked
     # (never predicted or sampled). 0 = none masked. Set by `t5x_like.hf import`.
     cfg.model.unpadded_vocab_size = 0
@@ -247,4 +263,11 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.eval.early_stop_mode = "min"  # min | max
     cfg.eval.patience = 3
     cfg.eval.min_delta = 0.0
+
+    # Locked: a recipe that assigns a key not defined above (`cfg.modle = 3`) stops on that line,
+    # naming the closest key, instead of training with the typo saved in config.json. Recipes
+    # add their sources under data.sources, so that one stays open; a recipe that really needs a
+    # key of its own calls cfg.unlock() first.
+    cfg.lock()
+    cfg.data.sources.unlock()
     return cfg

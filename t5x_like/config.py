@@ -8,7 +8,10 @@ import json
 import os
 from typing import Any
 
-import ml_collections
+try:
+    import ml_collections
+except ImportError:  # the GPU image has none: building models and train steps needs no more
+    from t5x_like import config_dict as ml_collections
 
 from t5x_like.errors import UserError
 
@@ -27,7 +30,11 @@ LATER_MODEL_KEYS = {
     "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_low_freq_factor": 1.0,
     "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192, "reward_head": False,
     "attention_impl": "einsum", "attention_block": 128, "loss_chunk": 128,
+    "qk_norm": False, "post_norms": False, "norm_plus_one": False, "mlp_activation": "silu",
+    "embed_scale": False, "query_pre_attn_scalar": 0.0, "attn_logit_softcap": 0.0,
+    "final_logit_softcap": 0.0, "sliding_window": 0, "global_every": 0, "rope_local_theta": 0.0,
 }
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 # The same for other sections: section -> {key: the value that gives the original behaviour}.
 LATER_KEYS = {"model": LATER_MODEL_KEYS, "dpo": {"rpo_alpha": 0.0}}
 EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
@@ -37,6 +44,23 @@ EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 FREE_MODEL_KEYS = ("max_len", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
                    "vocab_multiple", "unpadded_vocab_size", "reward_head", "attention_impl",
                    "attention_block", "loss_chunk")
+
+
+# Keys a resumed run (its workdir has a checkpoint) may change from the config.json it was
+# started with: how long it runs, how it logs, evaluates and saves, where and how it computes.
+# Any other change (the model, the data and its order, the optimizer, the seed...) alters what
+# the checkpoints continue, so it needs train's --allow_config_change=<key>. A section name
+# covers all its keys.
+RESUME_FREE_KEYS = (
+    "steps", "log_every_steps", "peak_tflops_per_device", "model_from_init", "model.dtype",
+    "model.scan_layers", "model.remat", "model.attention_impl", "model.attention_block",
+    "model.loss_chunk", "optimizer.grad_accum_steps", "optimizer.on_nonfinite",
+    "data.cache_dir", "data.tfds_data_dir", "data.worker_count", "data.num_workers",
+    "data.runner", "data.beam_options", "data.report",
+    "data.tokenizer",  # a path: the workdir's tokenizer.model is compared by content instead
+    "mesh", "distributed", "checkpoint", "eval")
+# Compared whole: a source added or removed is one change of data.sources.
+_LEAF_SECTIONS = ("data.sources",)
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -78,6 +102,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(m.rope_scaling in ROPE_SCALINGS, "model.rope_scaling",
              f"is {m.rope_scaling!r}; choose one of {', '.join(ROPE_SCALINGS)}.")
     _require(m.rope_scaling_factor > 0, "model.rope_scaling_factor", "must be positive.")
+    _require(m.mlp_activation in MLP_ACTIVATIONS, "model.mlp_activation",
+             f"is {m.mlp_activation!r}; choose {' or '.join(MLP_ACTIVATIONS)}.")
+    for key in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
+                "sliding_window", "global_every", "rope_local_theta"):
+        _require(m[key] >= 0, f"model.{key}", f"is {m[key]}; it must be >= 0 (0 = off).")
+    _require(not (m.attn_logit_softcap and m.attention_impl == "dot_product_attention"),
+             "model.attention_impl", "dot_product_attention cannot softcap attention scores "
+             "(model.attn_logit_softcap); use einsum.")
     if m.rope_scaling == "llama3":
         _require(0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
                  "model.rope_high_freq_factor", f"is {m.rope_high_freq_factor}; it must be greater "
@@ -222,6 +254,47 @@ def check_same_model(saved_model, model, where: str) -> None:
         if key not in FREE_MODEL_KEYS and saved.get(key) != now.get(key):
             raise UserError(f"model.{key}: {saved.get(key)} in {where}, {now.get(key)} in config; "
                             "make the model config match (or start a new --workdir).")
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, Any]:
+    """{"model.num_layers": 4, ...}; values as config.json holds them (lists, not tuples)."""
+    tree = json.loads(json.dumps(to_dict(cfg))) if not prefix else cfg
+    out = {}
+    for key, value in tree.items():
+        path = prefix + key
+        if isinstance(value, dict) and path not in _LEAF_SECTIONS:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _covers(keys, key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
+def check_resume(saved, cfg, allow_changes=()) -> None:
+    """Raises UserError when `cfg` (before resolve) changes what a resumed run continues: first
+    the parameter-defining model keys, then any key outside RESUME_FREE_KEYS and
+    `allow_changes` whose value differs from the run's `saved` config.json."""
+    model = to_dict(cfg.model)
+    # What resolve() derives: compared after the data is prepared, when it is known.
+    model["head_dim"] = head_dim(cfg.model)
+    for key in ("vocab_size", "unpadded_vocab_size"):
+        if not model.get(key):
+            model[key] = saved.model.get(key)
+    check_same_model(saved.model, model, "this workdir's checkpoints")
+    old, new = flatten(saved), flatten(cfg)
+    new.update({f"model.{k}": v for k, v in flatten(model).items()})
+    changed = [k for k in sorted(new) if k in old and old[k] != new[k]
+               and not _covers(RESUME_FREE_KEYS, k) and not _covers(allow_changes, k)]
+    if changed:
+        key = changed[0]
+        also = f" (also changed: {', '.join(changed[1:])})" if changed[1:] else ""
+        raise UserError(
+            f"config key '{key}' is {new[key]!r} but this workdir's checkpoints were trained with "
+            f"{old[key]!r} (its config.json){also}; use a new --workdir, or pass "
+            f"--allow_config_change={','.join(changed)} to resume with the change.")
 
 
 def _validate_data_prep(d) -> None:

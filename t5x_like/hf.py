@@ -104,7 +104,14 @@ LAYER_TENSORS: dict[str, tuple[str, Any]] = {  # under "model.layers.{i}."
     "gate_bias": ("mlp.gate_proj.bias", "vector"),
     "up_bias": ("mlp.up_proj.bias", "vector"),
     "down_bias": ("mlp.down_proj.bias", "vector"),
+    "q_norm": ("self_attn.q_norm.weight", "vector"),
+    "k_norm": ("self_attn.k_norm.weight", "vector"),
+    "attn_post_norm": ("post_attention_layernorm.weight", "vector"),
+    "mlp_post_norm": ("post_feedforward_layernorm.weight", "vector"),
 }
+# With model.post_norms (Gemma) HF's post_attention_layernorm is the norm after attention, and
+# the MLP's pre-norm has its own name.
+POST_NORM_NAMES = {"mlp_norm": "pre_feedforward_layernorm.weight"}
 TOP_TENSORS: dict[str, tuple[str, Any]] = {
     "embed": ("model.embed_tokens.weight", "rows"),
     "final_norm": ("model.norm.weight", "vector"),
@@ -114,16 +121,20 @@ TOP_TENSORS: dict[str, tuple[str, Any]] = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen2ForCausalLM": "qwen2"}
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+MODEL_TYPES = {"gemma3_text": "gemma3"}  # model_type where it is not the family's name
+_GEMMA = ("gemma2", "gemma3")
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
 DEFAULT_MAX_LEN = 2048  # import's model.max_len cap: the sequence length sample/train use
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jax.numpy.bfloat16}
 
 
-def hf_name(param: str, layer: int | None = None) -> str:
+def hf_name(param: str, layer: int | None = None, post_norms: bool = False) -> str:
     if layer is None:
         return TOP_TENSORS[param][0]
-    return f"model.layers.{layer}.{LAYER_TENSORS[param][0]}"
+    name = POST_NORM_NAMES.get(param) if post_norms else None
+    return f"model.layers.{layer}.{name or LAYER_TENSORS[param][0]}"
 
 
 def _hf_shape(kind, shape: tuple[int, ...], vocab: int) -> tuple[int, ...]:
@@ -171,16 +182,21 @@ def model_config_from_hf(hf: dict, path: str, max_len: int = 0) -> dict[str, Any
         return hf[key]
 
     arch = (hf.get("architectures") or [None])[0]
-    kind = ARCHITECTURES.get(arch) if arch else hf.get("model_type")
+    kind = (ARCHITECTURES.get(arch) if arch
+            else MODEL_TYPES.get(hf.get("model_type"), hf.get("model_type")))
     if kind not in ARCHITECTURES.values():
         raise UserError(f"{path}: architecture {arch or hf.get('model_type')!r} is not supported; "
                         f"t5x_like imports {', '.join(ARCHITECTURES)}.")
     if hf.get("quantization_config"):
         raise UserError(f"{path}: 'quantization_config' is not supported (t5x_like imports float "
                         "weights); use the unquantized release of the model.")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported; t5x_like's "
-                        "MLP is SwiGLU (silu).")
+    gemma = kind in _GEMMA
+    act_key = "hidden_activation" if gemma and hf.get("hidden_activation") else "hidden_act"
+    act = hf.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
+    if act != ("gelu_pytorch_tanh" if gemma else "silu"):
+        raise UserError(f"{path}: {act_key} {act!r} is not supported; t5x_like's MLP for "
+                        f"{kind} is " + ("GeGLU (gelu_pytorch_tanh)." if gemma
+                                         else "SwiGLU (silu)."))
     heads = need("num_attention_heads")
     hidden = need("hidden_size")
     positions = hf.get("max_position_embeddings") or DEFAULT_MAX_LEN
@@ -191,24 +207,72 @@ def model_config_from_hf(hf: dict, path: str, max_len: int = 0) -> dict[str, Any
         "head_dim": hf.get("head_dim") or hidden // heads, "mlp_dim": need("intermediate_size"),
         "max_len": max_len, "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "attn_qkv_bias": kind == "qwen2" or (kind == "llama" and bool(hf.get("attention_bias"))),
-        "attn_out_bias": kind == "llama" and bool(hf.get("attention_bias")),
+        # Llama, Qwen3 and Gemma have one attention_bias switch for q, k, v and o.
+        "attn_qkv_bias": kind == "qwen2" or (kind != "mistral" and bool(hf.get("attention_bias"))),
+        "attn_out_bias": kind not in ("qwen2", "mistral") and bool(hf.get("attention_bias")),
         "mlp_bias": kind == "llama" and bool(hf.get("mlp_bias")),
+        "qk_norm": kind in ("qwen3", "gemma3"),
     }
-    window = hf.get("sliding_window")
-    uses_window = hf.get("use_sliding_window", kind == "mistral")
-    if uses_window and window is not None and window < max_len:
-        raise UserError(f"{path}: sliding_window {window} is shorter than the sequence length "
-                        f"{max_len} and t5x_like attends to the whole sequence; import with "
-                        f"--max_len={window} or less.")
-    out.update(_rope_from_hf(hf, path, positions))
+    if gemma:
+        out.update(post_norms=True, norm_plus_one=True, mlp_activation="gelu_tanh",
+                   embed_scale=True,
+                   query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or out["head_dim"]),
+                   attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                   final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0))
+    out.update(_window_from_hf(hf, kind, path, out["num_layers"]))
+    out.update(_rope_from_hf(hf, path, positions, kind))
     return out
 
 
-def _rope_from_hf(hf: dict, path: str, positions: int) -> dict[str, Any]:
+def _window_from_hf(hf: dict, kind: str, path: str, num_layers: int) -> dict[str, Any]:
+    """model.sliding_window and model.global_every from HF's per-layer `layer_types` (or the
+    family's rule for it where a config predates that key)."""
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if not types:
+        i = range(num_layers)
+        if kind == "gemma2":
+            local = [(j + 1) % 2 != 0 for j in i]
+        elif kind == "gemma3":
+            pattern = hf.get("sliding_window_pattern") or 6
+            local = [(j + 1) % pattern != 0 for j in i]
+        elif kind in ("qwen2", "qwen3"):
+            local = [bool(hf.get("use_sliding_window")) and j >= hf.get("max_window_layers", 0)
+                     for j in i]
+        else:
+            local = [kind == "mistral"] * num_layers
+    else:
+        if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
+            raise UserError(f"{path}: layer_types {types} is not one of 'sliding_attention' or "
+                            f"'full_attention' for each of the {num_layers} layers; restore "
+                            "the file.")
+        local = [t == "sliding_attention" for t in types]
+    if not window or not any(local):
+        return {"sliding_window": 0, "global_every": 0}
+    if all(local):
+        return {"sliding_window": int(window), "global_every": 0}
+    for n in range(2, num_layers + 1):
+        if local == [(j + 1) % n != 0 for j in range(num_layers)]:
+            return {"sliding_window": int(window), "global_every": n}
+    raise UserError(f"{path}: layer_types {types} is not supported; t5x_like's local layers are "
+                    "all layers or all but every n-th (model.global_every).")
+
+
+def _rope_from_hf(hf: dict, path: str, positions: int, kind: str = "") -> dict[str, Any]:
     """RoPE keys from either the transformers 5 `rope_parameters` or the older `rope_theta` +
-    `rope_scaling` form."""
+    `rope_scaling` form; Gemma 3's local layers have their own (unscaled) base."""
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    local_theta = 0.0
+    if kind == "gemma3":
+        local = params.pop("sliding_attention", None) or {}
+        full = params.pop("full_attention", None) or {}
+        params.update(full)
+        if "rope_theta" not in params and not hf.get("rope_theta"):
+            params["rope_theta"] = 1_000_000.0  # transformers' Gemma 3 default
+        if local.get("rope_type", "default") != "default":
+            raise UserError(f"{path}: RoPE scaling {local['rope_type']!r} on the local layers "
+                            "is not supported; t5x_like scales only the global layers' RoPE.")
+        local_theta = float(local.get("rope_theta") or hf.get("rope_local_base_freq") or 10000.0)
     if any(isinstance(v, dict) for v in params.values()):
         raise UserError(f"{path}: per-layer rope_parameters are not supported; t5x_like uses one "
                         "RoPE for every layer.")
@@ -221,7 +285,7 @@ def _rope_from_hf(hf: dict, path: str, positions: int) -> dict[str, Any]:
         raise UserError(f"{path}: partial_rotary_factor {partial} is not supported; t5x_like "
                         "rotates the whole head.")
     out = {"rope_theta": float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0),
-           "rope_scaling": ROPE_TYPES[rope_type]}
+           "rope_scaling": ROPE_TYPES[rope_type], "rope_local_theta": local_theta}
     if rope_type != "default":
         out["rope_scaling_factor"] = float(params.get("factor", 1.0))
     if rope_type == "llama3":
@@ -235,16 +299,54 @@ def _rope_from_hf(hf: dict, path: str, positions: int) -> dict[str, Any]:
     return out
 
 
+_CLASSES = {kind: arch for arch, kind in ARCHITECTURES.items()}
+
+
+def hf_family(m) -> str:
+    """The transformers family that computes what model config `m` does (export's class):
+    Gemma 2 or 3 by their switches, Qwen3 by its query/key norms, Qwen2 by q/k/v biases alone,
+    Mistral by a window on every layer, else Llama. UserError for a mix no class computes."""
+    gemma = m.norm_plus_one or m.post_norms or m.embed_scale or m.mlp_activation != "silu"
+    window_ok = True
+    if gemma:
+        kind = "gemma3" if m.qk_norm else "gemma2"
+        ok = (m.norm_plus_one and m.post_norms and m.embed_scale and m.mlp_activation == "gelu_tanh"
+              and not m.mlp_bias and m.attn_qkv_bias == m.attn_out_bias
+              and (kind == "gemma3" or not m.rope_local_theta))
+    elif m.qk_norm:
+        kind = "qwen3"
+        ok = not m.mlp_bias and m.attn_qkv_bias == m.attn_out_bias
+    elif m.attn_qkv_bias and not m.attn_out_bias and not m.mlp_bias:
+        kind, ok = "qwen2", True
+    elif m.sliding_window and not m.global_every:
+        kind = "mistral"
+        ok = not (m.attn_qkv_bias or m.attn_out_bias or m.mlp_bias)
+    else:
+        kind, ok = "llama", True
+        window_ok = not m.sliding_window
+    gemma_only = (m.query_pre_attn_scalar or m.attn_logit_softcap or m.final_logit_softcap
+                  or m.rope_local_theta)
+    if not ok or not window_ok or (gemma_only and kind not in _GEMMA):
+        raise UserError(f"model config: no transformers class computes this mix of switches "
+                        f"(closest: {_CLASSES[kind]}); export models whose model.* keys match "
+                        "one of " + ", ".join(ARCHITECTURES) + ".")
+    return kind
+
+
+def _layer_types(m) -> list[str]:
+    return ["sliding_attention" if local else "full_attention" for local in model.local_layers(m)]
+
+
 def hf_config(m, vocab: int, tok: tokenizer_lib.Tokenizer, dtype: str) -> dict[str, Any]:
     """The transformers config.json for a t5x_like model config `m` with `vocab` rows."""
-    qwen2 = m.attn_qkv_bias and not m.attn_out_bias and not m.mlp_bias
+    kind = hf_family(m)
     out = {
-        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen2 else "llama",
+        "architectures": [_CLASSES[kind]],
+        "model_type": "gemma3_text" if kind == "gemma3" else kind,
         "vocab_size": vocab, "hidden_size": m.hidden_dim, "intermediate_size": m.mlp_dim,
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
         "num_key_value_heads": m.num_kv_heads, "head_dim": config_lib.head_dim(m),
-        "hidden_act": "silu", "max_position_embeddings": m.max_len, "rms_norm_eps": m.norm_eps,
+        "max_position_embeddings": m.max_len, "rms_norm_eps": m.norm_eps,
         # The pre-transformers-5 form: older versions read it, newer ones convert it.
         "rope_theta": m.rope_theta, "rope_scaling": None,
         "tie_word_embeddings": m.tie_embeddings, "bos_token_id": tok.bos_id,
@@ -259,11 +361,33 @@ def hf_config(m, vocab: int, tok: tokenizer_lib.Tokenizer, dtype: str) -> dict[s
             "low_freq_factor": m.rope_low_freq_factor,
             "high_freq_factor": m.rope_high_freq_factor,
             "original_max_position_embeddings": m.rope_original_max_len}
-    if qwen2:
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
+    if kind in _GEMMA:
+        out["hidden_activation"] = "gelu_pytorch_tanh"
     else:
-        out.update(attention_bias=bool(m.attn_qkv_bias or m.attn_out_bias),
-                   mlp_bias=bool(m.mlp_bias), pretraining_tp=1)
+        out["hidden_act"] = "silu"
+    if kind == "gemma3":  # transformers 5's form: RoPE per layer type
+        full = {"rope_type": "default", **(out.pop("rope_scaling") or {}),
+                "rope_theta": out.pop("rope_theta")}
+        out["rope_parameters"] = {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default",
+                                  "rope_theta": m.rope_local_theta or full["rope_theta"]}}
+    if kind in ("qwen2", "qwen3"):
+        out.update(use_sliding_window=bool(m.sliding_window),
+                   sliding_window=m.sliding_window or None, max_window_layers=m.num_layers,
+                   layer_types=_layer_types(m))
+    elif kind == "mistral":
+        out["sliding_window"] = m.sliding_window
+    elif kind in _GEMMA:
+        qpas = m.query_pre_attn_scalar or config_lib.head_dim(m)
+        out.update(sliding_window=m.sliding_window or m.max_len, layer_types=_layer_types(m),
+                   query_pre_attn_scalar=int(qpas) if float(qpas).is_integer() else qpas,
+                   attn_logit_softcapping=m.attn_logit_softcap or None,
+                   final_logit_softcapping=m.final_logit_softcap or None)
+    if kind != "qwen2" and kind != "mistral":
+        out.update(attention_bias=bool(m.attn_qkv_bias or m.attn_out_bias))
+    if kind == "llama":
+        out.update(mlp_bias=bool(m.mlp_bias), pretraining_tp=1)
     return out
 
 
@@ -368,9 +492,11 @@ def _targets(abstract: dict) -> dict[str, tuple[tuple, Any, tuple]]:
     for name, (_, kind) in TOP_TENSORS.items():
         if name in abstract:
             out[hf_name(name)] = ((name,), kind, abstract[name].shape)
+    post_norms = "attn_post_norm" in abstract["layers"]
     for name, leaf in abstract["layers"].items():
         for i in range(leaf.shape[0]):
-            out[hf_name(name, i)] = (("layers", name, i), LAYER_TENSORS[name][1], leaf.shape[1:])
+            out[hf_name(name, i, post_norms)] = (("layers", name, i), LAYER_TENSORS[name][1],
+                                                 leaf.shape[1:])
     return out
 
 
@@ -584,15 +710,15 @@ def _hf_tensors(params: dict, m, vocab: int) -> Iterator[tuple[str, tuple[int, .
     def layer(name, i, kind):
         return lambda: to_hf(kind, np.asarray(params["layers"][name][i]), vocab)
 
-    qwen2 = m.attn_qkv_bias and not m.attn_out_bias and not m.mlp_bias
+    not_llama = hf_family(m) != "llama"  # only Llama's class has biases this model may lack
     yield hf_name("embed"), (vocab, m.hidden_dim), top("embed", "rows")
     layers = params["layers"]
     for i in range(m.num_layers):
         for name, (_, kind) in LAYER_TENSORS.items():
             if name in layers:
                 shape = _hf_shape(kind, layers[name].shape[1:], vocab)
-                yield hf_name(name, i), shape, layer(name, i, kind)
-            elif name.endswith("bias") and _hf_needs_bias(name, m, qwen2):
+                yield hf_name(name, i, m.post_norms), shape, layer(name, i, kind)
+            elif name.endswith("bias") and _hf_needs_bias(name, m, not_llama):
                 # LlamaForCausalLM has one attention_bias switch for q, k, v and o: a bias
                 # this model lacks is exported as zeros, which computes the same function.
                 size = (m.hidden_dim if name == "o_bias"
@@ -604,8 +730,8 @@ def _hf_tensors(params: dict, m, vocab: int) -> Iterator[tuple[str, tuple[int, .
         yield hf_name("lm_head"), (vocab, m.hidden_dim), top("lm_head", "cols")
 
 
-def _hf_needs_bias(name: str, m, qwen2: bool) -> bool:
-    if qwen2 or name in ("gate_bias", "up_bias", "down_bias"):
+def _hf_needs_bias(name: str, m, not_llama: bool) -> bool:
+    if not_llama or name in ("gate_bias", "up_bias", "down_bias"):
         return False
     return bool(m.attn_qkv_bias or m.attn_out_bias)
 

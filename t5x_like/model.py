@@ -20,6 +20,8 @@ Initialization (fan-in scaled; residual outputs further scaled by 1/sqrt(2L), as
     layers.mlp_norm      [L, d]         (layers, norm)                    ones
     layers.w_gate, w_up  [L, d, F]      (layers, embed, mlp)              1/sqrt(d)
     layers.w_down        [L, F, d]      (layers, mlp, embed)              1/sqrt(F)/sqrt(2L)
+    layers.q_norm, k_norm [L, D]        (layers, head_dim)                ones   model.qk_norm
+    layers.attn_post_norm, mlp_post_norm [L, d] (layers, norm)            ones   model.post_norms
     final_norm           [d]            (norm,)                           ones
     lm_head              [d, V]         (embed, vocab)                    1/sqrt(d) (absent if tied)
     reward_head          [d]            (embed,)                          zeros (model.reward_head)
@@ -31,6 +33,28 @@ Optional biases (for imported Qwen2-style or biased Llama models; absent by defa
     layers.o_bias        [L, d]         (layers, embed)                   model.attn_out_bias
     layers.gate_bias, up_bias [L, F]    (layers, mlp)                     model.mlp_bias
     layers.down_bias     [L, d]         (layers, embed)                   model.mlp_bias
+
+Architecture switches of imported families (all off by default; t5x_like/hf.py sets them):
+
+    model.qk_norm              RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3)
+    model.post_norms           RMSNorm also after attention and after the MLP, before each
+                               residual add (Gemma 2 and 3; HF calls the MLP's pre-norm
+                               pre_feedforward_layernorm)
+    model.norm_plus_one        every RMSNorm scales by (1 + w), its weights starting at zero (Gemma)
+    model.mlp_activation       silu (SwiGLU) or gelu_tanh (GeGLU with tanh-approximate GELU, Gemma)
+    model.embed_scale          embeddings times sqrt(hidden_dim), rounded to the compute dtype
+    model.query_pre_attn_scalar  scores scaled by its -1/2 power instead of head_dim's (Gemma)
+    model.attn_logit_softcap   scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    model.final_logit_softcap  the same on the output logits (Gemma 2)
+    model.sliding_window       W > 0: "local" layers attend only to the W most recent keys
+                               (query index - key index < W, HF's convention), within the
+                               segment as always; model.global_every = n makes every n-th layer
+                               (i + 1) % n == 0 global (Gemma 2: 2, Gemma 3: 6), 0 makes all local
+    model.rope_local_theta     > 0: local layers use RoPE with this base and no scaling, global
+                               ones model.rope_theta with model.rope_scaling (Gemma 3)
+
+Which layers are local is data ([L] flags scanned with the weights), so alternating local and
+global layers still compile one layer body.
 
 RoPE frequencies can be rescaled for long contexts as HF transformers does ("linear" and
 "llama3", `model.rope_scaling`). When `model.unpadded_vocab_size` is set (imported models), the
@@ -50,7 +74,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+try:
+    import ml_collections
+except ImportError:  # the GPU image has none: building models and train steps needs no more
+    from t5x_like import config_dict as ml_collections
+import numpy as np
 from flax import nnx
 
 from t5x_like import config as config_lib
@@ -79,6 +107,10 @@ _LAYER_PARAMS: dict[str, tuple[tuple[str, ...], Any]] = {
     "gate_bias": (("mlp",), _ZEROS),
     "up_bias": (("mlp",), _ZEROS),
     "down_bias": (("embed",), _ZEROS),
+    "q_norm": (("head_dim",), None),
+    "k_norm": (("head_dim",), None),
+    "attn_post_norm": (("norm",), None),
+    "mlp_post_norm": (("norm",), None),
 }
 
 
@@ -93,11 +125,21 @@ def _layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
         shapes.update(o_bias=(d,))
     if cfg.mlp_bias:
         shapes.update(gate_bias=(F,), up_bias=(F,), down_bias=(d,))
+    if cfg.get("qk_norm"):
+        shapes.update(q_norm=(D,), k_norm=(D,))
+    if cfg.get("post_norms"):
+        shapes.update(attn_post_norm=(d,), mlp_post_norm=(d,))
     return shapes
 
 
 def _head_dim(cfg) -> int:
     return cfg.head_dim or cfg.hidden_dim // cfg.num_heads
+
+
+
+def _norm_init(cfg):
+    """A norm scale's init (see _param): ones, or zeros when it is applied as (1 + w)."""
+    return 0 if cfg.get("norm_plus_one") else None
 
 
 def _param(key, shape, std, names, dtype) -> nnx.Param:
@@ -118,7 +160,7 @@ class Layers(nnx.Module):
         dims = (cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, _head_dim(cfg), cfg.mlp_dim, L)
         for name, shape in _layer_shapes(cfg).items():
             names, std_fn = _LAYER_PARAMS[name]
-            std = std_fn(*dims) if std_fn else None
+            std = std_fn(*dims) if std_fn else _norm_init(cfg)
             setattr(self, name, _param(rngs.params(), (L, *shape), std, ("layers", *names), dtype))
 
     def arrays(self) -> dict[str, jax.Array]:
@@ -135,7 +177,7 @@ class Transformer(nnx.Module):
         embed_std = d ** -0.5 if cfg.tie_embeddings else 1.0
         self.embed = _param(rngs.params(), (V, d), embed_std, ("vocab", "embed"), dtype)
         self.layers = Layers(cfg, rngs=rngs)
-        self.final_norm = _param(None, (d,), None, ("norm",), dtype)
+        self.final_norm = _param(None, (d,), _norm_init(cfg), ("norm",), dtype)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs.params(), (d, V), d ** -0.5, ("embed", "vocab"), dtype)
         if cfg.reward_head:
@@ -178,28 +220,36 @@ class Transformer(nnx.Module):
         keys = (jax.random.split(dropout_rng, cfg.num_layers + 1) if rate
                 else jnp.zeros((cfg.num_layers + 1, 2), jnp.uint32))
 
-        x = _embed(self.embed[...], tokens, lora.get("embed")).astype(dtype)
-        x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
+        x = self._embed_tokens(tokens, lora)
         x = _dropout(x, rate, keys[-1])
         lora_rate = lora_dropout if dropout_rng is not None else 0.0
         lora_keys = (jax.random.split(jax.random.fold_in(dropout_rng, 1), cfg.num_layers)
                      if lora_rate else jnp.zeros((cfg.num_layers, 2), jnp.uint32))
-        sin, cos = rope_for(cfg, positions)
-        mask = attention_mask(segment_ids, segment_ids)
+        context = layer_context(cfg, positions, attention_mask(segment_ids, segment_ids))
 
         def body(x, xs):
-            params, key, adapters, lora_key = xs
+            params, key, adapters, lora_key, *local = xs
+            sin, cos, mask = context(*local)
             return layer(params, x, sin, cos, mask, cfg, rate, key,
                          lora=(adapters, lora_rate, lora_key))[0], None
 
         body = _remat(body, cfg.remat)
-        xs = (self.layers.arrays(), keys[:-1], lora.get("layers", {}), lora_keys)
+        xs = (self.layers.arrays(), keys[:-1], lora.get("layers", {}), lora_keys,
+              *context.flags)
         if cfg.scan_layers:
             x, _ = jax.lax.scan(body, x, xs)
         else:
             for i in range(cfg.num_layers):
                 x, _ = body(x, jax.tree.map(lambda a: a[i], xs))
-        return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        return rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_plus_one)
+
+    def _embed_tokens(self, tokens, lora):
+        """tokens [B, T] -> embeddings [B, T, d] in the compute dtype (scaled, if the model is)."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = _embed(self.embed[...], tokens, lora.get("embed")).astype(dtype)
+        if self.cfg.embed_scale:  # the scale rounded to the compute dtype first, as Gemma does
+            x = x * jnp.asarray(math.sqrt(self.cfg.hidden_dim), dtype)
+        return partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
 
     def decode(self, tokens, positions, segment_ids, cache: dict, index, lora=None,
                layers=None):
@@ -219,14 +269,14 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         lora = lora or {}
-        x = _embed(self.embed[...], tokens, lora.get("embed")).astype(jnp.dtype(cfg.dtype))
-        x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
-        sin, cos = rope_for(cfg, positions)
+        x = self._embed_tokens(tokens, lora)
         segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))
-        mask = attention_mask(segment_ids, segments, q_offset=index)
+        context = layer_context(cfg, positions, attention_mask(segment_ids, segments,
+                                                              q_offset=index), q_offset=index)
 
         def body(x, xs):
-            params, k_cache, v_cache, adapters = xs
+            params, k_cache, v_cache, adapters, *local = xs
+            sin, cos, mask = context(*local)
             x, (k_cache, v_cache) = layer(params, x, sin, cos, mask, cfg, 0.0, None,
                                           kv_cache=(k_cache, v_cache, index),
                                           lora=(adapters, 0.0, None))
@@ -236,11 +286,13 @@ class Transformer(nnx.Module):
             outs = []
             for i, params in enumerate(layers):
                 adapters = jax.tree.map(lambda a, i=i: a[i], lora.get("layers", {}))
-                x, kv = body(x, (params, cache["k"][i], cache["v"][i], adapters))
+                local = tuple(f[i] for f in context.flags)
+                x, kv = body(x, (params, cache["k"][i], cache["v"][i], adapters, *local))
                 outs.append(kv)
             k, v = (tuple(parts) for parts in zip(*outs))
         else:
-            xs = (self.layers.arrays(), cache["k"], cache["v"], lora.get("layers", {}))
+            xs = (self.layers.arrays(), cache["k"], cache["v"], lora.get("layers", {}),
+                  *context.flags)
             if cfg.scan_layers:
                 x, (k, v) = jax.lax.scan(body, x, xs)
             else:
@@ -249,12 +301,13 @@ class Transformer(nnx.Module):
                     x, kv = body(x, jax.tree.map(lambda a, i=i: a[i], xs))
                     outs.append(kv)
                 k, v = (jnp.stack(parts) for parts in zip(*outs))
-        h = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        h = rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_plus_one)
         return self.logits(h, lora), {"k": k, "v": v, "segments": segments}
 
     def logits(self, h, lora=None):
         """hidden [B, T, d] -> float32 logits [B, T, V] (plus the output LoRA, if any)."""
-        return output_logits(self.output_head(lora), h, self.cfg.unpadded_vocab_size)
+        return output_logits(self.output_head(lora), h, self.cfg.unpadded_vocab_size,
+                             self.cfg.final_logit_softcap)
 
     def output_head(self, lora=None):
         """(w [d, V], its LoRA adapter or None): the output projection, tied or not."""
@@ -265,13 +318,15 @@ class Transformer(nnx.Module):
         return self.lm_head[...], lora.get("lm_head")
 
 
-def output_logits(head, h, unpadded_vocab_size: int = 0):
+def output_logits(head, h, unpadded_vocab_size: int = 0, softcap: float = 0.0):
     """(w [d, V], LoRA or None), hidden [B, T, d] -> float32 logits [B, T, V]; vocab rows past
-    `unpadded_vocab_size` (padding: never a target, never sampled) get the mask value."""
+    `unpadded_vocab_size` (padding: never a target, never sampled) get the mask value; softcap
+    > 0 bounds the others to (-softcap, softcap) (model.final_logit_softcap)."""
     w, ad = head
     out = dense(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     if ad:
         out = out + lora_delta(h, ad).astype(jnp.float32)
+    out = _softcap(out, softcap)
     rows = out.shape[-1]
     if 0 < unpadded_vocab_size < rows:
         out = jnp.where(jnp.arange(rows) < unpadded_vocab_size, out, _MASK_VALUE)
@@ -287,10 +342,13 @@ def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None, lora=None):
     """
     dtype = x.dtype
     k_attn, k_mlp = jax.random.split(key) if rate else (None, None)
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+    h = _norm(x, p, "attn_norm", cfg)
     q = _bias(_proj(h, p, "wq", lora), p, "q_bias")
     k = _bias(_proj(h, p, "wk", lora), p, "k_bias")
     v = _bias(_proj(h, p, "wv", lora), p, "v_bias")
+    if cfg.qk_norm:  # per head, over head_dim, before RoPE
+        q, k = _norm(q, p, "q_norm", cfg), _norm(k, p, "k_norm", cfg)
     q = partitioning.constrain(q, ("act_batch", "act_len", "act_heads", None))
     k = partitioning.constrain(k, ("act_batch", "act_len", "act_kv_heads", None))
     v = partitioning.constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
@@ -316,22 +374,31 @@ def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None, lora=None):
             S = k_heads.shape[-2]
             k_bskd = k_heads.reshape(B, K, S, D).transpose(0, 2, 1, 3)
             v_bskd = v_heads.reshape(B, K, D, S).transpose(0, 3, 1, 2)
-            o = jax.nn.dot_product_attention(q, k_bskd, v_bskd, mask=mask[:, None])
+            o = jax.nn.dot_product_attention(q, k_bskd, v_bskd, mask=mask[:, None],
+                                             scale=scale)
         else:
-            o = _attend_cache(q, k_heads, v_heads, mask)
+            o = _attend_cache(q, k_heads, v_heads, mask, scale, cfg.attn_logit_softcap)
     elif cfg.attention_impl == "dot_product_attention":
-        o = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask[:, None])
+        o = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask[:, None],
+                                         scale=scale)
     else:  # blocks only in self-attention over whole sequences (training, scoring)
-        o = attention(q, k.astype(dtype), v.astype(dtype), mask, block=cfg.attention_block)
+        o = attention(q, k.astype(dtype), v.astype(dtype), mask, block=cfg.attention_block,
+                      scale=scale, softcap=cfg.attn_logit_softcap)
     o = _bias(_proj(o, p, "wo", lora, n_in=2), p, "o_bias")
+    if cfg.post_norms:
+        o = _norm(o, p, "attn_post_norm", cfg)
     x = x + _dropout(o, rate, k_attn)
     x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
 
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    h = _norm(x, p, "mlp_norm", cfg)
     gate = _bias(_proj(h, p, "w_gate", lora), p, "gate_bias")
     up = _bias(_proj(h, p, "w_up", lora), p, "up_bias")
-    hidden = partitioning.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
+    act = (jax.nn.gelu(gate, approximate=True) if cfg.mlp_activation == "gelu_tanh"
+           else jax.nn.silu(gate))
+    hidden = partitioning.constrain(act * up, ("act_batch", "act_len", "act_mlp"))
     out = _bias(_proj(hidden, p, "w_down", lora), p, "down_bias")
+    if cfg.post_norms:
+        out = _norm(out, p, "mlp_post_norm", cfg)
     x = x + _dropout(out, rate, k_mlp)
     return partitioning.constrain(x, ("act_batch", "act_len", "act_embed")), kv_cache
 
@@ -417,11 +484,14 @@ def _bias(y, p, name):
     return y + p[name].astype(y.dtype) if name in p else y
 
 
-def attention(q, k, v, mask, block: int = 0):
+def attention(q, k, v, mask, block: int = 0, scale=None, softcap: float = 0.0):
     """Grouped-query attention. q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] bool -> [B,T,H,D].
 
     Query heads are grouped onto their K shared key/value heads (G = H // K per group), so
     K/V are never repeated in memory. Softmax runs in float32.
+
+    scale: of the scores (default head_dim ** -0.5); softcap > 0: scores -> softcap *
+    tanh(scores / softcap) before the mask (model.attn_logit_softcap).
 
     block > 0 (causal self-attention, S == T, a multiple of block): query block i reads only
     keys of blocks <= i, skipping the upper triangle the causal mask would zero anyway: at
@@ -430,25 +500,26 @@ def attention(q, k, v, mask, block: int = 0):
     """
     T, S = q.shape[1], k.shape[1]
     if not block or T != S or T <= block or T % block:
-        return _attend(q, k, v, mask)
+        return _attend(q, k, v, mask, scale, softcap)
     outs = [_attend(q[:, i:i + block], k[:, :i + block], v[:, :i + block],
-                    mask[:, i:i + block, :i + block]) for i in range(0, T, block)]
+                    mask[:, i:i + block, :i + block], scale, softcap)
+            for i in range(0, T, block)]
     return jnp.concatenate(outs, axis=1)
 
 
-def _attend(q, k, v, mask):
+def _attend(q, k, v, mask, scale=None, softcap=0.0):
     B, T, H, D = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, D)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (D ** -0.5)
+    scores = _softcap(scores * (D ** -0.5 if scale is None else scale), softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(B, T, H, D)
 
 
-def _attend_cache(q, k, v, mask):
+def _attend_cache(q, k, v, mask, scale=None, softcap=0.0):
     """attention() of q [B, T, H, D] over a KV cache in init_cache's layouts: k [B, K, S, D]
     and v [B, K, D, S], or per layer k [B * K, S, D] and v [B * K, D, S]."""
     B, T, H, D = q.shape
@@ -461,7 +532,7 @@ def _attend_cache(q, k, v, mask):
                             preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
     else:
         scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (D ** -0.5)
+    scores = _softcap(scores * (D ** -0.5 if scale is None else scale), softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if v.ndim == 3:
@@ -481,6 +552,58 @@ def attention_mask(q_segments, kv_segments, q_offset=0):
     causal = (jnp.arange(T)[:, None] + q_offset) >= jnp.arange(S)[None, :]
     same_doc = q_segments[:, :, None] == kv_segments[:, None, :]
     return causal[None] & same_doc
+
+
+def _softcap(x, cap: float):
+    """cap * tanh(x / cap): smooth, bounded to (-cap, cap); x itself when cap is 0 (off)."""
+    return jnp.tanh(x / cap) * cap if cap else x
+
+
+def local_layers(cfg) -> np.ndarray:
+    """[L] bool: the layers that attend within model.sliding_window (none without one)."""
+    i = np.arange(cfg.num_layers)
+    if not cfg.get("sliding_window"):
+        return np.zeros(cfg.num_layers, bool)
+    if cfg.get("global_every"):
+        return (i + 1) % cfg.global_every != 0
+    return np.ones(cfg.num_layers, bool)
+
+
+class _LayerContext:
+    """What each layer attends with: (sin, cos, mask), chosen per layer by `flags` ([L] bool,
+    local or not; an empty tuple when every layer is alike), which the layer loop scans as data
+    beside the weights."""
+
+    def __init__(self, cfg, positions, mask, q_offset):
+        self.sin, self.cos = rope_for(cfg, positions)
+        self.mask = mask
+        self.flags: tuple = ()
+        window = cfg.get("sliding_window", 0)
+        if not window:
+            return
+        self.flags = (jnp.asarray(local_layers(cfg)),)
+        T, S = mask.shape[1], mask.shape[2]
+        # HF's convention: query index i sees key index j when i - window < j <= i. Indices,
+        # not positions: the same within a packed document or after left padding.
+        self.near = (jnp.arange(T)[:, None] + q_offset) - jnp.arange(S)[None, :] < window
+        self.local_rope = None
+        if cfg.get("rope_local_theta"):
+            self.local_rope = rope(positions, _head_dim(cfg), cfg.rope_local_theta)
+
+    def __call__(self, local=None):
+        if local is None:
+            return self.sin, self.cos, self.mask
+        mask = self.mask & (self.near | ~local)[None]
+        if self.local_rope is None:
+            return self.sin, self.cos, mask
+        sin, cos = (jnp.where(local, a, b) for a, b in zip(self.local_rope, (self.sin, self.cos)))
+        return sin, cos, mask
+
+
+def layer_context(cfg, positions, mask, q_offset=0) -> _LayerContext:
+    """The per-layer attention inputs for positions [B, T] and mask [B, T, S] (see
+    _LayerContext); q_offset: the key index of the first query (the cache slot, decoding)."""
+    return _LayerContext(cfg, positions, mask, q_offset)
 
 
 def rope(positions, head_dim: int, theta: float, inv_freq=None):
@@ -531,10 +654,16 @@ def apply_rope(x, sin, cos):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def rms_norm(x, scale, eps):
+def rms_norm(x, scale, eps, plus_one: bool = False):
+    """RMSNorm over the last dim, in float32; scaled by (1 + scale) when plus_one (Gemma)."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+    scale = scale.astype(jnp.float32)
+    return (normed * (1.0 + scale if plus_one else scale)).astype(x.dtype)
+
+
+def _norm(x, p, name, cfg):
+    return rms_norm(x, p[name], cfg.norm_eps, cfg.norm_plus_one)
 
 
 def _dropout(x, rate, key):
@@ -594,7 +723,8 @@ def apply_hidden(graphdef, params, tokens, lora=None, **kwargs):
     m = nnx.merge(graphdef, params)
     h = m.hidden(tokens, lora=lora, **kwargs)
     return h, m.output_head(lora), functools.partial(
-        output_logits, unpadded_vocab_size=m.cfg.unpadded_vocab_size)
+        output_logits, unpadded_vocab_size=m.cfg.unpadded_vocab_size,
+        softcap=m.cfg.final_logit_softcap)
 
 
 def count_params(params) -> int:

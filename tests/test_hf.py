@@ -84,7 +84,10 @@ def save_hf_model(folder, cls, tokenizer, *, seed=0, dtype=torch.float32, shard=
     config = cls(**kw)
     causal = {transformers.LlamaConfig: transformers.LlamaForCausalLM,
               transformers.MistralConfig: transformers.MistralForCausalLM,
-              transformers.Qwen2Config: transformers.Qwen2ForCausalLM}[cls]
+              transformers.Qwen2Config: transformers.Qwen2ForCausalLM,
+              transformers.Qwen3Config: transformers.Qwen3ForCausalLM,
+              transformers.Gemma2Config: transformers.Gemma2ForCausalLM,
+              transformers.Gemma3TextConfig: transformers.Gemma3ForCausalLM}[cls]
     hf_model = causal(config).eval()
     with torch.no_grad():
         for p in hf_model.parameters():
@@ -396,8 +399,9 @@ def hf_dir(tmp_path, llama_tokenizer):
     (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "dynamic", "factor": 2.0}),
      "rope_scaling type 'dynamic' is not supported"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-    (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16),
-     "sliding_window 16 is shorter"),
+    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
+          sliding_window=8, layer_types=["full_attention", "sliding_attention"]),
+     "layer_types .* is not supported"),
     (dict(quantization_config={"quant_method": "gptq"}), "'quantization_config' is not supported"),
     (dict(intermediate_size=96), "has shape"),
     (dict(num_hidden_layers=3), "is missing from"),
@@ -472,3 +476,143 @@ def test_fine_tune_an_imported_model_end_to_end(hf_dir, tmp_path, sentencepiece_
     tokens = np.asarray([[run.tokenizer.bos_id, *run.tokenizer.encode("What is 1 + 2?")]])
     vocab = run.cfg.model.unpadded_vocab_size
     assert np.abs(hf_logits(back, tokens) - our_logits(run, tokens)[..., :vocab]).max() < TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# The open families: each built once per module (random transformers model -> import), then
+# checked for parity beyond the window, KV-cache decoding, export to the same class and back,
+# and a sharded train step.
+
+WINDOW = 8  # every family's local layers see 8 keys; the tests run 40 tokens and more
+FAMILIES = {
+    # A window on every layer, shorter than the sequence.
+    "mistral_window": (transformers.MistralConfig, small(sliding_window=WINDOW),
+                       {"sliding_window": WINDOW, "global_every": 0}),
+    # Query/key norms, tied embeddings, head_dim apart from hidden / heads.
+    "qwen3_tied": (transformers.Qwen3Config, small(tie_word_embeddings=True, head_dim=16),
+                   {"qk_norm": True, "sliding_window": 0, "tie_embeddings": True}),
+    # Local/global alternation, both softcaps (small, so tanh bends), a query scale.
+    "gemma2": (transformers.Gemma2Config,
+               small(head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=12,
+                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                     rms_norm_eps=1e-6),
+               {"post_norms": True, "norm_plus_one": True, "mlp_activation": "gelu_tanh",
+                "embed_scale": True, "sliding_window": WINDOW, "global_every": 2,
+                "attn_logit_softcap": 2.0, "final_logit_softcap": 3.0,
+                "query_pre_attn_scalar": 12.0}),
+    # Every third layer global, its own RoPE base on the local ones and linear scaling on the
+    # global ones, untied, query/key norms.
+    "gemma3_untied": (transformers.Gemma3TextConfig,
+                      small(num_hidden_layers=4, head_dim=8, sliding_window=WINDOW,
+                            query_pre_attn_scalar=8, tie_word_embeddings=False,
+                            layer_types=["sliding_attention", "sliding_attention",
+                                         "full_attention", "sliding_attention"],
+                            rope_parameters={
+                                "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                   "rope_theta": 1e6},
+                                "sliding_attention": {"rope_type": "default",
+                                                      "rope_theta": 1e4}}),
+                      {"qk_norm": True, "post_norms": True, "global_every": 3,
+                       "rope_local_theta": 1e4, "rope_theta": 1e6, "rope_scaling": "linear",
+                       "tie_embeddings": False}),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory, t5x_tokenizer):
+    """(name, transformers model, imported model directory, its run) for one family."""
+    cls, kw, expect = FAMILIES[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    # A tokenizer with the markers and a pad id already: import adds nothing, so the
+    # vocabulary (and every tensor) comes back from an export unchanged.
+    hf_model = save_hf_model(folder / "hf", cls, t5x_tokenizer,
+                             vocab_size=pieces(t5x_tokenizer), **kw)
+    out = hf.import_model(str(folder / "hf"), str(folder / "imported"))
+    run = runs.load(out)
+    for key, value in expect.items():
+        assert run.cfg.model[key] == value, key
+    return request.param, hf_model, out, run
+
+
+def test_family_logits_match_transformers_beyond_the_window(family):
+    name, hf_model, _, run = family
+    tokens = np.random.default_rng(3).integers(0, pieces(run.tokenizer.path), (2, 40))
+    want, got = hf_logits(hf_model, tokens), our_logits(run, tokens)
+    vocab = run.cfg.model.unpadded_vocab_size
+    diff = np.abs(got[..., :vocab] - want[..., :vocab])
+    print(f"{name}: max abs logit difference {diff.max():.2e}")
+    assert diff.max() < TOL
+    if run.cfg.model.sliding_window:  # the window matters: full attention gives other logits
+        m = ml_collections.ConfigDict(config_lib.to_dict(run.cfg.model))
+        m.sliding_window = 0
+        full = _apply(model.abstract_model(m)[0], run.params, jnp.asarray(tokens, jnp.int32))
+        assert np.abs(np.asarray(full) - got)[:, WINDOW + 1:].max() > 1e-2
+
+
+def test_family_kv_cache_decoding_equals_a_full_forward(family):
+    from t5x_like import decoding
+
+    _, _, _, run = family
+    tok, n = run.tokenizer, 30  # prompt + 30 tokens: several windows
+    prompts = [[tok.bos_id, *tok.encode(t)] for t in ["What is 12 + 30?", "Pack my"]]
+    forward = jax.jit(lambda p, t: model.apply(run.graphdef, p, t))
+    for unstack in (True, False):
+        decoder = decoding.Decoder(run.graphdef, run.params, run.cfg.model, tok, max_batch=2,
+                                   unstack_layers=unstack)
+        got = decoder.generate(prompts, decoding.Sampling(max_new_tokens=n))
+        for prompt, completion in zip(prompts, got):
+            ids = list(prompt)
+            for _ in range(n):  # recompute the whole sequence for every token
+                row = np.zeros((1, 64), np.int32)
+                row[0, :len(ids)] = ids
+                token = int(jnp.argmax(forward(run.params, row)[0, len(ids) - 1,
+                                                                 :tok.vocab_size]))
+                if token == tok.eos_id:
+                    break
+                ids.append(token)
+            assert completion.tokens == ids[len(prompt):], unstack
+
+
+def test_family_exports_to_its_class_and_back_bit_identically(family, tmp_path):
+    name, hf_model, out, run = family
+    exported = hf.export_model(out, str(tmp_path / "exported"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        exported, attn_implementation="eager").eval()
+    assert type(back).__name__ == type(hf_model).__name__
+    for key in ("sliding_window", "layer_types", "query_pre_attn_scalar",
+                "attn_logit_softcapping", "final_logit_softcapping", "rope_parameters"):
+        assert getattr(back.config, key, None) == getattr(hf_model.config, key, None), key
+    tokens = np.random.default_rng(4).integers(0, pieces(run.tokenizer.path), (2, 40))
+    vocab = run.cfg.model.unpadded_vocab_size
+    assert np.abs(hf_logits(back, tokens) - our_logits(run, tokens)[..., :vocab]).max() < TOL
+    original, again = read_tensors(os.path.dirname(out) + "/hf"), read_tensors(exported)
+    assert sorted(original) == sorted(again)
+    for key, value in original.items():
+        assert np.array_equal(again[key], value), key
+    # ... and imported again: the same parameters, bit for bit, and the same model config.
+    run2 = runs.load(hf.import_model(exported, str(tmp_path / "again")))
+    assert config_lib.to_dict(run2.cfg.model) == config_lib.to_dict(run.cfg.model)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 run2.params, run.params)
+
+
+def test_family_train_step_on_a_mesh_gives_the_loss_of_one_device(family, tiny_cfg):
+    from test_sharding import run_steps
+
+    _, _, _, run = family
+    cfg = tiny_cfg
+    keys = {k: v for k, v in config_lib.to_dict(run.cfg.model).items()
+            if k not in ("vocab_size", "unpadded_vocab_size", "max_len")}
+    cfg.model.update(keys)
+    cfg.model.max_len = 24  # past the window, in 3 attention blocks
+    cfg.model.attention_block = 8
+    cfg.model.loss_chunk = 8
+    cfg.data.batch_size = 4
+    one = config_lib.resolve(cfg.copy_and_resolve_references(), 300)
+    cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    eight = config_lib.resolve(cfg, 300)
+    one_losses, one_params, _ = run_steps(one, jax.devices()[:1], n=2)
+    losses, params, _ = run_steps(eight, jax.devices(), n=2)
+    np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+                 params, one_params)
