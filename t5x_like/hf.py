@@ -18,13 +18,20 @@ model.max_len is the HF max_position_embeddings capped at 2048 (--max_len to cho
 prints the --config.model.* flags that make a fine-tuning recipe build this same model, which
 init_from requires.
 
-Supported: LlamaForCausalLM, and Mistral / Qwen2 models of the same shape (grouped-query
-attention, RoPE theta, "linear" and "llama3" RoPE scaling, tied or untied embeddings, RMSNorm
-epsilon, attention and MLP biases). Anything else (another architecture, activation, RoPE type,
-a sliding window shorter than the sequence, quantized weights) stops with a sentence naming it.
-Tensors are read one at a time with the `safetensors` library (bfloat16, float16 or float32)
-and written straight into preallocated float32 arrays stacked over layers, so reading never
-holds a weight twice (Orbax's save then keeps about one more host copy while it writes).
+Supported: LlamaForCausalLM, MistralForCausalLM (its sliding window), Qwen2ForCausalLM,
+Qwen3ForCausalLM (query/key norms), Gemma2ForCausalLM and Gemma3ForCausalLM (GeGLU, (1 + w)
+norms before and after attention and MLP, scaled embeddings, softcaps, query_pre_attn_scalar,
+local/global layers from `layer_types`, Gemma 3's local RoPE base), with grouped-query
+attention, RoPE theta, "linear" and "llama3" RoPE scaling (Gemma 3: on the global layers), tied
+or untied embeddings, RMSNorm epsilon, attention and MLP biases. Each maps to a model.* switch
+(model.py). Anything else (another architecture, activation, RoPE type, a layer pattern other
+than "all local" or "every n-th global", quantized weights) stops with a sentence naming it.
+Import streams: tensors are read one at a time with the `safetensors` library (bfloat16,
+float16 or float32), converted to float32 in our layout and written straight into the Orbax
+checkpoint (ParamsWriter: one chunk per layer), so the host holds one tensor at a time, plus
+the embedding and output head (finished last, when the added pieces' rows are known) and the
+pages of the shard being read: peak RSS about 1.5x the largest shard file plus a fixed
+overhead (BENCHMARKS.md, "HF import and export").
 Nothing is ever downloaded.
 
 The tokenizer. A published Llama-style tokenizer.model has its own special ids (unk 0, bos 1,
@@ -45,14 +52,16 @@ t5x_like model, and model.unpadded_vocab_size masks the padding rows' logits, so
 predicted or sampled. Export slices the padding off again: to unpadded_vocab_size, or to the
 tokenizer's size for a model trained here.
 
-Export writes config.json and model.safetensors in the layout of transformers'
-LlamaForCausalLM (Qwen2ForCausalLM for a model with query/key/value biases only), plus the
+Export writes config.json and model.safetensors in the layout of the transformers class that
+computes the model (`hf_family`: the class it was imported from; LlamaForCausalLM for a model
+trained here, Qwen2ForCausalLM for one with query/key/value biases only), plus the
 tokenizer (tokenizer.model, tokenizer_config.json, special_tokens_map.json) and
 generation_config.json. The safetensors file is written tensor by tensor, as it is converted.
 Import followed by export gives back the same tensors (with rows appended for any tokenizer
 pieces import added).
 """
 
+import base64
 import json
 import math
 import os
@@ -60,6 +69,7 @@ import runpy
 import shutil
 import struct
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -73,7 +83,7 @@ from safetensors import safe_open
 
 from data_pipelines import chat_template
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like import checkpoints, cli, config as config_lib, model, partitioning, runs
+from t5x_like import checkpoints, cli, config as config_lib, model, partitioning, peft, runs
 from t5x_like.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +496,73 @@ def _weight_files(hf_dir: str) -> list[str]:
     return files
 
 
+class ParamsWriter:
+    """Writes a parameters-only checkpoint `<model_dir>/checkpoints/<step>` one tensor (or one
+    layer of a stacked tensor) at a time, so the model never needs to be in memory at once.
+
+    The layout is the one Orbax's StandardSave writes without OCDBT (use_ocdbt=False), which
+    Orbax restores like any other: `params/_METADATA` (the tree), and per parameter a zarr v2
+    array `params/<a.b>/` whose chunks are single layers ([1, ...] for stacked parameters, the
+    whole array otherwise), float32, uncompressed: each chunk file is the raw C-order bytes.
+    """
+
+    def __init__(self, model_dir: str, abstract: dict, step: int = 0):
+        self.step_dir = os.path.join(checkpoints.checkpoint_dir(model_dir), str(step))
+        self.dir = os.path.join(self.step_dir, "params")
+        self.leaves = {}  # "a.b" -> (key path, shape, chunk shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+            keys = tuple(k.key for k in path)
+            chunk = (1, *leaf.shape[1:]) if keys[0] == "layers" else tuple(leaf.shape)
+            self.leaves[".".join(keys)] = (keys, tuple(leaf.shape), chunk)
+        for name, (_, shape, chunk) in self.leaves.items():
+            os.makedirs(os.path.join(self.dir, name))
+            self._json(os.path.join(name, ".zarray"), {
+                "chunks": list(chunk), "compressor": None, "dimension_separator": ".",
+                "dtype": "<f4", "fill_value": None, "filters": None, "order": "C",
+                "shape": list(shape), "zarr_format": 2})
+
+    def _json(self, name: str, content) -> None:
+        with open(os.path.join(self.dir, name), "w", encoding="utf-8") as f:
+            json.dump(content, f)
+
+    def write(self, name: str, value: np.ndarray, layer: int | None = None) -> None:
+        """Parameter `name` ("embed", "layers.wq"), or its layer `layer` of a stacked one."""
+        _, shape, chunk = self.leaves[name]
+        want = shape[1:] if layer is not None else shape
+        assert tuple(value.shape) == want, (name, value.shape, want)
+        index = [0] * len(shape)
+        if layer is not None:
+            index[0] = layer
+        path = os.path.join(self.dir, name, ".".join(map(str, index)))
+        with open(path, "wb") as f:
+            f.write(memoryview(np.ascontiguousarray(value, np.float32).reshape(-1).view(np.uint8)))
+
+    def finish(self) -> None:
+        """The tree metadata and Orbax's commit markers (after every chunk is written)."""
+        tree = {str(keys): {"key_metadata": [{"key": k, "key_type": 2} for k in keys],
+                            "value_metadata": {"value_type": "jax.Array",
+                                               "skip_deserialize": False,
+                                               "write_shape": list(shape)}}
+                for keys, shape, _ in self.leaves.values()}
+        self._json("_METADATA", {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+                                 "store_array_data_equal_to_fill_value": True,
+                                 "custom_metadata": None})
+        self._json("_sharding", {
+            base64.b64encode(name.encode()).decode(): json.dumps(
+                {"sharding_type": "SingleDeviceSharding", "device_str": "cpu:0"})
+            for name in self.leaves})
+        with open(os.path.join(self.dir, "commit_success.txt"), "w") as f:
+            f.write(f"Checkpoint commit was successful to {self.dir}")
+        now = time.time_ns()
+        with open(os.path.join(self.step_dir, "_CHECKPOINT_METADATA"), "w") as f:
+            json.dump({"item_handlers": {"params": "orbax.checkpoint._src.handlers."
+                                         "standard_checkpoint_handler.StandardCheckpointHandler"},
+                       "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now,
+                       "commit_timestamp_nsecs": now, "custom_metadata": {}}, f)
+        with open(os.path.join(self.step_dir, "commit_success.txt"), "w") as f:
+            f.write(f"Checkpoint commit was successful to {self.step_dir}")
+
+
 def _targets(abstract: dict) -> dict[str, tuple[tuple, Any, tuple]]:
     """HF tensor name -> (where in our params: (top name,) or ("layers", name, i), kind, shape)."""
     out = {}
@@ -500,14 +577,21 @@ def _targets(abstract: dict) -> dict[str, tuple[tuple, Any, tuple]]:
     return out
 
 
-def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool) -> dict:
-    """Reads every tensor once into preallocated float32 arrays in our layout (numpy).
+def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool,
+                writer: "ParamsWriter | None" = None,
+                new_rows: tuple[int, int, int] = (0, 0, 0)) -> dict:
+    """Reads every tensor once, converted to float32 in our layout.
 
-    Embedding rows past `hf_vocab` (added pieces and padding) are left zero for the caller.
+    Without `writer`: into preallocated arrays (numpy), returned; embedding rows past
+    `hf_vocab` (added pieces and padding) are left zero for the caller. With `writer`: each
+    tensor is written to the checkpoint as soon as it is read and dropped (peak memory: one
+    tensor, plus the pages of the shard being read), except the embedding and output head,
+    which are finished first (`new_rows` = (first, last, known) for _init_new_rows); returns {}.
     """
-    params = jax.tree.map(lambda a: np.empty(a.shape, np.float32), abstract)
+    stream = writer is not None
+    params = {} if stream else jax.tree.map(lambda a: np.empty(a.shape, np.float32), abstract)
     for name in ("embed", "lm_head"):
-        if name in params:
+        if name in abstract:
             params[name] = np.zeros(abstract[name].shape, np.float32)  # rows past hf_vocab
     targets = _targets(abstract)
     ignored = {hf_name("lm_head")} if tied else set()  # some tied checkpoints still hold it
@@ -532,8 +616,17 @@ def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool) -> 
                 if tuple(value.shape) != want:
                     raise UserError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, but "
                                     f"config.json implies {want}; check that they belong together.")
-                dst = params[where[0]] if len(where) == 1 else params["layers"][where[1]][where[2]]
-                _assign(kind, dst, value)
+                if stream and where[0] not in params:  # one tensor, converted, written, dropped
+                    dst = np.empty(shape, np.float32)
+                    _assign(kind, dst, value)
+                    del value
+                    writer.write(".".join(map(str, where[:2])), dst,
+                                 where[2] if len(where) == 3 else None)
+                    del dst
+                else:
+                    dst = (params[where[0]] if len(where) == 1
+                           else params["layers"][where[1]][where[2]])
+                    _assign(kind, dst, value)
                 seen.add(key)
                 bar.update(1)
     bar.close()
@@ -541,6 +634,11 @@ def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool) -> 
     if missing:
         raise UserError(f"tensor {missing[0]!r} (and {len(missing) - 1} more) is missing from "
                         f"{', '.join(files)}; are all shards there and does config.json match?")
+    if stream:
+        _init_new_rows(params, *new_rows)
+        for name in list(params):
+            writer.write(name, params.pop(name))
+        writer.finish()
     return params
 
 
@@ -563,21 +661,6 @@ def _init_new_rows(params: dict, first: int, last: int, known: int) -> None:
     params["embed"][first:last] = params["embed"][:known].mean(axis=0)
     if "lm_head" in params:
         params["lm_head"][:, first:last] = params["lm_head"][:, :known].mean(axis=1, keepdims=True)
-
-
-def _save_params(model_dir: str, params: dict, step: int = 0) -> None:
-    """A parameters-only checkpoint, in the layout t5x_like.checkpoints reads."""
-    # As jax.Arrays on the host CPU device (which adopts the numpy buffers without a copy):
-    # Orbax then holds one extra copy while writing, where numpy leaves cost it two.
-    cpu = jax.devices("cpu")[0]
-    params = jax.tree.map(lambda x: jax.device_put(x, cpu), params)
-    manager = ocp.CheckpointManager(checkpoints.checkpoint_dir(model_dir),
-                                    options=ocp.CheckpointManagerOptions(create=True))
-    try:
-        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-        manager.wait_until_finished()
-    finally:
-        manager.close()
 
 
 class _Staging:
@@ -641,17 +724,18 @@ def import_model(hf_dir: str, out: str, *, tokenizer: str = "", max_len: int = 0
     logging.info("Importing %s (%s parameters) from %s", hf.get("architectures"),
                  f"{model.count_params(abstract):,}", hf_dir)
 
-    params = read_params(files, abstract, hf_vocab, cfg.model.tie_embeddings)
-    _init_new_rows(params, pieces_before, pieces_before + len(added), pieces_before)
     if added:
-        logging.info("Added tokenizer pieces %s as ids %d..%d", added, pieces_before,
+        logging.info("Adding tokenizer pieces %s as ids %d..%d", added, pieces_before,
                      pieces_before + len(added) - 1)
     with staging as tmp:
         with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
             f.write(proto)
         tokenizer_lib.Tokenizer(os.path.join(tmp, "tokenizer.model"))  # what every job checks
         config_lib.save_json(cfg, os.path.join(tmp, "config.json"))
-        _save_params(tmp, params)
+        # Streamed: each tensor goes into the checkpoint as it is read (ParamsWriter).
+        read_params(files, abstract, hf_vocab, cfg.model.tie_embeddings,
+                    writer=ParamsWriter(tmp, abstract),
+                    new_rows=(pieces_before, pieces_before + len(added), pieces_before))
     return os.path.abspath(out)
 
 
@@ -702,17 +786,55 @@ def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], Calla
             f.write(memoryview(value.reshape(-1).view(np.uint8)))
 
 
-def _hf_tensors(params: dict, m, vocab: int) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
-    """(HF name, shape, producer) for every tensor of the export, in HF's usual order."""
+class CheckpointReader:
+    """Reads a checkpoint's parameters one tensor, or one layer of a stacked tensor, at a time
+    (tensorstore on the arrays Orbax wrote, OCDBT or not), so export never holds the model."""
+
+    def __init__(self, workdir: str, step: int | None = None):
+        directory = checkpoints.checkpoint_dir(workdir)
+        if not os.path.isdir(directory):
+            raise UserError(f"{workdir} has no checkpoints/ folder; train first or check the "
+                            "path.")
+        manager = ocp.CheckpointManager(directory)
+        try:
+            steps = manager.all_steps()
+            self.step = manager.latest_step() if step is None else step
+        finally:
+            manager.close()
+        if self.step is None or self.step not in steps:
+            raise UserError(f"{directory} has no finished checkpoint" + (
+                f" for step {step} (it has {steps})." if step is not None else " yet."))
+        self.dir = os.path.join(directory, str(self.step), "params")
+        meta = _read_json(os.path.join(self.dir, "_METADATA"))
+        self.ocdbt, self.zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
+        self._open: dict[str, Any] = {}
+
+    def read(self, name: str, layer: int | None = None) -> np.ndarray:
+        """Parameter `name` ("embed", "layers.wq"), or layer `layer` of a stacked one."""
+        import tensorstore as ts
+
+        if name not in self._open:
+            driver = "zarr3" if self.zarr3 else "zarr"
+            kvstore = ({"driver": "ocdbt", "base": f"file://{self.dir}", "path": name}
+                       if self.ocdbt else {"driver": "file", "path": os.path.join(self.dir, name)})
+            self._open[name] = ts.open({"driver": driver, "kvstore": kvstore},
+                                       open=True, read=True).result()
+        array = self._open[name]
+        return np.asarray((array if layer is None else array[layer]).read().result())
+
+
+def _hf_tensors(read: Callable, m, vocab: int) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
+    """(HF name, shape, producer) for every tensor of the export, in HF's usual order;
+    read(name, layer=None) gives one of our parameters (CheckpointReader.read)."""
     def top(name, kind):
-        return lambda: to_hf(kind, np.asarray(params[name]), vocab)
+        return lambda: to_hf(kind, np.asarray(read(name), np.float32), vocab)
 
     def layer(name, i, kind):
-        return lambda: to_hf(kind, np.asarray(params["layers"][name][i]), vocab)
+        return lambda: to_hf(kind, np.asarray(read(f"layers.{name}", i), np.float32), vocab)
 
     not_llama = hf_family(m) != "llama"  # only Llama's class has biases this model may lack
     yield hf_name("embed"), (vocab, m.hidden_dim), top("embed", "rows")
-    layers = params["layers"]
+    layers = model.abstract_model(m)[1]["layers"]
     for i in range(m.num_layers):
         for name, (_, kind) in LAYER_TENSORS.items():
             if name in layers:
@@ -761,19 +883,32 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
     """t5x_like run or model directory -> HF folder `out` (see the module docstring)."""
     if dtype not in _ST_DTYPES:
         raise UserError(f"--dtype={dtype} is not supported; choose {' or '.join(_ST_DTYPES)}.")
-    staging = _Staging(out)  # checks --out before the (long) restore
-    # Onto host memory: an accelerator need not hold the whole model.
-    host = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
-    run = runs.load(workdir, step=step,
-                    mesh=partitioning.make_mesh(host, jax.devices("cpu")[:1]))
-    m, tok = run.cfg.model, run.tokenizer
+    staging = _Staging(out)  # checks --out before the (long) read
+    if peft.read_ref(workdir) is not None:  # adapters and their base: merged in host memory
+        host = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+        run = runs.load(workdir, step=step,
+                        mesh=partitioning.make_mesh(host, jax.devices("cpu")[:1]))
+        cfg, tok, at_step = run.cfg, run.tokenizer, run.step
+        flat = {".".join(k.key for k in path): leaf
+                for path, leaf in jax.tree_util.tree_leaves_with_path(run.params)}
+        read = lambda name, layer=None: np.asarray(  # noqa: E731
+            flat[name] if layer is None else flat[name][layer])
+    else:  # streamed: one tensor (one layer) at a time from the checkpoint
+        cfg = config_lib.load_json(os.path.join(workdir, "config.json"))
+        tok_path = os.path.join(workdir, "tokenizer.model")
+        if not os.path.isfile(tok_path):
+            raise UserError(f"{workdir} has no tokenizer.model; was it written by t5x_like?")
+        tok = tokenizer_lib.Tokenizer(tok_path)
+        reader = CheckpointReader(workdir, step)
+        read, at_step = reader.read, reader.step
+    m = cfg.model
     vocab = m.unpadded_vocab_size or tok.vocab_size
     if vocab < tok.vocab_size or vocab > m.vocab_size:
         raise UserError(f"{workdir}/config.json: model.unpadded_vocab_size {vocab} does not fit "
                         f"the tokenizer's {tok.vocab_size} pieces and model.vocab_size "
                         f"{m.vocab_size}; restore the config the model was trained with.")
-    tensors = list(_hf_tensors(run.params, m, vocab))
-    logging.info("Exporting %s step %d (%d tensors, vocab %d) to %s", workdir, run.step,
+    tensors = list(_hf_tensors(read, m, vocab))
+    logging.info("Exporting %s step %d (%d tensors, vocab %d) to %s", workdir, at_step,
                  len(tensors), vocab, out)
     with staging as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, dtype)

@@ -616,3 +616,55 @@ def test_family_train_step_on_a_mesh_gives_the_loss_of_one_device(family, tiny_c
     np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                  params, one_params)
+
+
+# Published shapes (Gemma 2 2B, Gemma 3 1B, Qwen3 0.6B), built by transformers on the meta
+# device (no memory): plan's parameter count includes every extra norm of the family.
+PLAN_SHAPES = {
+    "gemma2_2b": (transformers.Gemma2Config, dict(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256)),
+    "gemma3_1b": (transformers.Gemma3TextConfig, dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512)),
+    "qwen3_0.6b": (transformers.Qwen3Config, dict(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("shape", PLAN_SHAPES)
+def test_plan_counts_each_familys_parameters(shape):
+    from configs import base
+    from t5x_like import plan
+
+    cls, kw = PLAN_SHAPES[shape]
+    config = cls(**kw)
+    with torch.device("meta"):
+        want = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(
+            config).parameters())
+    cfg = base.get_config()
+    cfg.model.update(hf.model_config_from_hf(config.to_dict(), "config.json", max_len=512))
+    cfg.model.vocab_size = config.vocab_size  # a multiple of 128: no padding rows
+    cfg.data.batch_size = 8
+    out = plan.plan(cfg, plan.Target("test", 8, 80.0, 989.0), compile_step=False)
+    assert out["parameters"] == want
+
+
+@pytest.mark.slow
+def test_finetune_hf_recipe_on_an_imported_model(tmp_path, t5x_tokenizer):
+    """configs/finetune_hf.py (LoRA SFT) on a small imported Qwen3, then merged and exported
+    back to its class."""
+    save_hf_model(tmp_path / "hf", transformers.Qwen3Config, t5x_tokenizer,
+                  vocab_size=pieces(t5x_tokenizer), **small())
+    model_dir = hf.import_model(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    run_dir = tmp_path / "run"
+    _cli("t5x_like.train", "--config=configs/finetune_hf.py", f"--workdir={run_dir}",
+         f"--config.init_from={model_dir}", "--config.steps=3", "--config.model.max_len=32",
+         "--config.data.batch_size=16", "--config.optimizer.grad_accum_steps=2",
+         "--config.data.synthetic_docs=100", "--config.checkpoint.every_steps=3",
+         "--config.eval.every_steps=3", "--config.eval.steps=1", "--config.model.dtype=float32")
+    _cli("t5x_like.export", "--merge", f"--workdir={run_dir}", f"--out={tmp_path / 'merged'}")
+    exported = hf.export_model(str(tmp_path / "merged"), str(tmp_path / "exported"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    assert type(back).__name__ == "Qwen3ForCausalLM"
