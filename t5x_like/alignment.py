@@ -186,8 +186,10 @@ def train_and_evaluate(cfg, workdir: str, *, prepared, tokenizer, mesh, init_dir
             return loop.run(state, train_batches)
         finally:
             preemption.close()
-            ckpt.close()
-            writer.close()
+            try:
+                ckpt.close()  # waits for the last save: EnvironmentFailure if it was not written
+            finally:
+                writer.close()
 
 
 def _pair_steps(cfg, spec, mesh, reference, eval_source, encode, local_eval_batch):

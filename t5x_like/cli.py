@@ -89,7 +89,8 @@ class _LibraryInfoFilter(std_logging.Filter):
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run(main)` that reports UserError as one line and exits with status 2."""
+    """`absl.app.run(main)` that reports UserError as one line and exits with status 2 (1 for
+    an EnvironmentFailure)."""
     std_logging.getLogger("absl").addFilter(_LibraryInfoFilter())
 
     def flags_parser(argv):
@@ -105,6 +106,6 @@ def run(main: Callable[[list[str]], None]) -> None:
         except UserError as e:
             logging.flush()
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(e.exit_code)  # 2, or 1 for an EnvironmentFailure (a full disk...)
 
     app.run(guarded, flags_parser=flags_parser)

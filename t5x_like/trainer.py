@@ -392,7 +392,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     workdir = os.path.abspath(workdir)
     peft.check_run(cfg, workdir, init_dir)
     primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    checkpoints.check_writable(workdir)  # one error line, before any data or compile
 
     prepared = prepare_data(cfg, workdir)
     tokenizer = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
@@ -472,8 +472,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
             return loop.run(state, train_batches)
         finally:
             preemption.close()
-            ckpt.close()
-            writer.close()
+            try:
+                ckpt.close()  # waits for the last save: EnvironmentFailure if it was not written
+            finally:
+                writer.close()
 
 
 class _Loop:

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT
 from t5x_like import checkpoints, config as config_lib, export, partitioning, runs, trainer
 from t5x_like import metrics as metrics_lib
-from t5x_like.errors import UserError
+from t5x_like.errors import EnvironmentFailure, UserError
 
 TINY = ["--config.model.hidden_dim=32", "--config.model.num_layers=2",
         "--config.model.num_heads=4", "--config.model.num_kv_heads=2",
@@ -192,18 +192,22 @@ def test_init_from_starts_at_step_zero_with_the_parameters(tiny_cfg, tmp_path):
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_cfg, tmp_path, caplog):
     _run(tiny_cfg, tmp_path)  # 4 steps, checkpoints at 2 and 4
-    files = [p for p in glob.glob(str(tmp_path / "checkpoints" / "4" / "params" / "**" / "*"),
-                                  recursive=True) if os.path.isfile(p)]
-    biggest = max(files, key=os.path.getsize)
-    with open(biggest, "r+b") as f:
-        f.truncate(os.path.getsize(biggest) // 2)
+    # 4 KB of random bytes over the parameters: restored unchecked, they resumed with loss=nan
+    # and made `sample` fail with "IndexError: piece id is out of range".
+    _scribble(_biggest_params_file(str(tmp_path / "checkpoints" / "4")))
+    with pytest.raises(checkpoints.DamagedCheckpoint,  # sample, evaluate, export, init_from
+                       match=r"checkpoints/4 is damaged: params/\S+ does not match the checksum "
+                             r"recorded when it was written; .*\(steps here: 2\)"):
+        runs.load(str(tmp_path))
+    assert runs.load(str(tmp_path), step=2).step == 2
     longer = tiny_cfg.copy_and_resolve_references()
     longer.steps = 6
     _run(longer, tmp_path)
-    assert "cannot be restored" in caplog.text and "checkpoints/4" in caplog.text
+    assert "does not match the checksum" in caplog.text and "checkpoints/4" in caplog.text
     assert glob.glob(str(tmp_path / "checkpoints" / "damaged-4-*"))
     steps = [r["step"] for r in metrics_lib.read_metrics(str(tmp_path)) if r["split"] == "train"]
     assert steps == [2, 3, 4, 5, 6] or steps == [2, 4, 6]  # resumed after step 2
+    assert all(np.isfinite(loss) for _, loss in train_losses(tmp_path))
     assert final_params(tmp_path)[0] == 6
 
 
@@ -262,3 +266,192 @@ def test_export_writes_a_loadable_model_directory(tiny_cfg, tmp_path):
     child.steps = 2
     _run(child, tmp_path / "child")
     assert final_params(tmp_path / "child")[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Seals (integrity.json), damaged checkpoints, failed writes.
+
+
+def _small_state(n=4096):
+    return {"step": jnp.zeros((), jnp.int32), "params": {"w": jnp.arange(n, dtype=jnp.float32)},
+            "opt_state": {"m": jnp.ones(n)}}
+
+
+def _abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+
+
+def _biggest_params_file(step_dir):
+    files = [p for p in glob.glob(os.path.join(step_dir, "params", "**", "*"), recursive=True)
+             if os.path.isfile(p)]
+    return max(files, key=os.path.getsize)
+
+
+def _scribble(path, nbytes=4096):
+    """Overwrites `nbytes` in the middle of `path` with random bytes (the file keeps its size)."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(max(0, size // 2 - nbytes // 2))
+        f.write(np.random.default_rng(0).bytes(min(nbytes, size)))
+
+
+def test_checkpoints_are_sealed_and_damage_is_named(tmp_path, caplog):
+    directory = checkpoints.checkpoint_dir(str(tmp_path))
+    state = _small_state()
+    ckpt = checkpoints.Checkpointer(directory, async_save=True)
+    for step in (1, 2, 3):
+        ckpt.save(step, state)
+    ckpt.close()  # seals the last one too
+    for step in (1, 2, 3):
+        manifest = json.load(open(os.path.join(directory, str(step), "integrity.json")))
+        assert any(f.startswith("params/") for f in manifest["files"])
+        assert any(f.startswith("train/") for f in manifest["files"])
+    target = _abstract(state)
+
+    # 4 KB of random bytes in a params file: named at restore, never restored as garbage.
+    bad = _biggest_params_file(os.path.join(directory, "3"))
+    _scribble(bad)
+    rel = os.path.relpath(bad, os.path.join(directory, "3"))
+    with pytest.raises(checkpoints.DamagedCheckpoint,
+                       match=rf"checkpoint {directory}/3 is damaged: {rel} does not match the "
+                             r"checksum.*pick another checkpoint \(steps here: 1, 2\)"):
+        checkpoints.restore_params(str(tmp_path), target["params"])
+    params, step = checkpoints.restore_params(str(tmp_path), target["params"], step=2)
+    assert step == 2
+    np.testing.assert_array_equal(params["w"], np.arange(4096, dtype=np.float32))
+    # A truncated file: its size differs.
+    bad2 = _biggest_params_file(os.path.join(directory, "2"))
+    with open(bad2, "r+b") as f:
+        f.truncate(os.path.getsize(bad2) - 1)
+    with pytest.raises(checkpoints.DamagedCheckpoint, match=r"/2 is damaged: .* bytes where"):
+        checkpoints.Checkpointer(directory).restore(2, target)
+
+    # Resuming moves damaged checkpoints aside and takes the newest intact one.
+    ckpt = checkpoints.Checkpointer(directory)
+    restored = ckpt.restore_newest_valid(target)
+    ckpt.close()
+    assert int(restored["step"]) == 0 and sorted(
+        n.split("-")[1] for n in os.listdir(directory) if n.startswith("damaged-")) == ["2", "3"]
+    assert "does not match the checksum" in caplog.text
+
+    # Every checkpoint damaged: one error, nothing deleted, and a rerun refuses too.
+    _scribble(_biggest_params_file(os.path.join(directory, "1")))
+    for _ in range(2):
+        ckpt = checkpoints.Checkpointer(directory)
+        with pytest.raises(UserError, match=r"every checkpoint in .* is damaged \(kept, moved "
+                                            r"aside as damaged-1-\d+, damaged-2-\d+, damaged-3-"):
+            ckpt.restore_newest_valid(target)
+        ckpt.close()
+    assert sorted(n.split("-")[1] for n in os.listdir(directory)) == ["1", "2", "3"]
+
+
+def test_unsealed_checkpoint_restores_with_one_warning(tmp_path, caplog):
+    directory = str(tmp_path / "checkpoints")
+    state = _small_state()
+    ckpt = checkpoints.Checkpointer(directory, async_save=False)
+    ckpt.save(5, state)
+    ckpt.close()
+    os.remove(os.path.join(directory, "5", "integrity.json"))  # as an older t5x_like wrote it
+    for _ in range(2):
+        params, step = checkpoints.restore_params(str(tmp_path), _abstract(state)["params"])
+        assert step == 5
+    np.testing.assert_array_equal(params["w"], np.arange(4096, dtype=np.float32))
+    assert caplog.text.count("has no integrity.json") == 1
+
+
+@pytest.fixture
+def file_size_limit():
+    """set(nbytes): writes past nbytes fail with EFBIG (File too large) as on a full disk, in
+    this process only and without mounting anything; restored afterwards."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    yield lambda nbytes: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_failed_save_is_one_error_and_keeps_the_last_good_checkpoint(
+        tmp_path, file_size_limit, async_save):
+    directory = str(tmp_path / "checkpoints")
+    state = _small_state(1 << 20)  # 4 MB arrays, over the limit below
+    ckpt = checkpoints.Checkpointer(directory, async_save=async_save, max_to_keep=1)
+    ckpt.save(1, state)
+    ckpt.wait()
+    file_size_limit(1 << 20)
+    want = (rf"cannot write checkpoint {directory}/2: File too large \(disk full\?\); training "
+            rf"stopped, the last good checkpoint, {directory}/1, is intact")
+    with pytest.raises(EnvironmentFailure, match=want) as failure:
+        ckpt.save(2, state)  # a synchronous save fails here,
+        ckpt.save(3, state)  # an asynchronous one at the next save (or wait, or close)
+    assert failure.value.exit_code == 1
+    ckpt.close()  # already reported: no second error
+    file_size_limit(-1)  # (RLIM_INFINITY)
+    assert sorted(n for n in os.listdir(directory) if n.isdigit()) == ["1"]  # max_to_keep=1 kept it
+    # (TensorStore may still be finishing the failed save's other writes in this process: a
+    # rerun, a new process, removes its temporary folder; the test below.)
+    params, step = checkpoints.restore_params(str(tmp_path), _abstract(state)["params"])
+    assert step == 1  # verified against its seal
+    np.testing.assert_array_equal(params["w"], np.arange(1 << 20, dtype=np.float32))
+
+
+def test_unwritable_workdir_is_one_error_before_any_work(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "prepare_data", lambda *a: pytest.fail("prepared data"))
+    with pytest.raises(EnvironmentFailure, match="cannot write to the workdir /proc/x/run: No such "
+                                                 "file or directory; choose a --workdir"):
+        _run(tiny_cfg, "/proc/x/run")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        _run(tiny_cfg, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+    result = subprocess.run(train_cmd("/proc/x/run", tmp_path / "cache"), cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: cannot write to the workdir /proc/x/run: No such file or directory; choose a "
+        "--workdir on a writable disk."]
+    assert "Traceback" not in result.stderr
+
+
+# Runs `python -m t5x_like.train ARGS` with writes past LIMIT bytes failing (EFBIG, as on a
+# full disk) from the save of step FAIL_AT on, once the earlier saves have committed.
+_FULL_DISK_TRAIN = """
+import resource, runpy, signal, sys
+from t5x_like import checkpoints
+fail_at, limit = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+real_save = checkpoints.Checkpointer.save
+def save(self, step, *args, **kwargs):
+    if step == fail_at:
+        self.wait()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return real_save(self, step, *args, **kwargs)
+checkpoints.Checkpointer.save = save
+runpy.run_module("t5x_like.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_disk_full_stops_training_with_one_error_line_and_a_rerun_resumes(tmp_path):
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    extra = ["--config.steps=8", "--config.checkpoint.every_steps=2"]
+    cmd = train_cmd(workdir, cache, *extra)
+    full = subprocess.run([cmd[0], "-c", _FULL_DISK_TRAIN, "4", "32768", *cmd[3:]], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 1, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: cannot write checkpoint {workdir}/checkpoints/4: File too large (disk full?); "
+        f"training stopped, the last good checkpoint, {workdir}/checkpoints/2, is intact"), errors
+    assert "Traceback" not in full.stderr and "final validation" not in full.stdout
+    assert max(s for s, _ in train_losses(workdir)) == 6  # stopped at the next save
+    steps = [n for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
+    assert steps == ["2"] and os.path.isfile(workdir / "checkpoints" / "2" / "integrity.json")
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "final validation" in rerun.stdout
+    assert [s for s, _ in train_losses(workdir)] == list(range(1, 9))  # resumed after step 2
+    assert not [n for n in os.listdir(workdir / "checkpoints") if "tmp" in n]
