@@ -161,6 +161,12 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.clean.max_dup_line_fraction = 0.5
     cfg.data.clean.max_dup_ngram_fraction = 0.3
     cfg.data.clean.dup_ngram = 10
+    # Text sources: a line found in more than this share of a source's documents (and in 10 or
+    # more) is site furniture ("Home | About | Contact") and is removed from all; 1 = off (code).
+    cfg.data.clean.repeated_line_fraction = 0.3
+    # Text records longer than this many characters are split into pieces at paragraph, line,
+    # sentence or word boundaries (0 = no limit; data.clean.max_chars drops them instead).
+    cfg.data.clean.max_doc_chars = 100_000
 
     # Deduplication across all sources (data_pipelines/dedup.py).
     cfg.data.dedup = ml_collections.ConfigDict()

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from data_pipelines import clean, dedup, readers, sources, tfds_builder
+from data_pipelines import clean, dedup, prepare, readers, sources, tfds_builder
 from data_pipelines import records as records_lib
 from t5x_like.errors import UserError
 
@@ -59,8 +59,9 @@ def _read(task, data_cfg):
                "error": item.error, "split": item.split}
 
 
-def _clean(element, opts):
-    """The local path's _process_batch for one record; counts stages as Beam counters."""
+def _clean(element, opts, two_pass: frozenset):
+    """The cleaning stages of one record; counts stages as Beam counters. Records of a source
+    in `two_pass` (repeated-line removal) carry their line hashes to be counted."""
     name, kind = element["name"], element["kind"]
     _counter(f"{name}/read").inc()
     if element["error"]:
@@ -72,24 +73,69 @@ def _clean(element, opts):
     if element["split"]:  # generated clean, split fixed by the source
         yield dict(element, stored=records_lib.encode(record, kind), ekey=None, hv=None)
         return
-    cleaned, changed, reason = clean.clean_record(record, kind, opts,
-                                                  clean.stage_functions(opts, kind))
+    cleaned, changed = clean.transform(record, kind, opts, clean.stage_functions(opts, kind))
     for stage in changed:
         _counter(f"{name}/changed/{stage}").inc()
+    lines = []
+    if element["s"] in two_pass:
+        if records_lib.has_empty_part(cleaned, kind):
+            _counter(f"{name}/empty").inc()
+            return
+        _counter(f"{name}/repeated/docs").inc()
+        lines = clean.line_keys(cleaned["text"])
+    yield dict(element, cleaned=cleaned, lines=lines)
+
+
+def _repeated(entry, docs: dict, fraction: float, names):
+    """((source, line hash), documents) -> the same when the line is repeated (clean.py)."""
+    (s, key), n = entry
+    if clean.repeated_lines({key: n}, docs.get(s, 0), fraction):
+        _counter(f"{names[s]}/repeated/lines").inc()
+        yield (s, key), n
+
+
+class _SourceKeys:
+    """The repeated-line hashes of one source, from the side input of all of them."""
+
+    def __init__(self, repeated, s: int):
+        self.repeated, self.s = repeated, s
+
+    def __bool__(self) -> bool:
+        return bool(self.repeated)
+
+    def __contains__(self, key) -> bool:
+        return (self.s, key) in self.repeated
+
+
+def _finish(element, opts, repeated):
+    """The local path's _finish_batch for one record: one element per kept piece."""
+    if "cleaned" not in element:  # fixed split
+        yield element
+        return
+    name, kind = element["name"], element["kind"]
+    result = prepare.finish_records(kind, opts, [element.pop("cleaned")],
+                                    _SourceKeys(repeated, element["s"]))[0]
+    changed, reason, pieces, split_key, removed = result
+    for stage in changed:
+        _counter(f"{name}/changed/{stage}").inc()
+    if removed:
+        _counter(f"{name}/repeated/removed").inc(len(removed))
     if reason:
         _counter(f"{name}/{reason}").inc()
         return
-    text = records_lib.text_view(cleaned, kind)
-    normalized = dedup.normalize(text)
-    hv = None
-    if normalized and (opts["near"] or opts["decontaminate"]):
-        sig = dedup.signatures([normalized], num_perm=opts["num_perm"], seed=opts["seed"],
-                               ngram=opts["ngram"])[0]
-        hv = np.asarray(sig.hashvalues, np.uint32)
-    ekey = dedup.exact_key(text, normalized)
-    split = ("validation" if dedup.in_validation(ekey, opts["validation_fraction"])
-             else "train")
-    yield dict(element, stored=records_lib.encode(cleaned, kind), ekey=ekey, hv=hv, split=split)
+    if len(pieces) > 1:
+        import apache_beam as beam
+
+        _counter(f"{name}/long/docs").inc()
+        _counter(f"{name}/long/pieces").inc(len(pieces))
+        beam.metrics.Metrics.distribution(_NAMESPACE, f"{name}/long/largest_chars").update(
+            sum(len(p[0]["text"]) for p in pieces))
+    for part, (stored, ekey, sig) in enumerate(pieces):
+        hv = None if sig is None else np.asarray(sig.hashvalues, np.uint32)
+        split = ("validation" if dedup.in_validation(split_key or ekey,
+                                                     opts["validation_fraction"]) else "train")
+        yield dict(element, k=element["k"] + part, stored=stored, ekey=ekey, hv=hv,
+                   split=split, lines=None)
 
 
 def _order(element) -> tuple[int, int]:
@@ -188,13 +234,31 @@ def make_transform(named: dict, data_cfg, opts: dict, fields: tuple[str, ...]):
             tasks += [(s_index, name, kind, source, i, p)
                       for i, p in enumerate(readers.source_files(source))]
 
+    two_pass = frozenset(s_index for s_index, (_, (source, _)) in enumerate(named.items())
+                         if prepare._two_passes(source, sources.record_kind(source), opts))
+    opts = dict(opts, validation_fraction=data_cfg.validation_fraction)
+
     class Prepare(beam.PTransform):
         def expand(self, root):
-            kept = (root
-                    | "files" >> beam.Create(tasks, reshuffle=True)
-                    | "read" >> beam.FlatMap(_read, data_cfg)
-                    | "clean" >> beam.FlatMap(_clean, dict(opts, validation_fraction=(
-                        data_cfg.validation_fraction))))
+            cleaned = (root
+                       | "files" >> beam.Create(tasks, reshuffle=True)
+                       | "read" >> beam.FlatMap(_read, data_cfg)
+                       | "clean" >> beam.FlatMap(_clean, opts, two_pass))
+            # Repeated lines: documents per source, documents per (source, line hash).
+            docs = (cleaned
+                    | "two-pass docs" >> beam.Filter(lambda e: e["s"] in two_pass
+                                                     and "cleaned" in e)
+                    | "docs source" >> beam.Map(lambda e: e["s"])
+                    | "count docs" >> beam.combiners.Count.PerElement())
+            repeated = (cleaned
+                        | "line hashes" >> beam.FlatMap(lambda e: (
+                            (e["s"], k) for k in e.get("lines") or ()))
+                        | "count lines" >> beam.combiners.Count.PerElement()
+                        | "repeated lines" >> beam.FlatMap(
+                            _repeated, beam.pvalue.AsDict(docs),
+                            opts["repeated_line_fraction"], names))
+            kept = cleaned | "finish" >> beam.FlatMap(_finish, opts,
+                                                      beam.pvalue.AsDict(repeated))
             fixed = kept | "fixed split" >> beam.Filter(lambda e: e["ekey"] is None)
             kept = kept | "hashed split" >> beam.Filter(lambda e: e["ekey"] is not None)
             if opts["exact"]:
@@ -237,7 +301,7 @@ def run(named: dict, data_cfg, opts: dict, tmp: str, fields: tuple[str, ...], re
 
     Returns (dataset_dir, tokenizer, its origin); fills report (funnel, splits) and timing.
     """
-    from data_pipelines import prepare, stats as stats_lib
+    from data_pipelines import stats as stats_lib
 
     if (opts["min_tokens"] or opts["max_tokens"]) and not data_cfg.tokenizer:
         raise UserError("config key 'data.clean.min_tokens': with data.runner=beam, token-length "
@@ -250,9 +314,15 @@ def run(named: dict, data_cfg, opts: dict, tmp: str, fields: tuple[str, ...], re
     def on_result(result):
         from apache_beam.metrics.metric import MetricsFilter
 
-        for c in result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))["counters"]:
+        metrics = result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))
+        for c in metrics["counters"]:
             value = c.committed if c.committed is not None else c.attempted
             counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(value or 0)
+        for d in metrics["distributions"]:  # the largest split document, per source
+            value = d.committed if d.committed is not None else d.attempted
+            if value is not None and value.count:
+                counters[d.key.metric.name] = max(counters.get(d.key.metric.name, 0),
+                                                  int(value.max))
 
     start = time.perf_counter()
     try:
@@ -284,6 +354,10 @@ def run(named: dict, data_cfg, opts: dict, tmp: str, fields: tuple[str, ...], re
                 info["changed"][stage[len("changed/"):]] = value
             elif stage.startswith("dup_of/"):
                 info["duplicate_of"][stage[len("dup_of/"):]] = value
+            elif stage.startswith("repeated/"):
+                info["repeated_lines"][stage[len("repeated/"):]] = value
+            elif stage.startswith("long/"):
+                info["long_docs"][stage[len("long/"):]] = value
             else:
                 info["funnel"][stage] = value
 

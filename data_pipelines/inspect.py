@@ -2,8 +2,11 @@
 `python -m data_pipelines.inspect --config=configs/sft_chat.py --n=3 [--split=validation]`.
 
 Examples are prepared and encoded exactly as training does (same source, tokenizer, chat
-template, loss mask and long-conversation policy). Tokens the loss learns from are green in a
-terminal and wrapped in [[...]] otherwise; the rest is shown plain. Each example ends with its
+template, loss mask and long-conversation policy). A source that needs preparing is prepared
+into data.cache_dir, else `--workdir`'s data/ folder, else a per-user cache
+($XDG_CACHE_HOME/t5x_like/inspect, ~/.cache/... by default) where reruns find it: never into
+the current folder, which is not this command's to fill. Tokens the loss learns from are green
+in a terminal and wrapped in [[...]] otherwise; the rest is shown plain. Each example ends with its
 token count, learned-token count, and whether it is longer than model.max_len (training would
 cut it into pieces).
 """
@@ -30,6 +33,22 @@ def show(tokenizer, tokens, weights, color: bool) -> str:
     return "".join(out)
 
 
+def default_workdir() -> str:
+    """A per-user cache folder (prepared sources are keyed by fingerprint, so reruns reuse
+    them); the system's temporary folder when there is no writable home."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "t5x_like", "inspect")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"t5x_like-inspect-{os.getuid()}")
+
+
 def main(argv):
     del argv
     from data_pipelines import tokenizer as tokenizer_lib
@@ -38,7 +57,7 @@ def main(argv):
     f = flags.FLAGS
     cfg = f.config
     config_lib.validate(cfg)
-    workdir = os.path.abspath(f.workdir)
+    workdir = os.path.abspath(f.workdir or default_workdir())
     if cfg.init_from:
         from t5x_like import checkpoints
 
@@ -73,7 +92,7 @@ if __name__ == "__main__":  # flags are defined only when run as a program (modu
     config_flags.DEFINE_config_file("config", None, "Job config file (configs/*.py).")
     flags.DEFINE_integer("n", 3, "Examples to print.")
     flags.DEFINE_enum("split", "train", ["train", "validation"], "Which split.")
-    flags.DEFINE_string("workdir", "runs/inspect", "Where the source is prepared (its data/ "
-                        "folder), unless data.cache_dir is set.")
+    flags.DEFINE_string("workdir", "", "Where the source is prepared (its data/ folder), "
+                        "unless data.cache_dir is set; default: a per-user cache folder.")
     flags.DEFINE_enum("color", "auto", ["auto", "always", "never"], "Green loss tokens.")
     cli.run(main)

@@ -10,7 +10,9 @@ processed in name order). For each record, in order:
     readers.py   stream and normalize to the text / chat / preference schema (records.py);
                  a bad record stops the run naming file and line, or is skipped and counted
                  (data.on_bad_record)
-    clean.py     cleaning stages and quality filters (data.clean.*)
+    clean.py     cleaning stages; text sources: lines repeated across many documents out
+                 (a first pass counts them), quality filters, over-long documents split
+                 (data.clean.*)
     dedup.py     exact and MinHash near-duplicates across all sources; the split (train or
                  validation, data.validation_fraction) comes from a hash of the normalized
                  text, and no train record nearly duplicates a validation one (data.dedup.*)
@@ -30,7 +32,11 @@ Training reads it with `--config.data.source=prepared:<out>`; pretraining mixes 
 sources by weight (grain), and `data.mixture="a=0.7,b=0.3"` overrides the weights. Training on
 any other source prepares it the same way into `data.cache_dir`, keyed by a fingerprint of the
 input files and settings, so reruns reuse it. The folder is written under a temporary name and
-renamed when complete: an interrupted preparation leaves nothing behind.
+renamed when complete. `--out` must be new, empty, or an earlier output of the same recipe
+(check_out); nothing else is ever deleted. SIGTERM / Ctrl-C remove the temporary folder
+(stop_on_signals), and one left by a killed process is removed by the next preparation of the
+same folder (remove_stale). report.md and the log warn about split documents, removed repeated
+lines, and a document holding a large share of a source's tokens.
 
 `data.num_workers` processes clean and hash records in parallel (order and output unchanged);
 `data.runner=beam` runs the same stages as an Apache Beam pipeline inside the TFDS builder
@@ -39,7 +45,10 @@ renamed when complete: an interrupted preparation leaves nothing behind.
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -47,8 +56,14 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import socket
+import sys
+import threading
 import time
 from typing import Iterator
+
+from absl import logging
 
 # tfds_builder (TFDS) is imported where used: worker processes import this module for
 # _process_batch and should not pay seconds of TFDS import each.
@@ -56,14 +71,15 @@ from data_pipelines import clean, dedup, readers, sources, synthetic
 from data_pipelines import records as records_lib
 from data_pipelines import stats as stats_lib
 from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like import errors
 from t5x_like.errors import UserError
 
 FORMAT_VERSION = 2
 TEXT_FIELD = "text"
 SPLITS = ("train", "validation")
 # Stages that drop records, in order (the report's funnel columns).
-STAGE_ORDER = ("bad", "empty", "chosen_is_rejected", "min_chars", "max_chars", "dup_lines",
-               "dup_ngrams", "exact", "near", "contaminated", "min_tokens", "max_tokens")
+STAGE_ORDER = ("bad", "empty", "repeated_lines", "chosen_is_rejected", "min_chars", "max_chars",
+               "dup_lines", "dup_ngrams", "exact", "near", "contaminated", "min_tokens", "max_tokens")
 NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -179,8 +195,21 @@ def options(data_cfg) -> dict:
             "max_dup_line_fraction": c.max_dup_line_fraction,
             "max_dup_ngram_fraction": c.max_dup_ngram_fraction, "dup_ngram": c.dup_ngram,
             "min_tokens": c.min_tokens, "max_tokens": c.max_tokens,
+            # .get: a config.json written before these keys existed reads as the defaults.
+            "repeated_line_fraction": c.get("repeated_line_fraction", 0.3),
+            "max_doc_chars": c.get("max_doc_chars", 100_000),
             "exact": d.exact, "near": d.near, "decontaminate": d.decontaminate,
             "threshold": d.threshold, "num_perm": d.num_perm, "ngram": d.ngram, "seed": d.seed}
+
+
+def _check_options(opts: dict) -> None:
+    """The keys t5x_like.config.validate does not know about."""
+    if not 0.0 < opts["repeated_line_fraction"] <= 1.0:
+        raise UserError(f"config key 'data.clean.repeated_line_fraction': is "
+                        f"{opts['repeated_line_fraction']}; it must be in (0, 1] (1 = off).")
+    if opts["max_doc_chars"] < 0:
+        raise UserError(f"config key 'data.clean.max_doc_chars': is {opts['max_doc_chars']}; "
+                        "it must be >= 0 (0 = no limit).")
 
 
 def _special_tokens(data_cfg) -> list[str]:
@@ -250,7 +279,13 @@ def write(source: sources.Source, data_cfg, out: str) -> dict:
 
 def write_sources(named: dict[str, tuple[sources.Source, float]], data_cfg, out: str,
                   description: str = "") -> dict:
-    """Builds the prepared folder `out` from named sources, atomically; returns the report."""
+    """Builds the prepared folder `out` from named sources, atomically; returns the report.
+
+    `out` may be new, an empty folder, or an earlier output of the same recipe (which is
+    replaced); anything else is refused (check_out). The work happens in `<out>.tmp<pid>-<host>`
+    beside it, renamed into place when complete; temporary folders that killed preparations
+    left there are removed first (remove_stale).
+    """
     for name, (source, _) in named.items():
         if not NAME_RE.fullmatch(name):
             raise UserError(f"config key 'data.sources.{name}': source names must be lower-case "
@@ -258,19 +293,175 @@ def write_sources(named: dict[str, tuple[sources.Source, float]], data_cfg, out:
         if source.kind == "prepared":
             raise UserError(f"config key 'data.sources.{name}.source': {source.spec} is already "
                             "prepared; point training at it instead.")
-    tmp = f"{out}.tmp{os.getpid()}"
+    _check_options(options(data_cfg))
+    out = os.path.realpath(out)
+    recipe = fingerprint(named, data_cfg)
+    check_out(out, recipe)
+    remove_stale(out)
+    tmp = f"{out}.tmp{os.getpid()}-{_host()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
-        report = _build(named, data_cfg, tmp, description)
+        os.makedirs(tmp)
+    except OSError as e:
+        raise _EnvironmentFailure(f"cannot create {tmp} ({e.strerror}); choose a --out folder "
+                                  "in a writable place.") from None
+    old = ""
+    try:
+        try:
+            report = _build(named, data_cfg, tmp, description)
+        except OSError as e:
+            ours = str(e.filename or "").startswith(tmp) or e.errno in (errno.ENOSPC,
+                                                                          errno.EDQUOT)
+            if e.errno not in _ENVIRONMENT_ERRNOS or not ours:
+                raise
+            raise _EnvironmentFailure(
+                f"cannot write {e.filename or tmp} ({e.strerror}); free some space or choose a "
+                "--out folder in a writable place.") from None
         shutil.rmtree(os.path.join(tmp, "tfds", "downloads"), ignore_errors=True)
         shutil.rmtree(os.path.join(tmp, "spool"), ignore_errors=True)
-        if os.path.exists(out):  # a previous or concurrent preparation: replace it
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if check_out(out, recipe) == "same":  # set aside, then removed once the new one is in
+            old = f"{out}.old{os.getpid()}-{_host()}"
+            os.rename(out, old)
+        try:
+            os.replace(tmp, out)  # also over an empty folder
+        except OSError:
+            if old:
+                os.rename(old, out)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    for line in report.get("warnings", []):
+        logging.warning("%s", line)
     return report
+
+
+# Writing failures that are the machine's, not the recipe's: one sentence, exit status 1.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+_EnvironmentFailure = getattr(errors, "EnvironmentFailure", UserError)
+
+
+# What a preparation writes into its folder; a folder holding anything else is not its output.
+OWN_ENTRIES = frozenset({"prepare.json", "tokenizer.model", "tokenizer.vocab", "tfds",
+                         "report.md", "report.json", "plots"})
+
+
+def check_out(out: str, recipe: str) -> str:
+    """Whether a preparation may write the folder `out`: "new" (absent), "empty" (an empty
+    folder) or "same" (an earlier output of the same recipe: same fingerprint, only prepare's
+    own files). Anything else is refused with a UserError, never deleted.
+
+    An earlier output of another recipe is refused too, although it is prepare's own: runs
+    trained on `prepared:<out>` read it in place, and another recipe (tokenizer, splits)
+    under the same path would silently change what they resume and evaluate on.
+    """
+    if not os.path.lexists(out):
+        return "new"
+    if not os.path.isdir(out):
+        raise UserError(f"{out} is a file, not a folder; choose a new or empty folder for the "
+                        "prepared data.")
+    if out == os.path.realpath(os.getcwd()):
+        raise UserError(f"{out} is the current folder; choose a new or empty folder for the "
+                        f"prepared data, e.g. {os.path.join(out, 'data', 'prepared')}.")
+    entries = set(os.listdir(out))
+    if not entries:
+        return "empty"
+    meta = {}
+    if "prepare.json" in entries:
+        try:
+            with open(os.path.join(out, "prepare.json"), encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = {}
+    if not isinstance(meta, dict) or "fingerprint" not in meta or not entries <= OWN_ENTRIES:
+        raise UserError(f"{out} already exists and is not empty (nor a folder that "
+                        "data_pipelines.prepare wrote); choose a new or empty folder: prepare "
+                        "never deletes what it did not write.")
+    if meta["fingerprint"] != recipe:
+        raise UserError(f"{out} holds data prepared by another recipe, or from input files "
+                        "that changed since; choose a new folder, or delete this one first if "
+                        "nothing trains on it.")
+    return "same"
+
+
+@functools.cache
+def _host() -> str:
+    """This machine in temporary names: a preparation running on another machine that shares
+    the folder is never taken for a dead one here."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_stale(out: str) -> list[str]:
+    """Removes `<out>.tmp<pid>[-<host>]` and `<out>.old<pid>-<host>` folders beside `out` that
+    a preparation killed on this machine left (its pid is not running); returns their paths.
+    Folders of a running process, of another machine, or of any other name are left alone.
+    """
+    parent, base = os.path.split(out)
+    pattern = re.compile(re.escape(base) + r"\.(?:tmp|old)(\d+)(?:-(.+))?")
+    removed = []
+    try:
+        names = os.listdir(parent or ".")
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        path = os.path.join(parent, name)
+        if (not m or (m.group(2) or _host()) != _host() or int(m.group(1)) == os.getpid()
+                or _pid_alive(int(m.group(1))) or not os.path.isdir(path)
+                or os.path.islink(path)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        logging.info("Removed %d temporary folder(s) of interrupted preparations: %s",
+                     len(removed), ", ".join(removed))
+    return removed
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT during a preparation (a BaseException, like KeyboardInterrupt, so no
+    `except Exception` on the way turns it into something else)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT raise Interrupted inside the block, so the `finally` clauses of the
+    preparation remove its temporary folder; later signals are ignored until the block exits,
+    so that cleanup finishes. Only in the main thread (where Python delivers signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGTERM, signal.SIGINT)
+
+    def handler(signum, frame):
+        del frame
+        for s in signums:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def load(folder: str, mixture: str = "") -> Prepared:
@@ -321,37 +512,108 @@ def parse_mixture(spec: str, datasets: dict, folder: str) -> dict[str, float]:
 
 
 def _process_batch(kind: str, opts: dict, batch: list) -> list:
-    """Worker side: clean, filter, hash and sign a batch of (key, record, error, split).
+    """Worker side, one pass: clean, filter, split, hash and sign a batch of (key, record,
+    error, split).
 
-    Returns per record (changed stages, drop reason, stored record, exact key, signature,
-    input bytes). Records with a fixed split (synthetic) are generated clean: passed through.
+    Returns per record (changed stages, drop reason, pieces [(stored record, exact key,
+    signature)], split key, removed lines, input bytes); see _finish_batch. Records with a
+    fixed split (synthetic) are generated clean: passed through.
     """
     stages = clean.stage_functions(opts, kind)
-    out, texts = [], []
+    out, todo = [], []
     for key, record, error, split in batch:
         if error:
-            out.append(([], "bad", None, None, None, 0))
+            out.append(([], "bad", [], None, [], 0))
             continue
         size = len(records_lib.text_view(record, kind).encode("utf-8"))
         if split:
-            out.append(([], "", records_lib.encode(record, kind), None, None, size))
+            out.append(([], "", [(records_lib.encode(record, kind), None, None)], None, [], size))
             continue
-        cleaned, changed, reason = clean.clean_record(record, kind, opts, stages)
+        cleaned, changed = clean.transform(record, kind, opts, stages)
+        out.append((changed, None, cleaned, None, [], size))
+        todo.append(len(out) - 1)
+    finished = _finish_batch(kind, opts, [out[i][2] for i in todo], "")
+    for i, (changed, reason, pieces, split_key, removed) in zip(todo, finished):
+        out[i] = (out[i][0] + changed, reason, pieces, split_key, removed, out[i][5])
+    return out
+
+
+def _clean_batch(kind: str, opts: dict, batch: list) -> list:
+    """Worker side, first of two passes (text sources, repeated-line removal on): the cleaning
+    stages. Per record of (key, record, error, split): (changed stages, drop reason, cleaned
+    record, hashes of its lines, input bytes)."""
+    stages = clean.stage_functions(opts, kind)
+    out = []
+    for _, record, error, _ in batch:
+        if error:
+            out.append(([], "bad", None, [], 0))
+            continue
+        size = len(records_lib.text_view(record, kind).encode("utf-8"))
+        cleaned, changed = clean.transform(record, kind, opts, stages)
+        if records_lib.has_empty_part(cleaned, kind):
+            out.append((changed, "empty", None, [], size))
+            continue
+        out.append((changed, "", cleaned, clean.line_keys(cleaned["text"]), size))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _load_keys(path: str) -> frozenset:
+    import numpy as np
+
+    return frozenset(int(k) for k in np.load(path)) if path else frozenset()
+
+
+def _finish_batch(kind: str, opts: dict, batch: list, repeated_path: str) -> list:
+    """Worker side: repeated lines out (the hashes saved at repeated_path), filters, over-long
+    documents split, exact keys and signatures of cleaned records.
+
+    Per record: (changed stages, drop reason, pieces [(stored record, exact key, signature)],
+    split key (the whole document's exact key when it was split, so its pieces share a split),
+    removed lines [(hash, line)]).
+    """
+    return finish_records(kind, opts, batch,
+                          _load_keys(repeated_path) if kind == "text" else frozenset())
+
+
+def finish_records(kind: str, opts: dict, batch: list, repeated) -> list:
+    """_finish_batch with the repeated-line hashes given (any container: the Beam path's come
+    as a side input)."""
+    out, texts = [], []
+    for record in batch:
+        changed, removed = [], []
+        if repeated and kind == "text":
+            text, removed = clean.remove_lines(record["text"], repeated)
+            if removed:
+                changed.append("repeated_lines")
+                record = {"text": clean.normalize_whitespace(text) if opts["whitespace"] else text}
+                if not record["text"].strip():
+                    out.append((changed, "repeated_lines", [], None, removed))
+                    continue
+        reason = clean.judge(record, kind, opts)
         if reason:
-            out.append((changed, reason, None, None, None, size))
+            out.append((changed, reason, [], None, removed))
             continue
-        text = records_lib.text_view(cleaned, kind)
-        normalized = dedup.normalize(text)
-        out.append((changed, "", records_lib.encode(cleaned, kind),
-                    dedup.exact_key(text, normalized), None, size))
-        if normalized:
-            texts.append((len(out) - 1, normalized))
+        text = records_lib.text_view(record, kind)
+        parts = clean.split_long(text, opts["max_doc_chars"]) if kind == "text" else [text]
+        split_key = None
+        if len(parts) > 1:
+            changed.append("split_long")
+            split_key = dedup.exact_key(text)
+        pieces = []
+        for part in parts:
+            normalized = dedup.normalize(part)
+            stored = records_lib.encode({"text": part} if len(parts) > 1 else record, kind)
+            pieces.append((stored, dedup.exact_key(part, normalized), None))
+            if normalized:
+                texts.append((len(out), len(pieces) - 1, normalized))
+        out.append((changed, "", pieces, split_key, removed))
     if texts and (opts["near"] or opts["decontaminate"]):
-        sigs = dedup.signatures([t for _, t in texts], num_perm=opts["num_perm"],
+        sigs = dedup.signatures([t for _, _, t in texts], num_perm=opts["num_perm"],
                                 seed=opts["seed"], ngram=opts["ngram"])
-        for (i, _), sig in zip(texts, sigs):
-            changed, reason, stored, ekey, _, size = out[i]
-            out[i] = (changed, reason, stored, ekey, sig, size)
+        for (i, j, _), sig in zip(texts, sigs):
+            stored, ekey, _ = out[i][2][j]
+            out[i][2][j] = (stored, ekey, sig)
     return out
 
 
@@ -365,7 +627,17 @@ class _Workers:
         if n:
             # spawn, not fork: this may run inside a JAX process (training), which must not fork.
             self.pool = concurrent.futures.ProcessPoolExecutor(
-                n, mp_context=multiprocessing.get_context("spawn"))
+                n, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+            if threading.current_thread() is threading.main_thread():
+                # Start every worker now (a submit spawns one while none is idle) with SIGINT
+                # ignored, which they inherit: a Ctrl-C while one still imports then prints no
+                # traceback of it. The parent ignores SIGINT only for these few milliseconds.
+                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                try:
+                    for _ in range(n):
+                        self.pool.submit(int)
+                finally:
+                    signal.signal(signal.SIGINT, previous)
 
     def map(self, fn, args_iter: Iterator) -> Iterator:
         if not self.pool:
@@ -385,6 +657,26 @@ class _Workers:
             self.pool.shutdown(cancel_futures=True)
 
 
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the preparation and cleans up;
+    # workers without this would each print a KeyboardInterrupt traceback. (Not SIGTERM: the
+    # executor stops the workers of a broken pool with it.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _mapped(workers: "_Workers", fn, items: Iterator, args) -> Iterator[tuple]:
+    """(item, result) for every item, `fn(*args(batch))` returning one result per item."""
+    in_flight: collections.deque = collections.deque()
+
+    def work():
+        for batch in _batches(items):
+            in_flight.append(batch)
+            yield args(batch)
+
+    for results in workers.map(fn, work()):
+        yield from zip(in_flight.popleft(), results)
+
+
 def _batches(item_iter, size: int = 256):
     while True:
         batch = list(itertools.islice(item_iter, size))
@@ -395,6 +687,17 @@ def _batches(item_iter, size: int = 256):
 
 def _spool_path(spool: str, name: str, split: str) -> str:
     return os.path.join(spool, f"{name}-{split}.jsonl")
+
+
+class _Cleaned(collections.namedtuple("_Cleaned", "key where record")):
+    """A record between the two passes (readers.Item's fields that _take reads)."""
+
+    error, split = "", ""
+
+
+def _two_passes(source: sources.Source, kind: str, opts: dict) -> bool:
+    """Repeated-line removal needs every document's lines counted before any is finished."""
+    return kind == "text" and source.kind != "synthetic" and opts["repeated_line_fraction"] < 1
 
 
 def _run_local(named: dict, data_cfg, opts: dict, spool: str, report: dict) -> None:
@@ -408,61 +711,135 @@ def _run_local(named: dict, data_cfg, opts: dict, spool: str, report: dict) -> N
         for s_index, (name, (source, _)) in enumerate(named.items()):
             kind = sources.record_kind(source)
             info = report["sources"][name]
-            funnel, changed, dup_of = info["funnel"], info["changed"], info["duplicate_of"]
             read_counts: dict = {}
             stream = readers.items(source, data_cfg, read_counts)
             files = {split: open(_spool_path(spool, name, split), "w", encoding="utf-8")
                      for split in SPLITS}
-            in_flight: collections.deque = collections.deque()
 
-            def work(stream=stream, kind=kind, in_flight=in_flight):
-                for batch in _batches(stream):
-                    in_flight.append(batch)
-                    yield kind, opts, [(it.key, it.record, it.error, it.split) for it in batch]
+            def take(item, result, s_index=s_index, info=info, files=files):
+                changed, reason, pieces, split_key, removed = result
+                _count(info, changed, reason, removed)
+                if reason:
+                    if reason == "bad" and len(info["bad_examples"]) < 5:
+                        info["bad_examples"].append(f"{item.where}: {item.error}")
+                    return
+                if len(pieces) > 1:
+                    _count_split(info, item.where, pieces)
+                _take(item, pieces, split_key, s_index, names, deduper, data_cfg, info, files)
 
             try:
-                for results in workers.map(_process_batch, work()):
-                    for item, result in zip(in_flight.popleft(), results):
-                        _take(item, result, s_index, names, deduper, data_cfg, funnel, changed,
-                              dup_of, info, files)
+                if _two_passes(source, kind, opts):
+                    repeated_path = _first_pass(workers, stream, kind, opts, spool, name, info,
+                                                take)
+                    cleaned = _spooled_cleaned(spool, name, kind)
+                    for item, result in _mapped(workers, _finish_batch, cleaned, lambda b: (
+                            kind, opts, [it.record for it in b], repeated_path)):
+                        take(item, result)
+                    os.remove(_spool_path(spool, name, "cleaned"))
+                else:
+                    for item, result in _mapped(workers, _process_batch, stream, lambda b: (
+                            kind, opts, [(it.key, it.record, it.error, it.split) for it in b])):
+                        _count_input(info, result[5])
+                        take(item, result[:5])
             finally:
                 for f in files.values():
                     f.close()
-            if read_counts.get("utf8_repaired"):
-                changed["utf8_repaired"] = read_counts["utf8_repaired"]
+            for key in ("utf8_repaired", "from_utf16_32"):  # lines, counted by the readers
+                if read_counts.get(key):
+                    info["changed"][key] = read_counts[key]
         if deduper.decontaminate:
             _decontaminate(named, deduper, spool, report)
     finally:
         workers.close()
 
 
-def _take(item, result, s_index, names, deduper, data_cfg, funnel, changed, dup_of, info,
-          files):
-    """Main-process side of one record: count it, dedup it, pick its split, spool it."""
-    stages, reason, stored, ekey, sig, size = result
-    funnel["read"] += 1
+def _count_input(info: dict, size: int) -> None:
+    info["funnel"]["read"] += 1
     info["input_bytes"] += size
-    for stage in stages:
-        changed[stage] = changed.get(stage, 0) + 1
+
+
+def _count(info: dict, changed: list[str], reason: str, removed: list) -> None:
+    for stage in changed:
+        info["changed"][stage] = info["changed"].get(stage, 0) + 1
     if reason:
-        funnel[reason] = funnel.get(reason, 0) + 1
-        if reason == "bad" and len(info["bad_examples"]) < 5:
-            info["bad_examples"].append(f"{item.where}: {item.error}")
-        return
-    if item.split:
-        split = item.split
-    else:
-        split = "validation" if dedup.in_validation(ekey, data_cfg.validation_fraction) else "train"
-        verdict, other = deduper.offer((s_index, item.key), s_index, ekey, sig,
-                                       split == "validation")
-        if verdict:
-            funnel[verdict] = funnel.get(verdict, 0) + 1
-            dup_of[names[other]] = dup_of.get(names[other], 0) + 1
-            return
-    line = {"k": item.key, "r": stored}
-    if deduper.decontaminate and split == "train" and sig is not None:
-        line["s"] = sig.hashvalues.tolist()
-    files[split].write(json.dumps(line, ensure_ascii=False) + "\n")
+        info["funnel"][reason] = info["funnel"].get(reason, 0) + 1
+    if removed:
+        rep = info["repeated_lines"]
+        rep["removed"] += len(removed)
+        for key, line in removed:
+            rep["examples"].setdefault(key, line)
+
+
+def _count_split(info: dict, where: str, pieces: list) -> None:
+    long_docs = info["long_docs"]
+    chars = sum(len(records_lib.text_view(records_lib.decode(p[0], "text"), "text"))
+                for p in pieces)
+    long_docs["docs"] += 1
+    long_docs["pieces"] += len(pieces)
+    if chars > long_docs["largest_chars"]:
+        long_docs["largest_chars"], long_docs["largest"] = chars, where
+
+
+def _first_pass(workers, stream, kind: str, opts: dict, spool: str, name: str, info: dict,
+                take) -> str:
+    """Cleans a text source into spool/<name>-cleaned.jsonl, counting in how many documents
+    each line occurs; saves the hashes of the repeated ones and returns that file's path.
+    Memory: one counter entry per distinct line of the source (about 100 bytes each); the
+    Beam path counts with a combiner instead."""
+    counts: collections.Counter = collections.Counter()
+    docs = 0
+    with open(_spool_path(spool, name, "cleaned"), "w", encoding="utf-8") as f:
+        for item, (changed, reason, cleaned, keys, size) in _mapped(
+                workers, _clean_batch, stream,
+                lambda b: (kind, opts, [(it.key, it.record, it.error, it.split) for it in b])):
+            _count_input(info, size)
+            if reason:
+                take(item, (changed, reason, [], None, []))
+                continue
+            _count(info, changed, "", [])
+            counts.update(keys)
+            docs += 1
+            f.write(json.dumps({"k": item.key, "w": item.where, "r": cleaned["text"]},
+                               ensure_ascii=False) + "\n")
+    import numpy as np
+
+    repeated = clean.repeated_lines(counts, docs, opts["repeated_line_fraction"])
+    info["repeated_lines"].update(lines=len(repeated), docs=docs, counts={
+        k: counts[k] for k in sorted(repeated, key=lambda k: (-counts[k], k))[:5]})
+    path = os.path.join(spool, f"{name}-repeated.npy")
+    np.save(path, np.asarray(sorted(repeated), np.uint64))
+    _load_keys.cache_clear()  # in-process: an earlier preparation may have used this path
+    return path
+
+
+def _spooled_cleaned(spool: str, name: str, kind: str) -> Iterator[_Cleaned]:
+    with open(_spool_path(spool, name, "cleaned"), encoding="utf-8") as f:
+        for line in f:
+            entry = json.loads(line)
+            yield _Cleaned(entry["k"], entry["w"], {"text": entry["r"]})
+
+
+def _take(item, pieces, split_key, s_index, names, deduper, data_cfg, info, files):
+    """Main-process side of one kept record (or its pieces): dedup, split, spool."""
+    funnel, dup_of = info["funnel"], info["duplicate_of"]
+    for part, (stored, ekey, sig) in enumerate(pieces):
+        key = item.key + part  # pieces of a text record: its key's free part byte
+        if item.split:
+            split = item.split
+        else:
+            split = ("validation" if dedup.in_validation(split_key or ekey,
+                                                         data_cfg.validation_fraction)
+                     else "train")
+            verdict, other = deduper.offer((s_index, key), s_index, ekey, sig,
+                                           split == "validation")
+            if verdict:
+                funnel[verdict] = funnel.get(verdict, 0) + 1
+                dup_of[names[other]] = dup_of.get(names[other], 0) + 1
+                continue
+        line = {"k": key, "r": stored, "w": item.where}
+        if deduper.decontaminate and split == "train" and sig is not None:
+            line["s"] = sig.hashvalues.tolist()
+        files[split].write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def _decontaminate(named: dict, deduper, spool: str, report: dict) -> None:
@@ -488,15 +865,16 @@ def _decontaminate(named: dict, deduper, spool: str, report: dict) -> None:
         os.replace(path + ".new", path)
 
 
-def _spooled(spool: str, name: str, split: str) -> Iterator[tuple[int, dict]]:
+def _spooled(spool: str, name: str, split: str) -> Iterator[tuple[int, dict, str]]:
+    """(key, stored record, where it was read) of each spooled record."""
     with open(_spool_path(spool, name, split), encoding="utf-8") as f:
         for line in f:
             entry = json.loads(line)
-            yield entry["k"], entry["r"]
+            yield entry["k"], entry["r"], entry.get("w", "")
 
 
 def _spooled_texts(spool: str, name: str, kind: str) -> Iterator[str]:
-    for _, stored in _spooled(spool, name, "train"):
+    for _, stored, _ in _spooled(spool, name, "train"):
         yield records_lib.text_view(records_lib.decode(stored, kind), kind)
 
 
@@ -538,18 +916,19 @@ class _Writer:
     def records(self, name: str, kind: str, split: str, entries: Iterator[tuple[int, dict]]):
         info = self.report["sources"][name]
         for batch in _batches(entries):
-            recs = [records_lib.decode(stored, kind) for _, stored in batch]
+            recs = [records_lib.decode(stored, kind) for _, stored, _ in batch]
             start = time.perf_counter()
             encoded = _encode(self.tok, recs, kind)
             self.timing["tokenize_s"] += time.perf_counter() - start
-            for (key, stored), rec, (ids, parts) in zip(batch, recs, encoded):
+            for (key, stored, where), rec, (ids, parts) in zip(batch, recs, encoded):
                 n, lo, hi = len(ids), self.opts["min_tokens"], self.opts["max_tokens"]
                 reason = "min_tokens" if lo and n < lo else "max_tokens" if hi and n > hi else ""
                 if reason:
                     info["funnel"][reason] = info["funnel"].get(reason, 0) + 1
                     continue
                 info["splits"][split] = info["splits"].get(split, 0) + 1
-                self.stats.add(name, split, rec, ids, parts)
+                # The pieces of one input record share its key but for the part byte.
+                self.stats.add(name, split, rec, ids, parts, doc=key >> 8, where=where)
                 yield key, {f: stored.get(f, "") for f in self.fields}
 
 
@@ -578,7 +957,11 @@ def _new_report(named: dict, data_cfg, opts: dict, description: str) -> dict:
         "sources": {name: {"source": source.spec, "kind": sources.record_kind(source),
                            "weight": weight, "funnel": {"read": 0}, "changed": {},
                            "duplicate_of": {}, "bad_examples": [], "input_bytes": 0,
-                           "splits": {}}
+                           "splits": {},
+                           "repeated_lines": {"lines": 0, "docs": 0, "removed": 0,
+                                              "examples": {}, "counts": {}},
+                           "long_docs": {"docs": 0, "pieces": 0, "largest_chars": 0,
+                                         "largest": ""}}
                     for name, (source, weight) in named.items()},
     }
 
@@ -639,6 +1022,11 @@ def _build(named: dict, data_cfg, tmp: str, description: str) -> dict:
         "total_mb_per_s": round(mb / max(total_s, 1e-9), 3)}
     summary = stats.summary()
     report["stats"] = summary
+    for info in report["sources"].values():
+        rep = info["repeated_lines"]
+        examples, counts = rep.pop("examples", {}), rep.pop("counts", {})
+        rep["top"] = [{"line": examples.get(k, ""), "docs": n} for k, n in counts.items()]
+    report["warnings"] = _warnings(report, summary)
     report["tokenizer"] = {
         "type": data_cfg.tokenizer_type, "vocab_size": tok.vocab_size, "origin": origin,
         "character_coverage": data_cfg.character_coverage,
@@ -661,6 +1049,50 @@ def _build(named: dict, data_cfg, tmp: str, description: str) -> dict:
     if data_cfg.report:
         stats_lib.write(tmp, report, stats)
     return report
+
+
+# A document holding this share of a source's train tokens, and more than LOUD_DOC_FAIR times
+# its fair share (1 / documents), gets a warning: one file or dump dominating a source.
+LOUD_DOC_SHARE = 0.05
+LOUD_DOC_FAIR = 10
+
+
+def _warnings(report: dict, summary: dict) -> list[str]:
+    """Sentences for what changed or skews the data beyond the usual: printed as warnings and
+    listed first in report.md."""
+    opts, out = report["options"], []
+    for name, info in report["sources"].items():
+        long_docs, rep = info["long_docs"], info["repeated_lines"]
+        if long_docs["docs"]:
+            longest = (f" (the longest: {long_docs['largest_chars']:,} characters"
+                       + (f", {long_docs['largest']}" if long_docs.get("largest") else "") + ")"
+                       if long_docs.get("largest_chars") else "")
+            out.append(
+                f"source {name}: {long_docs['docs']:,} document(s) longer than "
+                f"data.clean.max_doc_chars={opts['max_doc_chars']:,} characters were split into "
+                f"{long_docs['pieces']:,} pieces{longest}; set data.clean.max_chars to drop "
+                "such documents instead.")
+        if rep["removed"]:
+            top = rep["top"][0] if rep["top"] else None
+            emptied = info["funnel"].get("repeated_lines", 0)
+            out.append(
+                f"source {name}: removed {rep['removed']:,} occurrences of {rep['lines']:,} "
+                f"line(s) found in more than {opts['repeated_line_fraction']:.0%} of its "
+                f"{rep['docs']:,} documents (data.clean.repeated_line_fraction)"
+                + (f", e.g. {top['line'][:80]!r} in {top['docs']:,}" if top else "")
+                + (f"; {emptied:,} documents held nothing else and were dropped" if emptied
+                   else "") + ".")
+        largest = summary.get(name, {}).get("train", {}).get("largest_document")
+        docs = summary.get(name, {}).get("train", {}).get("documents", 0)
+        if largest and largest["share"] >= LOUD_DOC_SHARE and largest["share"] * docs > (
+                LOUD_DOC_FAIR):
+            pieces = f", {largest['records']} pieces" if largest["records"] > 1 else ""
+            out.append(
+                f"source {name}: one document ({largest['where'] or 'a record'}{pieces}) holds "
+                f"{largest['share']:.1%} of its train tokens ({largest['tokens']:,} tokens; "
+                f"{docs:,} train documents in all); check it, or drop such documents with "
+                "data.clean.max_chars.")
+    return out
 
 
 def _special_pieces(tok, data_cfg) -> list[str]:
@@ -784,9 +1216,18 @@ def main(argv):
     cfg = flags.FLAGS.config
     config_lib.validate(cfg)
     config_file = getattr(flags.FLAGS["config"], "config_filename", "")
-    report = write_sources(named_sources(cfg.data), cfg.data, out,
-                           description=f"Prepared by `python -m data_pipelines.prepare "
-                                       f"--config={config_file}`.")
+    try:
+        with stop_on_signals():
+            report = write_sources(named_sources(cfg.data), cfg.data, out,
+                                   description=f"Prepared by `python -m data_pipelines.prepare "
+                                               f"--config={config_file}`.")
+    except Interrupted as e:
+        # 128 + the signal: what a shell or scheduler expects of a job that a signal stopped
+        # (the work is not done, so not 0; nor 1, which reads as a crash).
+        logging.flush()
+        print(f"error: interrupted by {signal.Signals(e.signum).name}; {out} was not written "
+              "and the partial preparation was removed.", file=sys.stderr)
+        sys.exit(128 + e.signum)
     prepared = load(out)
     t = report["throughput"]
     print(json.dumps({

@@ -119,13 +119,14 @@ def json_values(path: str, utf8: str = "strict", counts: dict | None = None):
     decoded incrementally and a syntax error in it raises (nothing after it can be trusted).
     """
     opener = gzip.open if path.endswith(".gz") else open
+    encoding = sources.detect_encoding(path)
     try:
         with opener(path, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            head = f.read(4096).decode(encoding, errors="ignore").lstrip("\ufeff \t\r\n")
     except (OSError, EOFError) as e:
         raise UserError(f"{path}, line 1: cannot read ({e}); is the file complete?") from None
-    if head.startswith(b"["):
-        yield from _json_array(path, utf8, counts)
+    if head.startswith("["):
+        yield from _json_array(path, utf8, counts, encoding)
         return
     for lineno, line in sources.iter_lines(path, utf8, counts):
         if isinstance(line, UserError):
@@ -140,12 +141,15 @@ def json_values(path: str, utf8: str = "strict", counts: dict | None = None):
                                     f"{e.colno})")
 
 
-def _json_array(path: str, utf8: str, counts: dict | None):
+def _json_array(path: str, utf8: str, counts: dict | None, encoding: str = "utf-8"):
     opener = gzip.open if path.endswith(".gz") else open
-    errors = "t5x_like_cp1252" if utf8 == "repair" else "strict"
+    wide = encoding not in ("utf-8", "utf-8-sig")
+    errors = "t5x_like_cp1252" if utf8 == "repair" and not wide else "strict"
     decoder = json.JSONDecoder()
     with opener(path, "rb") as f:
-        text_decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=errors)
+        # utf-8-sig, utf-16 and utf-32 drop the byte-order mark themselves.
+        text_decoder = codecs.getincrementaldecoder(encoding if wide else "utf-8-sig")(
+            errors=errors)
         buf, pos, line, eof = "", 0, 1, False
 
         def fill():
@@ -154,9 +158,10 @@ def _json_array(path: str, utf8: str, counts: dict | None):
                 chunk = f.read(_CHUNK)
                 text = text_decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}, line {line + buf.count(chr(10), pos)}: not valid UTF-8 "
-                                f"near byte {e.start}; re-encode the file as UTF-8 (or set "
-                                "data.clean.repair_utf8=True).") from None
+                raise UserError(f"{path}, line {line + buf.count(chr(10), pos)}: not valid "
+                                f"{encoding.upper() if wide else 'UTF-8'} near byte {e.start}; "
+                                "re-encode the file as UTF-8" + ("." if wide else " (or set "
+                                "data.clean.repair_utf8=True).")) from None
             except (OSError, EOFError) as e:
                 raise UserError(f"{path}, line {line}: cannot read ({e}); is the file "
                                 "complete?") from None

@@ -22,6 +22,7 @@ import codecs
 import dataclasses
 import glob
 import gzip
+import io
 import json
 import os
 import re
@@ -117,19 +118,52 @@ def _cp1252_bytes(error: UnicodeDecodeError):
 codecs.register_error("t5x_like_cp1252", _cp1252_bytes)
 
 
+# Byte-order marks, longest first (UTF-32 LE's starts with UTF-16 LE's).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def detect_encoding(path: str) -> str:
+    """The codec of a text file: "utf-8", or the one its byte-order mark names ("utf-8-sig",
+    "utf-16", "utf-32"). Zero bytes without a mark (UTF-16/32 without one, or not text at all)
+    are refused: read as UTF-8 they would become text of NULs, or mojibake such as "ÿþ"."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4096)
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}, line 1: cannot read ({e}); is the file complete?") from None
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    if b"\x00" in head:
+        raise UserError(f"{path}: has zero bytes but no byte-order mark (UTF-16 or UTF-32 without "
+                        "one, or not a text file); re-encode it as UTF-8.")
+    return "utf-8"
+
+
 def iter_lines(path: str, utf8: str = "strict", counts: dict | None = None
                ) -> Iterator[tuple[int, "str | UserError"]]:
     """(line number, line without its newline) of a text or .gz file.
 
+    UTF-8, with or without a byte-order mark; UTF-16 and UTF-32 files with one are decoded as
+    such (lines counted in counts["from_utf16_32"]), and a decoding error in them stops.
     utf8: what a line that is not valid UTF-8 does. "strict": stops with a UserError naming
     file, line and byte; "repair": its bad bytes are read as Windows-1252 (counted in
     counts["utf8_repaired"]); "mark": the line comes back as the UserError, for the caller to
     skip and count.
     """
+    encoding = detect_encoding(path)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        yield from _iter_wide_lines(path, encoding, counts)
+        return
     opener = gzip.open if path.endswith(".gz") else open
     lineno = 0
     try:
         with opener(path, "rb") as f:
+            if encoding == "utf-8-sig":
+                f.read(len(codecs.BOM_UTF8))
             for lineno, raw in enumerate(f, start=1):
                 try:
                     line = raw.decode("utf-8")
@@ -148,6 +182,26 @@ def iter_lines(path: str, utf8: str = "strict", counts: dict | None = None
                         raise error from None
                 yield lineno, line.rstrip("\r\n")
     except (OSError, EOFError) as e:  # unreadable, truncated or corrupt .gz
+        raise UserError(f"{path}, line {lineno + 1}: cannot read ({e}); is the file complete?"
+                        ) from None
+
+
+def _iter_wide_lines(path: str, encoding: str, counts: dict | None):
+    opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding=encoding,
+                                                         newline=None) as f:
+            for lineno, line in enumerate(f, start=1):
+                if counts is not None:
+                    counts["from_utf16_32"] = counts.get("from_utf16_32", 0) + 1
+                yield lineno, line.rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        # (decoded a chunk at a time: the bad bytes are at or after this line)
+        raise UserError(f"{path}, line {lineno + 1} or after: not valid {encoding.upper()} "
+                        f"({e.reason}) although its byte-order mark says so; re-encode the file "
+                        "as UTF-8.") from None
+    except (OSError, EOFError) as e:
         raise UserError(f"{path}, line {lineno + 1}: cannot read ({e}); is the file complete?"
                         ) from None
 

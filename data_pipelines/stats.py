@@ -37,9 +37,22 @@ class Stats:
         self.lengths: dict[tuple, dict[str, list]] = {}
         self.token_counts = {name: np.zeros(vocab_size, np.int64) for name in kinds}
         self.roles = {name: {} for name in kinds}
+        # (name, split) -> [current doc, its tokens, its records, its where, documents,
+        #                   largest doc's tokens, its records, its where]
+        self.docs: dict[tuple, list] = {}
 
-    def add(self, name: str, split: str, record: dict, ids: list[int], parts: dict[str, int]):
+    def add(self, name: str, split: str, record: dict, ids: list[int], parts: dict[str, int],
+            doc=None, where: str = ""):
+        """doc: the input document the record comes from (consecutive records of one document,
+        the pieces of a split one, count together in the largest-document figure)."""
         kind = self.kinds[name]
+        d = self.docs.setdefault((name, split), [None, 0, 0, "", 0, 0, 0, ""])
+        if doc is None or doc != d[0]:
+            d[:5] = [doc, 0, 0, where, d[4] + 1]
+        d[1] += len(ids)
+        d[2] += 1
+        if d[1] > d[5]:
+            d[5:] = d[1], d[2], d[3]
         text = records_lib.text_view(record, kind)
         cols = self.lengths.setdefault((name, split), {})
         cols.setdefault("chars", []).append(len(text))
@@ -70,6 +83,12 @@ class Stats:
                 entry[col] = {"total": int(v.sum()), "mean": round(float(v.mean()), 2),
                               **{f"p{p}": int(np.percentile(v, p)) for p in PERCENTILES},
                               "max": int(v.max())}
+            d = self.docs.get((name, split))
+            if d:  # the input document giving most tokens (several records when it was split)
+                entry["documents"] = d[4]
+                entry["largest_document"] = {
+                    "tokens": d[5], "records": d[6], "where": d[7],
+                    "share": round(d[5] / max(int(np.sum(cols["tokens"])), 1), 4)}
             if "chosen_chars" in cols:
                 c, r = np.asarray(cols["chosen_tokens"]), np.asarray(cols["rejected_tokens"])
                 entry["chosen_longer_share"] = round(float(np.mean(c > r)), 4)
@@ -126,6 +145,8 @@ def markdown(report: dict) -> str:
     names = list(src)
     all_tokens = max(1, sum(stats.get(m, {}).get("train_tokens", 0) for m in names))
     md = [f"# Data preparation report\n\n{report.get('description', '')}\n"]
+    if report.get("warnings"):
+        md.append("## Warnings\n\n" + "".join(f"- **{w}**\n" for w in report["warnings"]))
     md.append("## Sources\n\nSources are processed in name order; on a duplicate, the earlier "
               "source's record is the one kept.\n")
     md.append(_table(
@@ -139,7 +160,9 @@ def markdown(report: dict) -> str:
 
     stages = [s for s in report["stage_order"] if any(src[n]["funnel"].get(s) for n in names)]
     md.append("## What each stage removed\n\n`read` counts input records; each later column "
-              "counts the records that stage dropped; `kept` is what was written (both splits).\n")
+              "counts the records that stage dropped; `kept` is what was written (both splits; "
+              "a document split for data.clean.max_doc_chars counts once per piece; "
+              "`repeated_lines`: documents that held only lines repeated across the source).\n")
     md.append(_table(["source", "read", *stages, "kept"],
                      [[n, src[n]["funnel"].get("read", 0), *[src[n]["funnel"].get(s, 0)
                                                              for s in stages],

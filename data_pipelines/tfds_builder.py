@@ -33,6 +33,15 @@ class Records(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._description = description
         super().__init__(file_format="array_record", **kwargs)
 
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
+    # to stdout for every build: there is nothing to download here, and prepare's stdout is
+    # its JSON summary. Errors still raise as usual.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         features = tfds.features.FeaturesDict({f: tfds.features.Text() for f in self._fields})
         return tfds.core.DatasetInfo(builder=self, description=self._description,

@@ -160,11 +160,29 @@ def export_stage(cfg, name, st, workdir, record) -> None:
     cmd = [sys.executable, "-m", "t5x_like.export", f"--workdir={os.path.join(workdir, st.run)}",
            f"--out={out}"] + _args(cfg, st)
     record["command"] = cmd
-    if os.path.exists(out):  # an export interrupted before lifecycle.json recorded it
-        import shutil
-        shutil.rmtree(out)
+    remove_export(out)  # an export that finished before lifecycle.json recorded it
     _run(cmd, os.path.join(workdir, f"{name}.log"))
     record["run"] = out
+
+
+# What `t5x_like.export` writes into a model directory (export.py; base.json: PEFT adapters).
+EXPORT_ENTRIES = frozenset({"config.json", "tokenizer.model", "checkpoints", "base.json"})
+
+
+def remove_export(out: str) -> None:
+    """Removes `out` if it is a model directory that export wrote (or an empty folder), so the
+    stage can export again; anything else there is the user's, and stops with a UserError."""
+    if not os.path.lexists(out):
+        return
+    entries = set(os.listdir(out)) if os.path.isdir(out) and not os.path.islink(out) else None
+    if entries is not None and (not entries or (
+            "config.json" in entries and entries <= EXPORT_ENTRIES)):
+        import shutil
+        shutil.rmtree(out)
+        return
+    raise UserError(f"{out} already exists and is not a model directory that t5x_like.export "
+                    "wrote; move it away or choose another lifecycle workdir (it is never "
+                    "deleted).")
 
 
 def _free_port() -> int:

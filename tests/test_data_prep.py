@@ -348,9 +348,18 @@ def _mixed_sources(tmp_path):
         {"chosen": f"\n\nHuman: {doc(400 + i, 10)}\n\nAssistant: {doc(500 + i, 30)}",
          "rejected": f"\n\nHuman: {doc(400 + i, 10)}\n\nAssistant: {doc(600 + i, 12)}"}
         for i in range(30)] + ['{"chosen": "broken', {"chosen": "\n\nHuman: a", "rejected": "b"}])
+    # Web pages sharing a navigation line, and one page too long (split at max_doc_chars),
+    # in UTF-16: weight 0, prepared but outside the text mixture the tests below check.
+    web = tmp_path / "web.jsonl"
+    web.write_bytes(b"\xff\xfe" + "".join(
+        json.dumps({"text": f"Home | About | Contact\n{doc(700 + i, 30)}\n{doc(800 + i, 30)}"})
+        + "\n" for i in range(12)).encode("utf-16-le") + (json.dumps(
+            {"text": " ".join(doc(900 + i, 40) for i in range(30))}) + "\n").encode("utf-16-le"))
     cfg = data_cfg(aa=(f"jsonl:{a}:text", 0.7), bb=(f"jsonl:{b}:text", 0.3),
-                   chat=(f"alpaca:{alpaca}", 1.0), pairs=(f"preference:{hh}", 1.0))
+                   chat=(f"alpaca:{alpaca}", 1.0), pairs=(f"preference:{hh}", 1.0),
+                   web=(f"jsonl:{web}:text", 0.0))
     cfg.on_bad_record = "skip"
+    cfg.clean.max_doc_chars = 3000
     return cfg
 
 
@@ -386,6 +395,13 @@ def test_beam_path_on_direct_runner_keeps_the_same_records(tmp_path):
         assert beam["sources"][name]["funnel"] == local["sources"][name]["funnel"], name
         assert beam["sources"][name]["duplicate_of"] == local["sources"][name]["duplicate_of"]
     assert local["sources"]["pairs"]["funnel"]["bad"] == 2
+    # Repeated lines and split documents: the same counts on both paths.
+    for key in ("repeated_lines", "long_docs"):
+        for field in ("lines", "removed", "docs", "pieces", "largest_chars"):
+            assert beam["sources"]["web"][key].get(field) == local["sources"]["web"][key].get(
+                field), (key, field)
+    assert local["sources"]["web"]["repeated_lines"]["removed"] == 12
+    assert local["sources"]["web"]["long_docs"]["docs"] == 1
     assert open(tmp_path / "beam" / "tokenizer.model", "rb").read() == open(
         tmp_path / "local" / "tokenizer.model", "rb").read()
 
@@ -432,7 +448,7 @@ def test_report_counts_lengths_roles_skew_and_plots(tmp_path):
         report["plots"])
     meta = json.load(open(out / "prepare.json"))
     assert {n: d["kind"] for n, d in meta["datasets"].items()} == {
-        "aa": "text", "bb": "text", "chat": "chat", "pairs": "preference"}
+        "aa": "text", "bb": "text", "chat": "chat", "pairs": "preference", "web": "text"}
 
 
 def test_text_mixture_is_mixed_by_weight_and_seed(tmp_path):
@@ -549,7 +565,7 @@ def test_prepare_command_writes_folder_and_report(tmp_path):
          "--config.data.dedup.threshold=0.9"], cwd=ROOT, capture_output=True, text=True,
         timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    printed = json.loads(result.stdout[result.stdout.index("{"):])
+    printed = json.loads(result.stdout)  # nothing else on stdout (TFDS prints nothing)
     assert printed["sources"]["docs"]["splits"]["train"] + printed["sources"]["docs"]["splits"][
         "validation"] == 60
     assert json.load(open(tmp_path / "out" / "report.json"))["options"]["threshold"] == 0.9
