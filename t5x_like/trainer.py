@@ -27,7 +27,9 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from data_pipelines import chat_data, pipeline, prepare
+# pipeline (grain) and prepare (TFDS, cleaning) are imported where the data is read: the train
+# step alone (benchmarks/accelerator_check.py on the GPU image, which has neither) needs them not.
+from data_pipelines import chat_data
 from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like import batches as batches_lib
 from t5x_like import checkpoints, config as config_lib, flops, losses, model
@@ -173,7 +175,7 @@ def init_state(cfg, spec: StateSpec) -> dict:
 
 def compile_steps(cfg, spec: StateSpec, mesh):
     """The jitted train and eval steps with explicit shardings (pjit style); state donated."""
-    batch_sharding = {k: partitioning.batch_sharding(mesh) for k in pipeline.FEATURES}
+    batch_sharding = partitioning.batch_sharding(mesh)  # every feature of the batch dict
     replicated = partitioning.replicated(mesh)
     train_step = make_train_step(spec.graphdef, spec.tx, spec.schedule, seed=cfg.seed,
                                  z_loss=cfg.optimizer.z_loss,
@@ -193,8 +195,11 @@ def compile_steps(cfg, spec: StateSpec, mesh):
 # Data.
 
 
-def prepare_data(cfg, workdir: str) -> prepare.Prepared:
-    """Prepares the data source on process 0 while the others wait, then all open it."""
+def prepare_data(cfg, workdir: str):
+    """Prepares the data source on process 0 while the others wait, then all open it
+    (a prepare.Prepared)."""
+    from data_pipelines import prepare
+
     cache_dir = cfg.data.cache_dir or os.path.join(workdir, "data")
     if jax.process_index() == 0:
         os.makedirs(cache_dir, exist_ok=True)
@@ -217,6 +222,8 @@ def example_encoder(cfg, tokenizer, text_field: str, counts: collections.Counter
     if cfg.task == "sft":
         return chat_data.encoder(tokenizer, loss_on=cfg.data.loss_on, max_len=cfg.model.max_len,
                                  on_long=cfg.data.on_long, counts=counts)
+    from data_pipelines import pipeline
+
     return pipeline.text_encoder(tokenizer, text_field)
 
 
@@ -269,6 +276,8 @@ def _all_done(done: bool) -> bool:
 def evaluate(eval_step, params, batches: Iterator[dict], *, max_steps: int, local_batch: int,
              max_len: int, mesh, token_bytes) -> dict[str, float]:
     """Sums the eval statistics over the split (or max_steps batches) -> loss, ppl, bpb, acc."""
+    from data_pipelines import pipeline
+
     template = {k: np.zeros((local_batch, max_len), np.float32 if k == "weights" else np.int32)
                 for k in pipeline.FEATURES}
     totals: dict[str, float] = {}
@@ -383,6 +392,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
 
     The result also has "preempted": True when SIGTERM stopped the run early (after saving).
     """
+    from data_pipelines import pipeline
+
     init_dir, init_step = checkpoints.locate(cfg.init_from) if cfg.init_from else (None, None)
     if init_dir:
         cfg = _inherit_tokenizer(cfg, init_dir)
