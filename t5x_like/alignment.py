@@ -100,6 +100,15 @@ def _pair_evaluator(cfg, eval_jit, reference, eval_source, encode, local_batch, 
     return evaluate
 
 
+def check_config(cfg, mesh) -> None:
+    """What task=reward/dpo/rl need of the config and mesh (the trainer asks before the data)."""
+    if cfg.optimizer.grad_accum_steps != 1:
+        raise UserError(f"config key 'optimizer.grad_accum_steps': task={cfg.task} takes whole "
+                        "batches only; set it to 1 and lower data.batch_size instead.")
+    if cfg.task == "rl":
+        _check_rl(cfg, mesh)
+
+
 def _check_rl(cfg, mesh) -> None:
     if jax.process_count() > 1:
         raise UserError("task=rl samples on one process (the decoder's host loop); run it with "
@@ -115,13 +124,10 @@ def _check_rl(cfg, mesh) -> None:
 
 
 def train_and_evaluate(cfg, workdir: str, *, prepared, tokenizer, mesh, init_dir: str,
-                       init_step) -> dict[str, float]:
-    """Runs task=reward / dpo / rl (see the module docstring); the trainer's result format."""
-    if cfg.optimizer.grad_accum_steps != 1:
-        raise UserError(f"config key 'optimizer.grad_accum_steps': task={cfg.task} takes whole "
-                        "batches only; set it to 1 and lower data.batch_size instead.")
-    if cfg.task == "rl":
-        _check_rl(cfg, mesh)
+                       init_step, resume_data: bool = True) -> dict[str, float]:
+    """Runs task=reward / dpo / rl (see the module docstring); the trainer's result format.
+    `resume_data` False: a resumed run starts its data order afresh (trainer's resume check)."""
+    check_config(cfg, mesh)
     kind = trainer.TASK_KINDS[cfg.task]
     train_source = prepared.data_source(cfg.data.train_split, kind=kind)
     eval_source = prepared.data_source(cfg.data.eval_split, kind=kind)
@@ -134,6 +140,7 @@ def train_and_evaluate(cfg, workdir: str, *, prepared, tokenizer, mesh, init_dir
     else:
         encode = preference_data.pair_encoder(tokenizer, max_len=cfg.model.max_len, counts=counts)
         make_dataset = preference_data.pair_dataset
+    encode = trainer.counting(encode, counts)  # the trainer warns when many are cut or dropped
     train_batches = batches_lib.ShardedBatches(
         lambda shard: iter(make_dataset(
             train_source, encode, batch_size=cfg.data.batch_size // num_shards, seed=cfg.seed,
@@ -161,7 +168,8 @@ def train_and_evaluate(cfg, workdir: str, *, prepared, tokenizer, mesh, init_dir
                 base = peft.run_base(spec.adapt, workdir, init_dir, init_step,
                                      spec.base_shardings)
                 logging.info(peft.summary(spec.adapt))
-            state = ckpt.restore_newest_valid(spec.abstract, batches=train_batches)
+            state = ckpt.restore_newest_valid(spec.abstract,
+                                              batches=train_batches if resume_data else None)
             if state is not None:
                 logging.info("Resuming from step %d", int(jax.device_get(state["step"])))
             elif cfg.task == "reward" and base is None:

@@ -118,8 +118,12 @@ def main(argv):
     from t5x_like import runs
     from t5x_like.errors import UserError
 
+    from t5x_like import cli
+
     del argv
     f = flags.FLAGS
+    cli.check_sampling_flags(temperature=f.temperature, top_p=f.top_p, top_k=f.top_k,
+                             max_new_tokens=f.max_new_tokens)
     run_ = runs.load(f.workdir, step=f.step)
     decoder = decoding.Decoder.from_run(run_, max_batch=1)
     if f.max_new_tokens >= decoder.max_len:

@@ -59,6 +59,9 @@ RESUME_FREE_KEYS = (
     "data.runner", "data.beam_options", "data.report",
     "data.tokenizer",  # a path: the workdir's tokenizer.model is compared by content instead
     "mesh", "distributed", "checkpoint", "eval")
+# Keys whose change (allowed by name) makes the checkpoint's data position meaningless: the
+# resumed run starts its data order afresh (a new pass over the data, in the new batches).
+DATA_ORDER_KEYS = ("seed", "model.max_len", "data")
 # Compared whole: a source added or removed is one change of data.sources.
 _LEAF_SECTIONS = ("data.sources",)
 
@@ -273,10 +276,11 @@ def _covers(keys, key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in keys)
 
 
-def check_resume(saved, cfg, allow_changes=()) -> None:
+def check_resume(saved, cfg, allow_changes=()) -> list[str]:
     """Raises UserError when `cfg` (before resolve) changes what a resumed run continues: first
     the parameter-defining model keys, then any key outside RESUME_FREE_KEYS and
-    `allow_changes` whose value differs from the run's `saved` config.json."""
+    `allow_changes` whose value differs from the run's `saved` config.json. Returns the keys
+    changed by permission (`allow_changes`)."""
     model = to_dict(cfg.model)
     # What resolve() derives: compared after the data is prepared, when it is known.
     model["head_dim"] = head_dim(cfg.model)
@@ -287,7 +291,9 @@ def check_resume(saved, cfg, allow_changes=()) -> None:
     old, new = flatten(saved), flatten(cfg)
     new.update({f"model.{k}": v for k, v in flatten(model).items()})
     changed = [k for k in sorted(new) if k in old and old[k] != new[k]
-               and not _covers(RESUME_FREE_KEYS, k) and not _covers(allow_changes, k)]
+               and not _covers(RESUME_FREE_KEYS, k)]
+    allowed = [k for k in changed if _covers(allow_changes, k)]
+    changed = [k for k in changed if k not in allowed]
     if changed:
         key = changed[0]
         also = f" (also changed: {', '.join(changed[1:])})" if changed[1:] else ""
@@ -295,6 +301,11 @@ def check_resume(saved, cfg, allow_changes=()) -> None:
             f"config key '{key}' is {new[key]!r} but this workdir's checkpoints were trained with "
             f"{old[key]!r} (its config.json){also}; use a new --workdir, or pass "
             f"--allow_config_change={','.join(changed)} to resume with the change.")
+    return allowed
+
+
+def changes_data_order(keys) -> bool:
+    return any(_covers(DATA_ORDER_KEYS, k) for k in keys)
 
 
 def _validate_data_prep(d) -> None:

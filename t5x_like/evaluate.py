@@ -207,6 +207,7 @@ if __name__ == "__main__":  # flags are defined only when run as a program (modu
         config_flags.DEFINE_config_file("config", None, "Evaluation suite (configs/eval/*.py).")
         flags.DEFINE_string("workdir", None, "Run directory to evaluate.", required=True)
         flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+        flags.DEFINE_alias("step", "checkpoint")  # as sample, chat, serve and export call it
     elif command == "compare":
         flags.DEFINE_string("prompts", None, ".jsonl of {\"prompt\": text or messages}, or a "
                             "text file with one prompt per line.", required=True)

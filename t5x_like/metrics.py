@@ -27,6 +27,17 @@ def _clean(value):
     return value if math.isfinite(value) else str(value)  # JSON has no NaN/Infinity
 
 
+def format_value(value) -> str:
+    """A number as the log shows it: counts as integers (tokens=16903), others to 4 significant
+    digits (loss=2.346, learning_rate=0.0003), large ones whole (tokens_per_sec=16903)."""
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+
+
 class MetricWriter:
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
@@ -52,7 +63,7 @@ class MetricWriter:
             f.write(json.dumps(record) + "\n")
         for key, value in metrics.items():
             self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
-        shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+        shown = " ".join(f"{k}={format_value(v)}" for k, v in metrics.items())
         logging.info("[%s] step %d: %s", split, step, shown)
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +211,11 @@ def prepare_data(cfg, workdir: str):
     return prepared
 
 
+# warn_lost: more than this share of the encoded examples dropped or truncated is a warning,
+# once at least LOST_WARN_MIN examples were encoded (a rate over a handful means little).
+LOST_WARN_FRACTION = 0.05
+LOST_WARN_MIN = 100
+
 # The record kind each task trains on (data_pipelines/records.py).
 TASK_KINDS = {"pretrain": "text", "sft": "chat", "reward": "preference", "dpo": "preference",
               "rl": "chat"}
@@ -220,11 +225,21 @@ def example_encoder(cfg, tokenizer, text_field: str, counts: collections.Counter
     """record -> {"tokens", "weights"} for the task: plain text, or a chat rendered by the one
     chat template with its loss mask (data_pipelines/chat_data.py)."""
     if cfg.task == "sft":
-        return chat_data.encoder(tokenizer, loss_on=cfg.data.loss_on, max_len=cfg.model.max_len,
-                                 on_long=cfg.data.on_long, counts=counts)
+        return counting(chat_data.encoder(tokenizer, loss_on=cfg.data.loss_on,
+                                          max_len=cfg.model.max_len, on_long=cfg.data.on_long,
+                                          counts=counts), counts)
     from data_pipelines import pipeline
 
     return pipeline.text_encoder(tokenizer, text_field)
+
+
+def counting(encode: Callable, counts: collections.Counter) -> Callable:
+    """`encode` that also counts its calls in counts["encoded"]: what the "dropped" and
+    "truncated" counts it keeps are shares of (_Loop.warn_lost)."""
+    def counted(record):
+        counts["encoded"] += 1
+        return encode(record)
+    return counted
 
 
 def check_learnable(source, encode, split: str, probe: int = 100) -> None:
@@ -300,12 +315,51 @@ def evaluate(eval_step, params, batches: Iterator[dict], *, max_steps: int, loca
 # The run.
 
 
-def _install_tokenizer(src: str, workdir: str) -> str:
-    """Copies the tokenizer into the workdir, where sample/evaluate/serve and init_from find it."""
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds a checkpoint step (a run to resume, not just a failed start)."""
+    directory = checkpoints.checkpoint_dir(workdir)
+    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def _vocab_before_data(cfg, mesh) -> int:
+    """The tokenizer's vocabulary size as far as it is known before the data is prepared: the
+    given tokenizer's (init_from always gives one), else a stand-in that every mesh axis
+    divides, so the vocabulary's shardings are checked only once the real size is known."""
+    if cfg.data.tokenizer:
+        return tokenizer_lib.Tokenizer(cfg.data.tokenizer).vocab_size
+    bounds = [b for b in (cfg.model.vocab_size, cfg.model.unpadded_vocab_size) if b]
+    if bounds:  # set by the user: resolve() keeps it, so any size up to it will do
+        return min(bounds)
+    multiple = cfg.model.vocab_multiple * mesh.size
+    return -(-cfg.data.vocab_size // multiple) * multiple
+
+
+def _check_before_data(cfg, mesh, init_dir: str | None, resuming: bool) -> None:
+    """The model against the mesh (each parameter's sharding), the task's own limits and the
+    init_from model, before the data is prepared."""
+    early = config_lib.resolve(cfg, _vocab_before_data(cfg, mesh))
+    if cfg.task in ("reward", "dpo", "rl"):
+        from t5x_like import alignment
+
+        alignment.check_config(early, mesh)
+    with jax.set_mesh(mesh), partitioning.axis_rules(
+            partitioning.rules_with_overrides(cfg.mesh.rules)):
+        state_spec(early, mesh)  # a UserError names a parameter the mesh does not divide
+    if init_dir and not resuming:
+        _check_init_model(early, init_dir)
+
+
+def _install_tokenizer(src: str, workdir: str, resuming: bool = True) -> str:
+    """Copies the tokenizer into the workdir, where sample/evaluate/serve and init_from find it.
+    A different one there refuses a resumed run; one left by a start that never reached its
+    first checkpoint is replaced."""
     dst = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(dst) and not filecmp.cmp(src, dst, shallow=False):
-        raise UserError(f"{dst} differs from the data's tokenizer {src}: the data changed since "
-                        "this run started; use a new --workdir.")
+        if resuming:
+            raise UserError(f"{dst} differs from the data's tokenizer {src}: the data changed "
+                            "since this run started; use a new --workdir.")
+        if jax.process_index() == 0:
+            os.remove(dst)  # ours, from a start that failed before its first checkpoint
     if jax.process_index() == 0 and not os.path.exists(dst):
         shutil.copyfile(src, dst + ".tmp")
         os.replace(dst + ".tmp", dst)
@@ -326,13 +380,21 @@ def _inherit_tokenizer(cfg, init_dir: str):
     return cfg
 
 
-def _inherit_model(cfg, init_dir: str):
-    """model_from_init: the parameter-defining model keys come from the init_from source."""
-    source = config_lib.to_dict(config_lib.load_json(os.path.join(init_dir, "config.json")).model)
+def _inherit_model(cfg, init_dir: str, overrides: Collection[str] = ()):
+    """model_from_init: the parameter-defining model keys come from the init_from source; one
+    the user set explicitly (`overrides`) to another value is an error naming both."""
+    where = os.path.join(init_dir, "config.json")
+    source = config_lib.to_dict(config_lib.load_json(where).model)
     cfg = cfg.copy_and_resolve_references()
     for key, value in sorted(source.items()):
         if key in config_lib.FREE_MODEL_KEYS or key not in cfg.model:
             continue
+        if cfg.model[key] != value and ("model" in overrides or f"model.{key}" in overrides):
+            raise UserError(
+                f"config key 'model.{key}': {cfg.model[key]!r} was set explicitly, but "
+                f"model_from_init takes the model from init_from, and {where} has {value!r}; "
+                f"drop the override to fine-tune that model as it is, or start from a run "
+                f"(init_from) whose model.{key} is {cfg.model[key]!r}.")
         if cfg.model[key] != value:
             logging.info("model.%s = %r inherited from %s (the recipe had %r)", key, value,
                          init_dir, cfg.model[key])
@@ -387,9 +449,13 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
+def train_and_evaluate(cfg, workdir: str, *, overrides: Collection[str] = (),
+                       allow_changes: Collection[str] = ()) -> dict[str, float]:
     """Trains `cfg` in `workdir` (resuming from its latest checkpoint); returns final eval.
 
+    `overrides`: the config keys the user set explicitly (train's --config.<key>=...): with
+    model_from_init, one that contradicts the init_from model is an error, never replaced.
+    `allow_changes`: keys a resumed run may change besides config.RESUME_FREE_KEYS.
     The result also has "preempted": True when SIGTERM stopped the run early (after saving).
     """
     from data_pipelines import pipeline
@@ -398,34 +464,50 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     if init_dir:
         cfg = _inherit_tokenizer(cfg, init_dir)
         if cfg.model_from_init:
-            cfg = _inherit_model(cfg, init_dir)
+            cfg = _inherit_model(cfg, init_dir, overrides)
     config_lib.validate(cfg)
     workdir = os.path.abspath(workdir)
     peft.check_run(cfg, workdir, init_dir)
     primary = jax.process_index() == 0
     checkpoints.check_writable(workdir)  # one error line, before any data or compile
 
+    # Every check that needs no data runs before the data is prepared (minutes on a corpus) and
+    # before anything is written: a failed start leaves nothing that refuses the corrected one.
+    # A saved config.json binds only a workdir with a checkpoint (the run that is resumed).
+    config_path = os.path.join(workdir, "config.json")
+    resuming = has_checkpoint(workdir)
+    # The checkpoint's data position, unless an allowed change (batch size, data...) voids it.
+    resume_data = True
+    if resuming and os.path.isfile(config_path):
+        allowed = config_lib.check_resume(config_lib.load_json(config_path), cfg, allow_changes)
+        if allowed:
+            resume_data = not config_lib.changes_data_order(allowed)
+            logging.warning("Resuming with %s changed (--allow_config_change)%s.",
+                            ", ".join(allowed), "" if resume_data else
+                            "; the data order starts afresh: the checkpoint's position in the "
+                            "data belongs to the old settings")
+    mesh = partitioning.make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
+    _check_before_data(cfg, mesh, init_dir, resuming)
+    logging.info("Mesh %s over %d devices (%s), %d processes", dict(mesh.shape),
+                 jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
+
     prepared = prepare_data(cfg, workdir)
     tokenizer = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
     cfg = config_lib.resolve(cfg, tokenizer.vocab_size)
-    config_path = os.path.join(workdir, "config.json")
-    if os.path.exists(config_path):
+    if resuming and os.path.isfile(config_path):  # the vocabulary, now known
         config_lib.check_same_model(config_lib.load_json(config_path).model, cfg.model,
                                     "this workdir's checkpoints")
-    _install_tokenizer(prepared.tokenizer_path, workdir)
+    _install_tokenizer(prepared.tokenizer_path, workdir, resuming)
     if primary:
         config_lib.save_json(cfg, config_path)
-
-    mesh = partitioning.make_mesh(cfg.mesh)
-    check_batch(cfg, mesh)
-    logging.info("Mesh %s over %d devices (%s), %d processes", dict(mesh.shape),
-                 jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
 
     if cfg.task in ("reward", "dpo", "rl"):  # preference tuning: the same state, loop, checkpoints
         from t5x_like import alignment
 
         return alignment.train_and_evaluate(cfg, workdir, prepared=prepared, tokenizer=tokenizer,
-                                            mesh=mesh, init_dir=init_dir, init_step=init_step)
+                                            mesh=mesh, init_dir=init_dir, init_step=init_step,
+                                            resume_data=resume_data)
     local_eval_batch = cfg.eval.batch_size // jax.process_count()
     example_counts: collections.Counter = collections.Counter()
     encode = example_encoder(cfg, tokenizer, prepared.text_field, example_counts)
@@ -465,7 +547,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
         writer = MetricWriter(workdir, enabled=primary)
         preemption = Preemption(c.save_on_preemption)
         try:
-            state = ckpt.restore_newest_valid(spec.abstract, batches=train_batches)
+            state = ckpt.restore_newest_valid(spec.abstract,
+                                              batches=train_batches if resume_data else None)
             if state is not None:
                 logging.info("Resuming from step %d", int(jax.device_get(state["step"])))
             elif init_dir:
@@ -495,6 +578,7 @@ class _Loop:
     def __init__(self, cfg, train_step, eval_step, ckpt, writer, mesh, token_bytes,
                  local_eval_batch, eval_batches, preemption, example_counts):
         self.example_counts = example_counts  # SFT: conversations truncated / dropped so far
+        self.warned: set[str] = set()  # warn_lost: the kinds already warned about
         self.cfg, self.train_step, self.eval_step = cfg, train_step, eval_step
         self.ckpt, self.writer, self.mesh = ckpt, writer, mesh
         self.token_bytes, self.local_eval_batch = token_bytes, local_eval_batch
@@ -543,6 +627,30 @@ class _Loop:
             metrics["sft_truncated"] = self.example_counts["truncated"]
             metrics["sft_dropped"] = self.example_counts["dropped"]
         self.writer.write(step, metrics)
+        self.warn_lost(step)
+
+    def warn_lost(self, step: int) -> None:
+        """A WARNING, once per kind, when more than LOST_WARN_FRACTION of the examples encoded
+        so far were dropped or truncated for length: the run is not training on its data."""
+        counts = self.example_counts
+        total = counts["encoded"]
+        if total < LOST_WARN_MIN:
+            return
+        for kind in ("dropped", "truncated"):
+            if kind in self.warned or counts[kind] <= LOST_WARN_FRACTION * total:
+                continue
+            self.warned.add(kind)
+            limit = self.cfg.model.max_len
+            if self.cfg.task == "rl":
+                limit -= self.cfg.rl.max_new_tokens + 1
+            logging.warning(
+                "Step %d: %s of the %s examples encoded so far (%.0f%%) were %s because they are "
+                "longer than the %d tokens they may take (model.max_len%s); raise "
+                "--config.model.max_len%s, or use data with shorter examples.", step,
+                f"{counts[kind]:,}", f"{total:,}", 100 * counts[kind] / total, kind, limit,
+                " - rl.max_new_tokens - 1" if self.cfg.task == "rl" else "",
+                " (data.on_long=split keeps long conversations whole, in pieces)"
+                if self.cfg.task == "sft" and self.cfg.data.on_long != "split" else "")
 
     def check_finite(self, step: int, metrics, skipped_before: int) -> int:
         """Stops the run (optimizer.on_nonfinite=stop) when a step's gradients were not finite,

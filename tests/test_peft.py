@@ -174,8 +174,11 @@ def test_adapters_refuse_a_different_base(runs_dir):
         runs.load(str(root / "lora"), base=str(root / "other"))
     resumed = lora.copy_and_resolve_references()
     resumed.init_from, resumed.steps = str(root / "other"), 6
-    with pytest.raises(UserError, match="is not the base these adapters were trained on"):
+    with pytest.raises(UserError, match="config key 'init_from' is .*other' but this workdir's "
+                       "checkpoints were trained with .*pre'"):
         trainer.train_and_evaluate(resumed, str(root / "lora"))
+    with pytest.raises(UserError, match="is not the base these adapters were trained on"):
+        trainer.train_and_evaluate(resumed, str(root / "lora"), allow_changes=["init_from"])
     # Adapters are not a base themselves, and a plain run's workdir does not take adapters.
     stacked = lora.copy_and_resolve_references()
     stacked.init_from = str(root / "lora")

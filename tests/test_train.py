@@ -74,7 +74,8 @@ def test_sample_cli(trained):
     _, workdir, _ = trained
     result = subprocess.run(
         [sys.executable, "-m", "t5x_like.sample", f"--workdir={workdir}", "--prompt=What is",
-         "--max_new_tokens=5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+         "--max_new_tokens=5", "--step=40"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)  # --step: the old name of --checkpoint
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("What is") and len(result.stdout.strip()) > len("What is")
 
@@ -105,10 +106,104 @@ def test_resume_refuses_a_different_model(trained, tmp_path):
     small = cfg.copy_and_resolve_references()
     small.steps = 2
     small.checkpoint.every_steps = 2
+    small.data.cache_dir = str(trained[1] / "data")  # prepared already, by `trained`
     trainer.train_and_evaluate(small, str(tmp_path))
     small.model.num_layers = 3
     with pytest.raises(UserError, match="model.num_layers: 2 in this workdir's checkpoints, 3 in config"):
         trainer.train_and_evaluate(small, str(tmp_path))
+    small.model.num_layers = 2
+    saved = (tmp_path / "config.json").read_bytes()
+    small.data.batch_size = 8  # another data order: refused, unless asked for by name
+    with pytest.raises(UserError, match=r"^config key 'data.batch_size' is 8 but this workdir's "
+                       r"checkpoints were trained with 16 .*--allow_config_change=data.batch_size"):
+        trainer.train_and_evaluate(small, str(tmp_path))
+    small.data.batch_size = 16
+    small.data.source = "text:README.md"  # named as such, not as a vocab_size mismatch
+    with pytest.raises(UserError, match="^config key 'data.source' is 'text:README.md' but"):
+        trainer.train_and_evaluate(small, str(tmp_path))
+    assert (tmp_path / "config.json").read_bytes() == saved  # a refused config is never saved
+    small.data.source = cfg.data.source
+    small.data.batch_size, small.steps = 8, 3
+    trainer.train_and_evaluate(small, str(tmp_path), allow_changes=["data.batch_size"])
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["batch_size"] == 8
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+
+
+def test_a_failed_start_does_not_bind_the_workdir(trained, tmp_path, monkeypatch):
+    """Mesh and model-size checks come before the data and before anything is written; what an
+    earlier version (or a later failure) left without a checkpoint refuses nothing."""
+    from t5x_like.errors import UserError
+
+    cfg, workdir, _ = trained
+    good = cfg.copy_and_resolve_references()
+    good.data.cache_dir = str(workdir / "data")  # prepared already, by `trained`
+    good.steps = 1
+    good.eval.steps = 1
+    bad = good.copy_and_resolve_references()
+    bad.model.num_layers = 3
+    bad.mesh.update(dict(data=1, tensor=8))  # 2 kv heads over 8 devices
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "prepare_data", lambda *a: pytest.fail("data prepared before checks"))
+        with pytest.raises(UserError, match="which mesh axis tensor of size 8 does not divide"):
+            trainer.train_and_evaluate(bad, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    # Leftovers of a start that failed after preparing the data, before its first checkpoint.
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"num_layers": 3}}))
+    (tmp_path / "tokenizer.model").write_bytes(b"not this run's tokenizer")
+    trainer.train_and_evaluate(good, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["num_layers"] == 2
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
+def test_model_from_init_refuses_a_conflicting_override(trained, tmp_path):
+    from t5x_like.errors import UserError
+
+    cfg, workdir, _ = trained
+    child = cfg.copy_and_resolve_references()
+    child.update(dict(init_from=str(workdir), model_from_init=True))
+    child.model.num_layers = 3  # the source has 2
+    with pytest.raises(UserError) as e:
+        trainer.train_and_evaluate(child, str(tmp_path / "child"),
+                                   overrides={"model.num_layers", "steps"})
+    assert str(e.value).startswith(
+        f"config key 'model.num_layers': 3 was set explicitly, but model_from_init takes the "
+        f"model from init_from, and {workdir}/config.json has 2;")
+    assert not os.path.exists(tmp_path / "child")
+    # Left at the recipe's value, it is inherited (and logged).
+    assert trainer._inherit_model(child, str(workdir)).model.num_layers == 2
+
+
+def test_sft_recipe_with_a_conflicting_model_override_is_refused(trained, tmp_path):
+    _, workdir, _ = trained
+    result = subprocess.run(
+        [sys.executable, "-m", "t5x_like.train", "--config=configs/sft_chat.py",
+         f"--workdir={tmp_path}/sft", f"--config.init_from={workdir}",
+         "--config.model.num_layers=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert ("error: config key 'model.num_layers': 3 was set explicitly, but model_from_init "
+            f"takes the model from init_from, and {workdir}/config.json has 2;") in result.stderr
+    assert not os.path.exists(tmp_path / "sft")
+
+
+def test_dropping_many_examples_warns_once(tiny_cfg, caplog):
+    import collections
+    import logging
+
+    loop = trainer._Loop.__new__(trainer._Loop)
+    tiny_cfg.task = "sft"
+    loop.cfg, loop.warned = tiny_cfg, set()
+    loop.example_counts = collections.Counter(encoded=1000, dropped=40, truncated=10)
+    with caplog.at_level(logging.WARNING):
+        loop.warn_lost(5)  # 4% dropped: below the threshold
+        assert not caplog.records
+        loop.example_counts.update(encoded=100, dropped=60)
+        loop.warn_lost(10)
+        loop.warn_lost(15)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Step 10: 100 of the 1,100 examples encoded so far (9%) were dropped because they are "
+        "longer than the 32 tokens they may take (model.max_len); raise --config.model.max_len "
+        "(data.on_long=split keeps long conversations whole, in pieces), or use data with "
+        "shorter examples."]
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_cfg):
