@@ -62,6 +62,7 @@ pieces import added).
 """
 
 import base64
+import inspect
 import json
 import math
 import os
@@ -79,7 +80,6 @@ import orbax.checkpoint as ocp
 import sentencepiece as spm
 import tqdm
 from absl import flags, logging
-from safetensors import safe_open
 
 from data_pipelines import chat_template
 from data_pipelines import tokenizer as tokenizer_lib
@@ -496,6 +496,50 @@ def _weight_files(hf_dir: str) -> list[str]:
     return files
 
 
+class SafetensorsFile:
+    """One .safetensors file read tensor by tensor with plain reads, not a memory map: the
+    safetensors library maps the file, and every page a tensor was read from then stays in
+    the process's resident memory until the file closes (up to the whole shard)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.f = open(path, "rb")
+        try:
+            (n,) = struct.unpack("<Q", self.f.read(8))
+            self.header = json.loads(self.f.read(n))
+            self.header.pop("__metadata__", None)
+        except (struct.error, ValueError) as e:
+            self.f.close()
+            raise UserError(f"{path} is not a safetensors file ({e}); download it again.") from None
+        self.data_start = 8 + n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.f.close()
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def dtype(self, key: str) -> str:
+        return self.header[key]["dtype"]
+
+    def get_tensor(self, key: str) -> np.ndarray:
+        entry = self.header[key]
+        start, end = entry["data_offsets"]
+        dtype = np.dtype(_DTYPES[entry["dtype"]])
+        shape = tuple(entry["shape"])
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise UserError(f"{self.path}: tensor {key!r} has {end - start} bytes for shape "
+                            f"{shape}; download the file again.")
+        self.f.seek(self.data_start + start)
+        value = np.empty(shape, dtype)
+        if self.f.readinto(memoryview(value.reshape(-1).view(np.uint8))) != end - start:
+            raise UserError(f"{self.path} ends inside tensor {key!r}; download it again.")
+        return value
+
+
 class ParamsWriter:
     """Writes a parameters-only checkpoint `<model_dir>/checkpoints/<step>` one tensor (or one
     layer of a stacked tensor) at a time, so the model never needs to be in memory at once.
@@ -585,20 +629,20 @@ def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool,
     Without `writer`: into preallocated arrays (numpy), returned; embedding rows past
     `hf_vocab` (added pieces and padding) are left zero for the caller. With `writer`: each
     tensor is written to the checkpoint as soon as it is read and dropped (peak memory: one
-    tensor, plus the pages of the shard being read), except the embedding and output head,
-    which are finished first (`new_rows` = (first, last, known) for _init_new_rows); returns {}.
+    tensor, plus the pages of the shard being read); the embedding and output head get their
+    added rows (`new_rows` = (first, last, known), see _init_new_rows) first. Returns {}.
     """
     stream = writer is not None
     params = {} if stream else jax.tree.map(lambda a: np.empty(a.shape, np.float32), abstract)
     for name in ("embed", "lm_head"):
-        if name in abstract:
+        if name in abstract and not stream:
             params[name] = np.zeros(abstract[name].shape, np.float32)  # rows past hf_vocab
     targets = _targets(abstract)
     ignored = {hf_name("lm_head")} if tied else set()  # some tied checkpoints still hold it
     seen: set[str] = set()
     bar = tqdm.tqdm(total=len(targets), desc="import", disable=not sys.stderr.isatty())
     for path in files:
-        with safe_open(path, framework="numpy") as f:
+        with SafetensorsFile(path) as f:
             for key in f.keys():
                 if key in ignored or key.endswith(_IGNORED_SUFFIXES):
                     continue
@@ -607,7 +651,7 @@ def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool,
                                     "config.json does not have; check that the config belongs "
                                     "to these weights.")
                 where, kind, shape = targets[key]
-                dtype = f.get_slice(key).get_dtype()
+                dtype = f.dtype(key)
                 if dtype not in _DTYPES:
                     raise UserError(f"{path}: tensor {key!r} is {dtype}; t5x_like imports "
                                     f"{', '.join(_DTYPES)} weights.")
@@ -616,10 +660,11 @@ def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool,
                 if tuple(value.shape) != want:
                     raise UserError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, but "
                                     f"config.json implies {want}; check that they belong together.")
-                if stream and where[0] not in params:  # one tensor, converted, written, dropped
-                    dst = np.empty(shape, np.float32)
+                if stream:  # one tensor, converted, written, dropped
+                    dst = (np.zeros if kind in ("rows", "cols") else np.empty)(shape, np.float32)
                     _assign(kind, dst, value)
                     del value
+                    _init_rows_of(kind, dst, *new_rows)
                     writer.write(".".join(map(str, where[:2])), dst,
                                  where[2] if len(where) == 3 else None)
                     del dst
@@ -635,9 +680,6 @@ def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool,
         raise UserError(f"tensor {missing[0]!r} (and {len(missing) - 1} more) is missing from "
                         f"{', '.join(files)}; are all shards there and does config.json match?")
     if stream:
-        _init_new_rows(params, *new_rows)
-        for name in list(params):
-            writer.write(name, params.pop(name))
         writer.finish()
     return params
 
@@ -656,11 +698,19 @@ def _assign(kind, dst: np.ndarray, hf: np.ndarray) -> None:
 
 def _init_new_rows(params: dict, first: int, last: int, known: int) -> None:
     """Rows [first, last) (added tokenizer pieces) start as the mean of the rows [0, known)."""
-    if last <= first:
-        return
-    params["embed"][first:last] = params["embed"][:known].mean(axis=0)
+    _init_rows_of("rows", params["embed"], first, last, known)
     if "lm_head" in params:
-        params["lm_head"][:, first:last] = params["lm_head"][:, :known].mean(axis=1, keepdims=True)
+        _init_rows_of("cols", params["lm_head"], first, last, known)
+
+
+def _init_rows_of(kind, ours: np.ndarray, first: int, last: int, known: int) -> None:
+    """_init_new_rows for one tensor: embedding rows ("rows") or output columns ("cols")."""
+    if last <= first or kind not in ("rows", "cols"):
+        return
+    if kind == "rows":
+        ours[first:last] = ours[:known].mean(axis=0)
+    else:
+        ours[:, first:last] = ours[:, :known].mean(axis=1, keepdims=True)
 
 
 class _Staging:
@@ -757,13 +807,14 @@ def model_flags(model_dir: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Export.
 
+_EXPORT_ROWS = 16384  # vocabulary rows per block written (16384 x 4096 float32: 256 MiB)
 _ST_DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", jax.numpy.bfloat16)}
 
 
 def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], Callable]],
                       dtype: str) -> None:
     """Writes (name, shape, make_value) tensors to a .safetensors file, each value made only
-    when it is written (the format: an 8-byte little-endian header length, a JSON header of
+    when it is written, whole or (a generator) in blocks of leading rows (the format: an 8-byte little-endian header length, a JSON header of
     dtypes, shapes and byte offsets, then the raw data)."""
     code, np_dtype = _ST_DTYPES[dtype]
     itemsize = np.dtype(np_dtype).itemsize
@@ -781,9 +832,15 @@ def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], Calla
         f.write(raw)
         for name, shape, make in tqdm.tqdm(tensors, desc="export",
                                            disable=not sys.stderr.isatty()):
-            value = np.ascontiguousarray(make(), dtype=np_dtype)
-            assert value.shape == tuple(shape), (name, value.shape, shape)
-            f.write(memoryview(value.reshape(-1).view(np.uint8)))
+            made = make()
+            parts = made if inspect.isgenerator(made) else [made]  # blocks of leading rows
+            rows = 0
+            for part in parts:
+                value = np.ascontiguousarray(part, dtype=np_dtype)
+                assert value.shape[1:] == tuple(shape)[1:], (name, value.shape, shape)
+                rows += value.shape[0] if value.ndim else 1
+                f.write(memoryview(value.reshape(-1).view(np.uint8)))
+            assert rows == (shape[0] if shape else 1), (name, rows, shape)
 
 
 class CheckpointReader:
@@ -809,8 +866,9 @@ class CheckpointReader:
         self.ocdbt, self.zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
         self._open: dict[str, Any] = {}
 
-    def read(self, name: str, layer: int | None = None) -> np.ndarray:
-        """Parameter `name` ("embed", "layers.wq"), or layer `layer` of a stacked one."""
+    def read(self, name: str, layer=None) -> np.ndarray:
+        """Parameter `name` ("embed", "layers.wq"), or its part `layer` (an index: one layer
+        of a stacked parameter, or a block of rows)."""
         import tensorstore as ts
 
         if name not in self._open:
@@ -827,7 +885,16 @@ def _hf_tensors(read: Callable, m, vocab: int) -> Iterator[tuple[str, tuple[int,
     """(HF name, shape, producer) for every tensor of the export, in HF's usual order;
     read(name, layer=None) gives one of our parameters (CheckpointReader.read)."""
     def top(name, kind):
-        return lambda: to_hf(kind, np.asarray(read(name), np.float32), vocab)
+        if kind not in ("rows", "cols"):
+            return lambda: to_hf(kind, np.asarray(read(name), np.float32), vocab)
+
+        def blocks():  # the vocabulary tensors, largest of all, a block of HF rows at a time
+            for start in range(0, vocab, _EXPORT_ROWS):
+                rows = slice(start, min(vocab, start + _EXPORT_ROWS))
+                part = np.asarray(read(name, rows if kind == "rows" else (slice(None), rows)),
+                                  np.float32)
+                yield part if kind == "rows" else part.T
+        return blocks
 
     def layer(name, i, kind):
         return lambda: to_hf(kind, np.asarray(read(f"layers.{name}", i), np.float32), vocab)
@@ -891,8 +958,8 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
         cfg, tok, at_step = run.cfg, run.tokenizer, run.step
         flat = {".".join(k.key for k in path): leaf
                 for path, leaf in jax.tree_util.tree_leaves_with_path(run.params)}
-        read = lambda name, layer=None: np.asarray(  # noqa: E731
-            flat[name] if layer is None else flat[name][layer])
+        read = lambda name, part=None: np.asarray(  # noqa: E731
+            flat[name] if part is None else flat[name][part])
     else:  # streamed: one tensor (one layer) at a time from the checkpoint
         cfg = config_lib.load_json(os.path.join(workdir, "config.json"))
         tok_path = os.path.join(workdir, "tokenizer.model")

@@ -552,11 +552,13 @@ def test_family_logits_match_transformers_beyond_the_window(family):
 def test_family_kv_cache_decoding_equals_a_full_forward(family):
     from t5x_like import decoding
 
-    _, _, _, run = family
-    tok, n = run.tokenizer, 30  # prompt + 30 tokens: several windows
+    name, _, _, run = family
+    tok, n = run.tokenizer, 20  # prompt + 20 tokens: several windows
     prompts = [[tok.bos_id, *tok.encode(t)] for t in ["What is 12 + 30?", "Pack my"]]
     forward = jax.jit(lambda p, t: model.apply(run.graphdef, p, t))
-    for unstack in (True, False):
+    # Per-layer weights and cache (the CPU default) for all; the scan over stacked layers too
+    # for Gemma 3 (its local/global flags are scanned data there).
+    for unstack in (True, False) if name == "gemma3_untied" else (True,):
         decoder = decoding.Decoder(run.graphdef, run.params, run.cfg.model, tok, max_batch=2,
                                    unstack_layers=unstack)
         got = decoder.generate(prompts, decoding.Sampling(max_new_tokens=n))
@@ -596,14 +598,17 @@ def test_family_exports_to_its_class_and_back_bit_identically(family, tmp_path):
                  run2.params, run.params)
 
 
-def test_family_train_step_on_a_mesh_gives_the_loss_of_one_device(family, tiny_cfg):
+# Gemma 3 has every new parameter (query/key and post norms) and local/global layers; the other
+# families' compiles (about a minute each on 2 cores) run with -m slow.
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=() if name == "gemma3_untied" else pytest.mark.slow)
+    for name in FAMILIES])
+def test_family_train_step_on_a_mesh_gives_the_loss_of_one_device(name, tiny_cfg):
     from test_sharding import run_steps
 
-    _, _, _, run = family
+    cls, kw, _ = FAMILIES[name]
     cfg = tiny_cfg
-    keys = {k: v for k, v in config_lib.to_dict(run.cfg.model).items()
-            if k not in ("vocab_size", "unpadded_vocab_size", "max_len")}
-    cfg.model.update(keys)
+    cfg.model.update(hf.model_config_from_hf(cls(**kw).to_dict(), "config.json"))
     cfg.model.max_len = 24  # past the window, in 3 attention blocks
     cfg.model.attention_block = 8
     cfg.model.loss_chunk = 8
@@ -668,3 +673,23 @@ def test_finetune_hf_recipe_on_an_imported_model(tmp_path, t5x_tokenizer):
     exported = hf.export_model(str(tmp_path / "merged"), str(tmp_path / "exported"))
     back = transformers.AutoModelForCausalLM.from_pretrained(exported)
     assert type(back).__name__ == "Qwen3ForCausalLM"
+
+
+def test_bfloat16_gemma_checkpoint_imports_and_exports_bit_identically(tmp_path, t5x_tokenizer):
+    # Per-tensor dtype conversion both ways: bfloat16 shards in, float32 parameters, bfloat16
+    # out equal to the original bits.
+    cls, kw, _ = FAMILIES["gemma2"]
+    n = pieces(t5x_tokenizer)
+    hf_model = save_hf_model(tmp_path / "hf", cls, t5x_tokenizer, dtype=torch.bfloat16,
+                             shard="20KB", vocab_size=n, **kw)
+    run = runs.load(hf.import_model(str(tmp_path / "hf"), str(tmp_path / "imported")))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(run.params))
+    tokens = np.random.default_rng(5).integers(0, n, (2, 24))
+    diff = np.abs(our_logits(run, tokens)[..., :n] - hf_logits(hf_model, tokens)[..., :n])
+    assert diff.max() < TOL
+    exported = hf.export_model(str(tmp_path / "imported"), str(tmp_path / "exported"),
+                               dtype="bfloat16")
+    original, again = read_tensors(tmp_path / "hf"), read_tensors(exported)
+    assert sorted(original) == sorted(again)
+    for name, value in original.items():
+        assert again[name].dtype == value.dtype and np.array_equal(again[name], value), name
