@@ -248,14 +248,13 @@ def correctness(cfg, tok, backend_device, tiny: bool) -> dict:
                                    "opt_state": tx.init(p)}, b)
             return metrics["loss"], metrics["grad_norm"], logits_and_loss(state["params"], b)[1]
 
-        # The reference is always float32; bfloat16 on the backend is compared with it.
+        # The reference is always float32; bfloat16 on the backend is compared with it. One
+        # program for both (each compile counts on a CPU).
         with jax.default_matmul_precision("highest"):
-            f_logits, f_train = jax.jit(logits_and_loss), jax.jit(train_once)
-            got_logits, got_loss = _run_on(backend_device, f_logits, params, batch)
-            got_train = _run_on(backend_device, f_train, params, batch)
+            both = jax.jit(lambda p, b: (logits_and_loss(p, b), train_once(p, b)))
+            (got_logits, got_loss), got_train = _run_on(backend_device, both, params, batch)
             if dtype == "float32":
-                ref_logits, ref_loss = _run_on(cpu, f_logits, params, batch)
-                ref_train = _run_on(cpu, f_train, params, batch)
+                (ref_logits, ref_loss), ref_train = _run_on(cpu, both, params, batch)
         scale = float(np.abs(ref_logits).max())
         diff = float(np.abs(got_logits - ref_logits).max())
         checks.append({"name": f"logits_{dtype}", "max_abs_diff": diff, "tolerance": tol * scale,
@@ -331,12 +330,15 @@ def attention_ops(cfg, batch: int, repeats: int) -> list[dict]:
     for name, fn in impls.items():
         row = {"impl": name, "batch": B, "seq": T}
         try:
-            out = jax.jit(fn)(q, k, v)
-            reference = out if reference is None else reference
-            grad = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(),
-                                    argnums=(0, 1, 2)))
+            def loss(q, k, v, fn=fn):
+                out = fn(q, k, v)
+                return out.astype(jnp.float32).sum(), out
+
+            grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
             secs = common.median(common.timed(lambda: jax.block_until_ready(grad(q, k, v)),
                                               repeats=repeats))
+            out = grad(q, k, v)[1]
+            reference = out if reference is None else reference
             row.update(ms=1e3 * secs, tflops=flop / secs / 1e12,
                        max_abs_diff_vs_einsum=float(jnp.abs(out.astype(jnp.float32)
                                                             - reference.astype(jnp.float32)).max()))
@@ -551,12 +553,13 @@ def parse(argv):
     p.add_argument("--batch", type=int, default=0, help="first global batch of the sweep "
                    "(default 8 per device on an accelerator, 1 on a CPU, 2 with --tiny)")
     p.add_argument("--max_batch", type=int, default=0, help="largest global batch tried "
-                   "(default 16x the first)")
+                   "(default 16x the first; with --tiny the first)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per point (default 5, "
                    "2 with --tiny; fewer when the budget is short)")
     p.add_argument("--impls", default="dot_product_attention,einsum")
     p.add_argument("--remats", default="", help="remat policies tried (default: the config's, "
-                   "none, full; the config's and none with --tiny)")
+                   "full, none (at the first batch none may not fit: it is then skipped); "
+                   "only the config's with --tiny)")
     p.add_argument("--decode_batches", default="", help="default 1,64 (1,4 with --tiny)")
     p.add_argument("--decode_dtype", default="bfloat16",
                    help="dtype the weights are cast to for decoding (float32: as stored)")
@@ -570,7 +573,7 @@ def parse(argv):
     accelerator = jax.default_backend() != "cpu"
     args.seq = args.seq or (64 if args.tiny else 0)
     args.batch = args.batch or jax.device_count() * (2 if args.tiny else 8 if accelerator else 1)
-    args.max_batch = args.max_batch or (2 if args.tiny else 16) * args.batch
+    args.max_batch = args.max_batch or (1 if args.tiny else 16) * args.batch
     args.steps = args.steps or (2 if args.tiny else 5)
     args.decode_batches = [int(b) for b in (args.decode_batches
                                             or ("1,4" if args.tiny else "1,64")).split(",")]
@@ -579,17 +582,24 @@ def parse(argv):
 
 def main(argv=None) -> dict:
     """Runs the check; returns the report (also written as JSON)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if "--tiny" in argv and "optimization_level" not in flags_now:
+        # A rehearsal compiles many toy programs and runs each a few times: XLA's cheapest
+        # optimization level halves the compile time (as in tests/conftest.py). Read when the
+        # backend starts, which parse() does next; an already started one keeps its flags.
+        os.environ["XLA_FLAGS"] = f"{flags_now} --xla_backend_optimization_level=0".strip()
     args = parse(argv)
     budget = Budget(args.budget_s)
     folder = out_dir(args.out)
     os.makedirs(folder, exist_ok=True)
     name = "accelerator_check_tiny" if args.tiny else "accelerator_check"
     info = device_info()
-    cmd = "python -m benchmarks.accelerator_check " + " ".join(argv if argv is not None
-                                                                else sys.argv[1:])
+    cmd = "python -m benchmarks.accelerator_check " + " ".join(argv)
     report = Report(os.path.join(folder, f"{name}.json"),
                     {"benchmark": name, "command": cmd.strip(), "machine": common.machine(),
-                     "device": info, "budget_s": args.budget_s, "tiny": args.tiny})
+                     "device": info, "budget_s": args.budget_s, "tiny": args.tiny,
+                     "load_avg_1min": [os.getloadavg()[0]]})
     report.save()
     print("device", info, flush=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -625,7 +635,7 @@ def main(argv=None) -> dict:
     if "training" not in skip:
         impls = args.impls.split(",")
         remats = (args.remats.split(",") if args.remats
-                  else [cfg.model.remat, "none"] + ([] if args.tiny else ["full"]))
+                  else [cfg.model.remat] + ([] if args.tiny else ["full", "none"]))
         report.data["training"] = {"config": CONFIG, "dtype": "bfloat16", "points": [],
                                    "flops": "causal attention halved (MaxText since mid-2025);"
                                             " *_palm: PaLM's full count (t5x_like/flops.py)"}
@@ -639,6 +649,7 @@ def main(argv=None) -> dict:
                 report.data["profile"] = profile_point(
                     sweep.config(best["attention_impl"], best["remat"], best["batch"]), folder)
     report.data["elapsed_s"] = args.budget_s - budget.left()
+    report.data["load_avg_1min"].append(os.getloadavg()[0])  # a shared machine: how busy
     report.data["passed"] = report.data.get("correctness", {}).get("passed")
     report.save()
     print(f"wrote {report.path} ({report.data['elapsed_s']:.0f} s)", flush=True)
