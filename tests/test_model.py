@@ -212,3 +212,20 @@ def test_execution_variants_match_with_every_switch(variant):
     l2, g2 = value_and_grad(other_cfg, params)
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
+
+
+def test_switch_keys_are_validated():
+    from configs import base
+    from t5x_like.errors import UserError
+
+    for key, value, message in [
+            ("mlp_activation", "relu", "model.mlp_activation"),
+            ("sliding_window", -1, "model.sliding_window"),
+            ("attn_logit_softcap", 50.0, "model.attention_impl")]:
+        cfg = base.get_config()
+        cfg.model[key] = value
+        if key == "attn_logit_softcap":
+            cfg.model.attention_impl = "dot_product_attention"  # cannot softcap scores
+        with pytest.raises(UserError, match=message):
+            config_lib.validate(cfg)
+    config_lib.validate(base.get_config())  # every switch off: the defaults pass
