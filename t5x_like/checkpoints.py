@@ -173,6 +173,10 @@ class Checkpointer:
             except UserError:
                 raise
             except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+                if _sealed(self.directory, step):
+                    # Its files match their checksums, so this is no damage (e.g. a data state
+                    # the pipeline cannot take): moving good checkpoints aside would hide it.
+                    raise
                 reason = (f"checkpoint {os.path.join(self.directory, str(step))} cannot be "
                           f"restored ({type(e).__name__}: {str(e).splitlines()[0][:300]})")
             logging.warning("%s; moving it aside and trying the previous one.", reason)
@@ -383,6 +387,10 @@ def _problem(step_dir: str, items: tuple[str, ...] | None) -> str | None:
         if _hash(path) != want["xxh3_128"]:
             return f"{name} does not match the checksum recorded when it was written"
     return None
+
+
+def _sealed(directory: str, step: int) -> bool:
+    return os.path.isfile(os.path.join(directory, str(step), MANIFEST))
 
 
 def verify(directory: str, step: int, items: tuple[str, ...] | None = None) -> None:

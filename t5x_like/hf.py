@@ -605,6 +605,8 @@ class ParamsWriter:
                        "commit_timestamp_nsecs": now, "custom_metadata": {}}, f)
         with open(os.path.join(self.step_dir, "commit_success.txt"), "w") as f:
             f.write(f"Checkpoint commit was successful to {self.step_dir}")
+        # Sealed like a trained checkpoint, so damage is named when anything restores it.
+        checkpoints.seal(os.path.dirname(self.step_dir), int(os.path.basename(self.step_dir)))
 
 
 def _targets(abstract: dict) -> dict[str, tuple[tuple, Any, tuple]]:
@@ -861,6 +863,7 @@ class CheckpointReader:
         if self.step is None or self.step not in steps:
             raise UserError(f"{directory} has no finished checkpoint" + (
                 f" for step {step} (it has {steps})." if step is not None else " yet."))
+        checkpoints.verify(directory, self.step, items=("params",))
         self.dir = os.path.join(directory, str(self.step), "params")
         meta = _read_json(os.path.join(self.dir, "_METADATA"))
         self.ocdbt, self.zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)

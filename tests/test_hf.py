@@ -146,6 +146,8 @@ def test_import_matches_transformers_and_exports_back(case, tmp_path, llama_toke
     hf_model = save_hf_model(tmp_path / "hf", cls, llama_tokenizer, vocab_size=vocab, **kw)
     out = hf.import_model(str(tmp_path / "hf"), str(tmp_path / "imported"))
 
+    # The import is sealed like a trained checkpoint: a scribbled params file is named.
+    assert os.path.isfile(os.path.join(out, "checkpoints", "0", checkpoints.MANIFEST))
     run = runs.load(out)
     m = run.cfg.model
     for key, value in expect.items():
