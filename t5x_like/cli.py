@@ -5,6 +5,7 @@ while the job runs, ends with one line on stderr and exit status 2, never a trac
 """
 
 import difflib
+import errno
 import logging as std_logging
 import os
 import runpy
@@ -177,6 +178,9 @@ class _BackendProbeFilter(std_logging.Filter):
         return not str(record.msg).startswith("Unable to initialize backend")
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES}
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)` that reports UserError as one line and exits with status 2 (1 for
     an EnvironmentFailure)."""
@@ -197,5 +201,15 @@ def run(main: Callable[[list[str]], None]) -> None:
             logging.flush()
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)  # 2, or 1 for an EnvironmentFailure (a full disk...)
+        except OSError as e:
+            if e.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            # Any other write (metrics.jsonl, config.json, a report) on a full or read-only
+            # disk: the command was right, the machine was not; one line, not a traceback.
+            logging.flush()
+            where = f" {e.filename}" if e.filename else ""
+            print(f"error: cannot write{where}: {e.strerror}; free some space (or fix the "
+                  "folder's permissions) and rerun the same command.", file=sys.stderr)
+            sys.exit(1)
 
     app.run(guarded, flags_parser=flags_parser)

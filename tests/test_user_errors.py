@@ -1,7 +1,9 @@
 """A new user's mistakes outside training (issue 22): sampling flags, prompts longer than the
 model's context, the shapes numbers take in the log, JAX's start-up chatter."""
 
+import errno
 import logging
+import os
 import subprocess
 import sys
 
@@ -78,3 +80,25 @@ def test_the_tpu_probe_line_is_filtered():
         assert keep(probe)
     finally:
         absl_logging.set_verbosity(old)
+
+
+@pytest.mark.parametrize("code, exit_code", [(errno.ENOSPC, 1), (errno.ENOENT, None)])
+def test_a_full_disk_anywhere_is_one_line_and_exit_1(tmp_path, code, exit_code):
+    # Writes outside the checkpointer (metrics.jsonl, config.json, reports) fail as OSError;
+    # the entry point turns disk-full / read-only ones into one line, other OSErrors stay bugs.
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import errno, os\n"
+        "from t5x_like import cli\n"
+        "def main(argv):\n"
+        f"    raise OSError({code}, os.strerror({code}), '/runs/x/metrics.jsonl')\n"
+        "cli.run(main)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    if exit_code is None:
+        assert proc.returncode == 1 and "Traceback" in proc.stderr
+        return
+    assert proc.returncode == exit_code
+    assert proc.stderr.strip().splitlines() == [
+        "error: cannot write /runs/x/metrics.jsonl: No space left on device; free some space "
+        "(or fix the folder's permissions) and rerun the same command."]
