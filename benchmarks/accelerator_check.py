@@ -33,10 +33,10 @@ defaulting to $OUT, else benchmarks/results/; it is rewritten after every sectio
 a run stopped midway keeps what it measured. --tiny shrinks everything (toy model, sequence 64,
 two steps) to rehearse the whole check on a CPU in seconds (tests/test_accelerator_check.py).
 
-Needs jax, flax, optax, orbax-checkpoint, sentencepiece, absl-py, numpy: not grain,
-tensorflow-datasets or ml-collections (the GPU image has none of them). The config files are run
-against t5x_like/config_dict.py where ml_collections is missing. Exit status 1 when a
-correctness check failed, else 0.
+Needs jax, flax, optax, orbax-checkpoint, sentencepiece, absl-py, numpy and ml-collections: not
+grain or tensorflow-datasets (the GPU image has neither). That image lacks ml-collections too:
+launch/accelerator_check.sh puts the pure-Python wheels in benchmarks/wheels/ on PYTHONPATH
+(see the script). Exit status 1 when a correctness check failed, else 0.
 """
 
 import argparse
@@ -78,23 +78,8 @@ ASSUMED_UTILIZATION = 0.25
 
 def job_config(tiny: bool):
     """configs/llama_1b.py's get_config(), a fresh mutable copy; --tiny: the same architecture
-    (4 query heads per key/value head, tied embeddings, RoPE theta, remat) at toy size.
-
-    Where ml_collections is not installed the config files run against t5x_like/config_dict.py,
-    which stands in for it during this call only; config.py and model.py make the same choice
-    on import, so the config then builds models and train steps like a ConfigDict."""
-    try:
-        import ml_collections  # noqa: F401
-        stand_in = None
-    except ImportError:
-        from t5x_like import config_dict as stand_in
-    if stand_in is not None:
-        sys.modules["ml_collections"] = stand_in
-    try:
-        cfg = runpy.run_path(os.path.join(ROOT, CONFIG))["get_config"]()
-    finally:
-        if stand_in is not None:
-            del sys.modules["ml_collections"]
+    (4 query heads per key/value head, tied embeddings, RoPE theta, remat) at toy size."""
+    cfg = runpy.run_path(os.path.join(ROOT, CONFIG))["get_config"]()
     cfg.optimizer.grad_accum_steps = 1  # one batch per step: the batch is what the sweep sets
     cfg.model.dtype = "bfloat16"
     if tiny:

@@ -8,10 +8,7 @@ import json
 import os
 from typing import Any
 
-try:
-    import ml_collections
-except ImportError:  # the GPU image has none: building models and train steps needs no more
-    from t5x_like import config_dict as ml_collections
+import ml_collections
 
 from t5x_like.errors import UserError
 

@@ -74,10 +74,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-try:
-    import ml_collections
-except ImportError:  # the GPU image has none: building models and train steps needs no more
-    from t5x_like import config_dict as ml_collections
+import ml_collections
 import numpy as np
 from flax import nnx
 
