@@ -4,7 +4,7 @@
         --config.init_from=runs/tiny
     python -m t5x_like.train --config=configs/sft_chat.py --workdir=runs/sft_alpaca \
         --config.init_from=runs/shk --config.data.source=alpaca:../shared/data/sft/alpaca_subset.json \
-        --config.model.max_len=512 --config.data.batch_size=8
+        --config.model.max_len=1024 --config.data.batch_size=4
 
 The model (sizes, vocabulary, RoPE) and the tokenizer come from init_from (model_from_init),
 so one recipe fine-tunes any pretrained run. Loss only on the assistant's turns

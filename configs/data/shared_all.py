@@ -8,7 +8,7 @@ Schema-Guided Dialogue dev set (multi-turn chats) and hh-rlhf harmless-base pair
 (preference). Pretraining on the result trains on its text source:
 
     python -m t5x_like.train --config=configs/pretrain_tiny.py --workdir=runs/all \
-        --config.data.source=prepared:data/shared_all
+        --config.data.source=prepared:data/shared_all --config.model.dropout=0.1
 
 Paths are relative to the repository root (where the commands run). hh-rlhf has two pairs
 whose chosen and rejected conversations differ before the last reply: on_bad_record=skip

@@ -24,7 +24,7 @@ def get_config():
     data = "data.source=prepared:{stage:data}"
     s.data = stage("prepare", config="configs/data/shared_all.py")
     s.pretrain = stage("train", config="configs/pretrain_tiny.py",
-                       args=f"{data} steps=2000 model.max_len=256",
+                       args=f"{data} steps=2000 model.max_len=256 model.dropout=0.1",
                        quick_args=f"{data} model.max_len=64")
     s.sft = stage("train", config="configs/sft_chat.py", init_from="pretrain",
                   args=f"{data} steps=600 model.max_len=256 data.batch_size=8",

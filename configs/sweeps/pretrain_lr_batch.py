@@ -22,6 +22,7 @@ def get_config():
     cfg.fixed = ml_collections.ConfigDict({
         "steps": 200,
         "data": {"source": "text:../shared/data/pretrain/tinyshakespeare.txt"},
+        "model": {"dropout": 0.1},  # pretrain_tiny's default (0) is the arithmetic task's
         "eval": {"every_steps": 50, "steps": 10},
         "checkpoint": {"every_steps": 100, "max_to_keep": 1},
     })
