@@ -319,6 +319,7 @@ def write_sources(named: dict[str, tuple[sources.Source, float]], data_cfg, out:
                 "--out folder in a writable place.") from None
         shutil.rmtree(os.path.join(tmp, "tfds", "downloads"), ignore_errors=True)
         shutil.rmtree(os.path.join(tmp, "spool"), ignore_errors=True)
+        raise_if_interrupted()  # the last moment a stop request can still keep `out` as it was
         if check_out(out, recipe) == "same":  # set aside, then removed once the new one is in
             old = f"{out}.old{os.getpid()}-{_host()}"
             os.rename(out, old)
@@ -440,11 +441,25 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_pending_signal: list[int] = []  # the signal received inside stop_on_signals, if any
+
+
+def raise_if_interrupted() -> None:
+    """Raises Interrupted if a signal arrived but its exception was lost on the way."""
+    if _pending_signal:
+        raise Interrupted(_pending_signal[0])
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGTERM and SIGINT raise Interrupted inside the block, so the `finally` clauses of the
     preparation remove its temporary folder; later signals are ignored until the block exits,
-    so that cleanup finishes. Only in the main thread (where Python delivers signals)."""
+    so that cleanup finishes. Only in the main thread (where Python delivers signals).
+
+    Python runs a handler between any two bytecodes, also inside a garbage-collection callback
+    or a __del__, where a raised exception is dropped (and printed as a traceback, which
+    sys.unraisablehook is set to keep quiet). So the signal is recorded too, and the record is
+    checked at every batch and before the commit (raise_if_interrupted)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -454,12 +469,21 @@ def stop_on_signals():
         del frame
         for s in signums:
             signal.signal(s, signal.SIG_IGN)
+        _pending_signal.append(signum)
         raise Interrupted(signum)
 
+    def unraisable(info):
+        if not isinstance(info.exc_value, Interrupted):
+            previous_hook(info)
+
     previous = {s: signal.signal(s, handler) for s in signums}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
+        raise_if_interrupted()
     finally:
+        _pending_signal.clear()
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
 
@@ -679,6 +703,7 @@ def _mapped(workers: "_Workers", fn, items: Iterator, args) -> Iterator[tuple]:
 
 def _batches(item_iter, size: int = 256):
     while True:
+        raise_if_interrupted()
         batch = list(itertools.islice(item_iter, size))
         if not batch:
             return

@@ -190,6 +190,29 @@ def test_ctrl_c_in_process_cleans_up_and_restores_handlers(tmp_path, monkeypatch
     assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]
 
 
+def test_a_signal_whose_exception_python_drops_still_stops_the_commit(tmp_path, monkeypatch):
+    # A handler that runs inside a __del__ (or a GC callback) has its exception printed and
+    # dropped; the recorded signal must still keep the preparation from being committed.
+    cfg = recipe(small_corpus(tmp_path))
+    real = prepare._train_tokenizer
+
+    class SignalsOnCollection:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def interrupted(*args):
+        SignalsOnCollection()  # collected at once: the handler's exception is swallowed
+        return real(*args)
+
+    monkeypatch.setattr(prepare, "_train_tokenizer", interrupted)
+    with pytest.raises(prepare.Interrupted) as e:
+        with prepare.stop_on_signals():
+            build(cfg, tmp_path / "out")
+    assert e.value.signum == signal.SIGTERM
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]
+    prepare.raise_if_interrupted()  # the record does not outlive the block
+
+
 def test_stale_temporary_folders_are_removed(tmp_path):
     out = str(tmp_path / "out")
     host, dead = prepare._host(), dead_pid()
