@@ -22,7 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import common  # noqa: E402
-from t5x_like import checkpoints, config as config_lib, partitioning, trainer  # noqa: E402
+from t5x_like.training import trainer  # noqa: E402
+from t5x_like.training import checkpoints
+from t5x_like.core import config as config_lib
+from t5x_like.modeling import partitioning
 
 
 def synthetic_batch(cfg, rng):

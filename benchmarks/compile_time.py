@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import common, train_step  # noqa: E402
-from t5x_like import partitioning, trainer  # noqa: E402
+from t5x_like.training import trainer  # noqa: E402
+from t5x_like.modeling import partitioning
 
 
 def compile_seconds(cfg) -> float:

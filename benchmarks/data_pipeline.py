@@ -24,7 +24,7 @@ from benchmarks import common  # noqa: E402
 from configs import base  # noqa: E402
 from data_pipelines import pipeline  # noqa: E402
 from data_pipelines import tokenizer as tokenizer_lib  # noqa: E402
-from t5x_like import trainer  # noqa: E402
+from t5x_like.training import trainer  # noqa: E402
 
 
 def main(argv=None):

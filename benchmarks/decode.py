@@ -34,7 +34,9 @@ sys.path.insert(0, ROOT)
 from benchmarks import common  # noqa: E402
 from data_pipelines import chat_template, synthetic  # noqa: E402
 from data_pipelines import tokenizer as tokenizer_lib  # noqa: E402
-from t5x_like import config as config_lib, decoding, model  # noqa: E402
+from t5x_like.modeling import model  # noqa: E402
+from t5x_like.core import config as config_lib
+from t5x_like.modeling import decoding
 
 DEFAULT_CONFIGS = "configs/pretrain_tiny.py,configs/llama_125m.py"
 

@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import common, train_step  # noqa: E402
-from t5x_like import decoding, model  # noqa: E402
+from t5x_like.modeling import model  # noqa: E402
+from t5x_like.modeling import decoding
 
 
 class _NoTextTokenizer:

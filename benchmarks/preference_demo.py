@@ -21,7 +21,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import common  # noqa: E402
 from data_pipelines import chat_template, synthetic  # noqa: E402
-from t5x_like import decoding, runs  # noqa: E402
+from t5x_like.core import runs  # noqa: E402
+from t5x_like.modeling import decoding
 
 
 def exact_match(workdir: str, n: int) -> tuple[float, list[str]]:

@@ -9,7 +9,7 @@ in the same process. Steps are interleaved (ours, theirs, ours, ...) so that wha
 machine is doing slows both alike; each figure is the median of --steps timed steps after two
 warm-up steps. torch runs with as many threads as JAX's CPU client uses (the machine's cores).
 
-Printed per row: tokens/s, achieved model TFLOP/s (PaLM formula, t5x_like/flops.py), MFU
+Printed per row: tokens/s, achieved model TFLOP/s (PaLM formula, t5x_like/modeling/flops.py), MFU
 against the device's peak (on a CPU: against this machine's measured float32/bfloat16 matmul
 rate, printed beside), peak host memory of the process, and ours/theirs.
 """
@@ -28,7 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import common  # noqa: E402
-from t5x_like import flops, partitioning, trainer  # noqa: E402
+from t5x_like.training import trainer  # noqa: E402
+from t5x_like.modeling import flops
+from t5x_like.modeling import partitioning
 
 # The issue's comparison shapes: (hidden, layers, heads, mlp, seq, batch).
 SHAPES = {"S": (256, 4, 4, 704, 256, 16), "M": (512, 8, 8, 1408, 512, 8),

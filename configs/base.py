@@ -183,14 +183,14 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.loss_on = "assistant"
     # SFT: a conversation longer than model.max_len: truncate (whole messages) | drop | split
     cfg.data.on_long = "truncate"
-    # Logical shards of the training data (t5x_like/batches.py); the data order depends on this,
+    # Logical shards of the training data (t5x_like/training/batches.py); the data order depends on this,
     # not on the process count, so a run resumes identically on any process count dividing it.
     # 0 = one shard per process.
     cfg.data.num_shards = 0
 
     cfg.mesh = ml_collections.ConfigDict()
     # Device mesh axes; -1 = all remaining devices. Batch shards over data x fsdp, parameters
-    # over fsdp and tensor (see t5x_like/partitioning.py for the rules table).
+    # over fsdp and tensor (see t5x_like/modeling/partitioning.py for the rules table).
     cfg.mesh.data = -1
     cfg.mesh.fsdp = 1
     cfg.mesh.tensor = 1
@@ -219,7 +219,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.checkpoint.keep_best = 1
     cfg.checkpoint.best_mode = "min"  # min | max
 
-    # Parameter-efficient fine-tuning of the init_from model (t5x_like/peft.py): only LoRA
+    # Parameter-efficient fine-tuning of the init_from model (t5x_like/modeling/peft.py): only LoRA
     # adapters and/or the parameters named in `trainable` learn and get optimizer state; the
     # base stays frozen, and checkpoints hold only what learns (plus base.json naming the base).
     cfg.peft = ml_collections.ConfigDict()
@@ -237,14 +237,14 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.peft.base_dtype = ""  # dtype the frozen base is kept in; "" = model.param_dtype
 
     # task=dpo: Direct Preference Optimization on (prompt, chosen, rejected) pairs against a
-    # frozen reference (the init_from model), t5x_like/preference_losses.py.
+    # frozen reference (the init_from model), t5x_like/training/preference_losses.py.
     cfg.dpo = ml_collections.ConfigDict()
     cfg.dpo.beta = 0.1  # strength of the pull to the reference (larger = stays closer)
     cfg.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo (squared loss to a 1/(2 beta) margin)
     cfg.dpo.label_smoothing = 0.0  # sigmoid: > 0 is conservative DPO (pairs wrong this often)
     cfg.dpo.rpo_alpha = 0.0  # > 0 adds this times the chosen reply's per-token NLL (RPO)
 
-    # task=rl: online RL (GRPO-style group-relative policy gradient), t5x_like/rl.py. Each step
+    # task=rl: online RL (GRPO-style group-relative policy gradient), t5x_like/training/rl.py. Each step
     # samples rl.group_size replies to each of data.batch_size prompts with the KV-cache decoder.
     cfg.rl = ml_collections.ConfigDict()
     cfg.rl.group_size = 8  # replies per prompt; advantages are relative to the group's mean

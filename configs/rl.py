@@ -7,7 +7,7 @@
 Each step takes data.batch_size prompts (the user questions of a chat source), samples
 rl.group_size replies to each with the KV-cache decoder, scores them (rl.reward: the demo's
 exact answer, or a trained reward model) and applies a group-relative policy gradient with a
-KL penalty to the frozen reference (t5x_like/rl.py). Validation decodes rl.eval_prompts held-out
+KL penalty to the frozen reference (t5x_like/training/rl.py). Validation decodes rl.eval_prompts held-out
 prompts greedily and reports their mean reward and exact-answer accuracy.
 
 Recipe, and why:

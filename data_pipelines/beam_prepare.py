@@ -36,7 +36,7 @@ import numpy as np
 
 from data_pipelines import clean, dedup, prepare, readers, sources, tfds_builder
 from data_pipelines import records as records_lib
-from t5x_like.errors import UserError
+from t5x_like.core.errors import UserError
 
 _NAMESPACE = "t5x_like"
 

@@ -21,7 +21,7 @@ import json
 import numpy as np
 
 from data_pipelines import chat_template
-from t5x_like.errors import UserError
+from t5x_like.core.errors import UserError
 
 ON_LONG = ("truncate", "drop", "split")
 

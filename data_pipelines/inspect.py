@@ -52,14 +52,15 @@ def default_workdir() -> str:
 def main(argv):
     del argv
     from data_pipelines import tokenizer as tokenizer_lib
-    from t5x_like import config as config_lib, trainer
+    from t5x_like.core import config as config_lib
+    from t5x_like.training import trainer
 
     f = flags.FLAGS
     cfg = f.config
     config_lib.validate(cfg)
     workdir = os.path.abspath(f.workdir or default_workdir())
     if cfg.init_from:
-        from t5x_like import checkpoints
+        from t5x_like.training import checkpoints
 
         cfg = trainer._inherit_tokenizer(cfg, checkpoints.locate(cfg.init_from)[0])
     prepared = trainer.prepare_data(cfg, workdir)
@@ -87,7 +88,7 @@ def main(argv):
 if __name__ == "__main__":  # flags are defined only when run as a program (modules import freely)
     from ml_collections import config_flags
 
-    from t5x_like import cli
+    from t5x_like.core import cli
 
     config_flags.DEFINE_config_file("config", None, "Job config file (configs/*.py).")
     flags.DEFINE_integer("n", 3, "Examples to print.")

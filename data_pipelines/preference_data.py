@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from data_pipelines import chat_template
-from t5x_like.errors import UserError
+from t5x_like.core.errors import UserError
 
 PAIR_FEATURES = ("inputs", "targets", "weights", "segment_ids", "positions")
 

@@ -71,8 +71,8 @@ from data_pipelines import clean, dedup, readers, sources, synthetic
 from data_pipelines import records as records_lib
 from data_pipelines import stats as stats_lib
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like import errors
-from t5x_like.errors import UserError
+from t5x_like.core import errors
+from t5x_like.core.errors import UserError
 
 FORMAT_VERSION = 2
 TEXT_FIELD = "text"
@@ -1234,7 +1234,7 @@ def _as_text(value) -> str:
 def main(argv):
     from absl import flags
 
-    from t5x_like import config as config_lib
+    from t5x_like.core import config as config_lib
 
     del argv
     out = os.path.abspath(flags.FLAGS.out)
@@ -1268,7 +1268,7 @@ if __name__ == "__main__":
     from absl import flags
     from ml_collections import config_flags
 
-    from t5x_like import cli
+    from t5x_like.core import cli
 
     config_flags.DEFINE_config_file("config", None, "Config file with a `data` section.")
     flags.DEFINE_string("out", None, "Folder to write the prepared dataset to.", required=True)

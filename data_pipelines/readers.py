@@ -17,7 +17,7 @@ import json
 from typing import Iterator
 
 from data_pipelines import records, sources
-from t5x_like.errors import UserError
+from t5x_like.core.errors import UserError
 
 
 

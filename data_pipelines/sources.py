@@ -28,7 +28,7 @@ import os
 import re
 from typing import Iterator
 
-from t5x_like.errors import UserError
+from t5x_like.core.errors import UserError
 
 KINDS = ("synthetic", "text", "jsonl", "json", "alpaca", "chat", "sgd", "preference", "tfds",
          "prepared")

@@ -21,7 +21,7 @@ import numpy as np
 import sentencepiece as spm
 
 from data_pipelines import chat_template
-from t5x_like.errors import UserError
+from t5x_like.core.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _MAX_SENTENCE_BYTES = 16384

@@ -21,7 +21,7 @@ import tempfile
 from typing import Iterable
 
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like.errors import UserError
+from t5x_like.core.errors import UserError
 
 
 def evaluate(tok, texts: list[str]) -> dict:
@@ -149,7 +149,7 @@ def main(argv):
 if __name__ == "__main__":
     from absl import flags
 
-    from t5x_like import cli
+    from t5x_like.core import cli
 
     flags.DEFINE_string("data", "", "prepared:<dir>: train on its train split, evaluate on its "
                         "validation split.")

@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Iterable
 
 from data_pipelines import chat_template
-from t5x_like import decoding
+from t5x_like.modeling import decoding
 
 HELP = ("commands: /reset (forget the conversation), /system <text> (set the system prompt; "
         "/system alone clears it), /help, /quit")
@@ -115,10 +115,10 @@ def _typed_lines(prompt: str) -> Iterable[str]:
 def main(argv):
     from absl import flags
 
-    from t5x_like import runs
-    from t5x_like.errors import UserError
+    from t5x_like.core import runs
+    from t5x_like.core.errors import UserError
 
-    from t5x_like import cli
+    from t5x_like.core import cli
 
     del argv
     f = flags.FLAGS
@@ -144,7 +144,7 @@ def main(argv):
 if __name__ == "__main__":  # flags are defined only when run as a program (modules import freely)
     from absl import flags
 
-    from t5x_like import cli
+    from t5x_like.core import cli
 
     flags.DEFINE_string("workdir", None, "Run or model directory to chat with.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")

@@ -14,15 +14,17 @@ run side by side.
 
 from absl import flags, logging
 
-from t5x_like import cli, runs
-from t5x_like.errors import UserError
+from t5x_like.core import cli
+from t5x_like.core import runs
+from t5x_like.core.errors import UserError
 
 
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; options look like --config.x=y.")
     try:
-        from t5x_like import eval_suite, evaluate
+        from t5x_like import evaluate
+        from t5x_like.evaluation import eval_suite
     except ImportError as e:
         raise UserError(f"the evaluation suite is not in this checkout ({e}); sampling sweeps "
                         "need t5x_like/evaluate.py and eval_suite.py (branch eval).") from None

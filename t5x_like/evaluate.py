@@ -26,12 +26,17 @@ import sys
 
 from absl import flags, logging
 
-from t5x_like import checkpoints, cli, decoding, eval_suite, eval_tasks, human_eval
-from t5x_like import report as report_lib
-from t5x_like import runs
-from t5x_like.config import load_json
-from t5x_like.errors import UserError
-from t5x_like.metrics import read_metrics
+from t5x_like.training import checkpoints
+from t5x_like.core import cli
+from t5x_like.modeling import decoding
+from t5x_like.evaluation import eval_suite
+from t5x_like.evaluation import eval_tasks
+from t5x_like.evaluation import human_eval
+from t5x_like.evaluation import report as report_lib
+from t5x_like.core import runs
+from t5x_like.core.config import load_json
+from t5x_like.core.errors import UserError
+from t5x_like.core.metrics import read_metrics
 
 COMMANDS = ("compare", "ratings", "report")
 

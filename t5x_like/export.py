@@ -5,7 +5,7 @@ The model directory holds `config.json`, `tokenizer.model` and `checkpoints/<ste
 optimizer state, no data state): what `sample`, `evaluate`, `serve` and `--config.init_from`
 load. It is written under a temporary name and renamed when complete.
 
-A PEFT run (t5x_like/peft.py) exports with `--merge` as a whole model, its adapters folded into
+A PEFT run (t5x_like/modeling/peft.py) exports with `--merge` as a whole model, its adapters folded into
 the base weights (for serving, init_from and `t5x_like.hf export`); without `--merge` as an
 adapter directory: the adapters and `base.json` naming the base, which `runs.load` reads with
 the base (checking it is the same one).
@@ -19,8 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
-from t5x_like import checkpoints, cli, config as config_lib, peft, runs
-from t5x_like.errors import UserError
+from t5x_like.training import checkpoints
+from t5x_like.core import cli
+from t5x_like.core import config as config_lib
+from t5x_like.modeling import peft
+from t5x_like.core import runs
+from t5x_like.core.errors import UserError
 
 
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",

@@ -2,14 +2,16 @@
 
 Greedy (--temperature=0, the default) or temperature / top-k / top-p sampling from the latest
 checkpoint (or --checkpoint=best|<step>, alias --step), with the KV-cache decoder of
-t5x_like/decoding.py. The prompt is plain text continued as is; for chat models use
+t5x_like/modeling/decoding.py. The prompt is plain text continued as is; for chat models use
 `python -m t5x_like.chat`. Prompt and reply stay within the model's context (model.max_len).
 """
 
 from absl import flags, logging
 
-from t5x_like import cli, decoding, runs
-from t5x_like.errors import UserError
+from t5x_like.core import cli
+from t5x_like.modeling import decoding
+from t5x_like.core import runs
+from t5x_like.core.errors import UserError
 
 
 def fit_prompt(tokens: list[int], bos: int, context: int, max_new_tokens: int, *,

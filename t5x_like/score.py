@@ -12,8 +12,10 @@ import sys
 
 from absl import flags
 
-from t5x_like import cli, config as config_lib, reward_model
-from t5x_like.errors import UserError
+from t5x_like.core import cli
+from t5x_like.core import config as config_lib
+from t5x_like.evaluation import reward_model
+from t5x_like.core.errors import UserError
 
 
 def _messages(prompt, where: str) -> list[dict]:

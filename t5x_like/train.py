@@ -4,7 +4,7 @@ Any config key can be overridden: `--config.optimizer.lr=1e-3 --config.data.sour
 Rerunning the same command resumes from the workdir's latest checkpoint; changing what the
 checkpoints continue (model, data, batch size, optimizer...) then needs
 --allow_config_change=<key>. Several processes (hosts) run the same command; see
-t5x_like/distributed.py and launch/.
+t5x_like/training/distributed.py and launch/.
 """
 
 import sys
@@ -13,8 +13,11 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from t5x_like import cli, distributed, metrics, trainer
-from t5x_like.errors import UserError
+from t5x_like.core import cli
+from t5x_like.training import distributed
+from t5x_like.core import metrics
+from t5x_like.training import trainer
+from t5x_like.core.errors import UserError
 
 
 def main(argv):

@@ -14,7 +14,9 @@ import time
 from configs import base
 from data_pipelines import chat_template, synthetic
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like import checkpoints, config as config_lib, model
+from t5x_like.training import checkpoints
+from t5x_like.core import config as config_lib
+from t5x_like.modeling import model
 
 
 def make(path: str, *, max_len: int = 128, seed: int = 0) -> str:

@@ -10,7 +10,9 @@ import pytest
 import chat_model
 from conftest import ROOT
 from data_pipelines import chat_template
-from t5x_like import chat, decoding, runs
+from t5x_like import chat
+from t5x_like.modeling import decoding
+from t5x_like.core import runs
 
 
 @pytest.fixture(scope="module")

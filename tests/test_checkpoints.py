@@ -15,9 +15,14 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from t5x_like import checkpoints, config as config_lib, export, partitioning, runs, trainer
-from t5x_like import metrics as metrics_lib
-from t5x_like.errors import EnvironmentFailure, UserError
+from t5x_like import export
+from t5x_like.training import checkpoints
+from t5x_like.core import config as config_lib
+from t5x_like.modeling import partitioning
+from t5x_like.core import runs
+from t5x_like.training import trainer
+from t5x_like.core import metrics as metrics_lib
+from t5x_like.core.errors import EnvironmentFailure, UserError
 
 TINY = ["--config.model.hidden_dim=32", "--config.model.num_layers=2",
         "--config.model.num_heads=4", "--config.model.num_kv_heads=2",
@@ -420,7 +425,7 @@ def test_unwritable_workdir_is_one_error_before_any_work(tiny_cfg, tmp_path, mon
 # full disk) from the save of step FAIL_AT on, once the earlier saves have committed.
 _FULL_DISK_TRAIN = """
 import resource, runpy, signal, sys
-from t5x_like import checkpoints
+from t5x_like.training import checkpoints
 fail_at, limit = int(sys.argv.pop(1)), int(sys.argv.pop(1))
 real_save = checkpoints.Checkpointer.save
 def save(self, step, *args, **kwargs):

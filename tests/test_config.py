@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from t5x_like import config as config_lib
-from t5x_like.errors import UserError
+from t5x_like.core import config as config_lib
+from t5x_like.core.errors import UserError
 
 
 def run_train(*args, cwd=ROOT):
@@ -65,7 +65,7 @@ def test_overrides_reach_the_config(tmp_path):
         "import sys\n"
         "from ml_collections import config_flags\n"
         "from absl import flags\n"
-        "from t5x_like import cli\n"
+        "from t5x_like.core import cli\n"
         "config_flags.DEFINE_config_file('config')\n"
         "cli.parse_flags(sys.argv)\n"
         "c = flags.FLAGS.config\n"
@@ -156,11 +156,11 @@ def test_every_recipe_loads_and_training_recipes_validate(path, monkeypatch):
         assert cfg.is_locked, f"{path} unlocked the base config"
         config_lib.validate(cfg)
     elif path.startswith("configs/eval/"):
-        from t5x_like import eval_suite
+        from t5x_like.evaluation import eval_suite
 
         eval_suite.validate(cfg)
     elif path.startswith("configs/sweeps/"):
-        from t5x_like import sweep
+        from t5x_like.experiments import sweep
 
         sweep.validate(cfg)
         sweep.check_against_job(cfg)  # its fixed and swept keys exist in the job's recipe

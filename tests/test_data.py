@@ -9,7 +9,7 @@ import pytest
 from conftest import SHARED_DATA
 from data_pipelines import chat_template, prepare, sources, synthetic
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like.errors import UserError
+from t5x_like.core.errors import UserError
 
 SHAKESPEARE = os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare.txt")
 

@@ -17,8 +17,8 @@ from conftest import ROOT, SHARED_DATA
 from data_pipelines import clean, dedup, pipeline, prepare, readers, records, sources
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import tokenizer_eval
-from t5x_like import config as config_lib
-from t5x_like.errors import UserError
+from t5x_like.core import config as config_lib
+from t5x_like.core.errors import UserError
 
 WORDS = ("river stone market winter lantern garden copper signal harbor violet candle meadow "
          "thunder pepper silver orchard canyon marble falcon willow ember saddle velvet beacon "
@@ -500,7 +500,7 @@ def test_text_mixture_is_mixed_by_weight_and_seed(tmp_path):
 
 
 def test_training_runs_on_a_prepared_mixture(tiny_cfg, tmp_path):
-    from t5x_like import trainer
+    from t5x_like.training import trainer
 
     cfg = _mixed_sources(tmp_path)
     out = str(tmp_path / "prepared")

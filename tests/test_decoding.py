@@ -8,7 +8,8 @@ import pytest
 
 from data_pipelines import synthetic
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like import decoding, model
+from t5x_like.modeling import decoding
+from t5x_like.modeling import model
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,8 @@ def test_decoding_on_a_sharded_mesh_equals_one_device(tmp_path):
 
     import chat_model
     from data_pipelines import chat_template
-    from t5x_like import partitioning, runs
+    from t5x_like.modeling import partitioning
+    from t5x_like.core import runs
 
     path = chat_model.make(str(tmp_path / "model"), max_len=64)
     mesh = partitioning.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2}))

@@ -5,7 +5,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 from sklearn import metrics as sk
 
-from t5x_like import eval_metrics
+from t5x_like.evaluation import eval_metrics
 
 PREDICTIONS = [
     "The cat sat on the mat.",

@@ -11,8 +11,13 @@ import pytest
 
 from data_pipelines import chat_template, synthetic
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like import decoding, eval_suite, eval_tasks, model, partitioning, runs
-from t5x_like.errors import UserError
+from t5x_like.modeling import decoding
+from t5x_like.evaluation import eval_suite
+from t5x_like.evaluation import eval_tasks
+from t5x_like.modeling import model
+from t5x_like.modeling import partitioning
+from t5x_like.core import runs
+from t5x_like.core.errors import UserError
 
 TEXT = "Grüße aus Köln: 12 + 30 = 42.\nWhat is 7 - 9? -2 日本"
 

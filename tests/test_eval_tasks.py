@@ -10,8 +10,8 @@ import pytest
 
 from conftest import SHARED_DATA
 from data_pipelines import synthetic
-from t5x_like import eval_tasks
-from t5x_like.errors import UserError
+from t5x_like.evaluation import eval_tasks
+from t5x_like.core.errors import UserError
 
 EVAL_DIR = os.path.join(SHARED_DATA, "eval")
 

@@ -11,8 +11,10 @@ import sys
 import pytest
 
 from conftest import ROOT
-from t5x_like import evaluate, metrics as metrics_lib, trainer
-from t5x_like.errors import UserError
+from t5x_like import evaluate
+from t5x_like.core import metrics as metrics_lib
+from t5x_like.training import trainer
+from t5x_like.core.errors import UserError
 
 SUITE = """
 from configs.eval import common

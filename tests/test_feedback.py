@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from t5x_like import feedback
-from t5x_like.errors import UserError
+from t5x_like.serving import feedback
+from t5x_like.core.errors import UserError
 
 P1 = [{"role": "user", "content": "What is 2 + 3?"}]
 P2 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 4 + 4?"}]
@@ -197,8 +197,8 @@ def test_exports_load_as_the_sft_and_preference_data_sources(db, tmp_path):
 def test_the_feedback_loop_trains_an_sft_step_on_its_export(tiny_cfg, tmp_path):
     """Upvoted and corrected replies, exported, are the data.source of an SFT run."""
     from data_pipelines import synthetic
-    from t5x_like import metrics as metrics_lib
-    from t5x_like import trainer
+    from t5x_like.core import metrics as metrics_lib
+    from t5x_like.training import trainer
 
     store = feedback.Store(str(tmp_path / feedback.DB_NAME))
     for i in range(150):

@@ -25,9 +25,14 @@ from safetensors import safe_open
 from conftest import ROOT
 from data_pipelines import chat_template
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like import config as config_lib
-from t5x_like import checkpoints, hf, model, partitioning, runs, trainer
-from t5x_like.errors import UserError
+from t5x_like.core import config as config_lib
+from t5x_like.training import checkpoints
+from t5x_like.interop import hf
+from t5x_like.modeling import model
+from t5x_like.modeling import partitioning
+from t5x_like.core import runs
+from t5x_like.training import trainer
+from t5x_like.core.errors import UserError
 
 TEXT = ["The quick brown fox jumps over the lazy dog.", "What is 12 + 30? It is 42.",
         "Pack my box with five dozen liquor jugs!", "Sphinx of black quartz, judge my vow."]
@@ -552,7 +557,7 @@ def test_family_logits_match_transformers_beyond_the_window(family):
 
 
 def test_family_kv_cache_decoding_equals_a_full_forward(family):
-    from t5x_like import decoding
+    from t5x_like.modeling import decoding
 
     name, _, _, run = family
     tok, n = run.tokenizer, 20  # prompt + 20 tokens: several windows
@@ -643,7 +648,7 @@ PLAN_SHAPES = {
 @pytest.mark.parametrize("shape", PLAN_SHAPES)
 def test_plan_counts_each_familys_parameters(shape):
     from configs import base
-    from t5x_like import plan
+    from t5x_like.experiments import plan
 
     cls, kw = PLAN_SHAPES[shape]
     config = cls(**kw)

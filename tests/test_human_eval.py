@@ -7,8 +7,8 @@ import os
 import pytest
 from scipy import stats
 
-from t5x_like import human_eval
-from t5x_like.errors import UserError
+from t5x_like.evaluation import human_eval
+from t5x_like.core.errors import UserError
 
 N = 24
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from t5x_like import lifecycle
-from t5x_like.errors import UserError
+from t5x_like.experiments import lifecycle
+from t5x_like.core.errors import UserError
 
 
 def demo_config():

@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from t5x_like import config as config_lib
-from t5x_like import model
+from t5x_like.core import config as config_lib
+from t5x_like.modeling import model
 
 
 def model_cfg(**overrides):
@@ -216,7 +216,7 @@ def test_execution_variants_match_with_every_switch(variant):
 
 def test_switch_keys_are_validated():
     from configs import base
-    from t5x_like.errors import UserError
+    from t5x_like.core.errors import UserError
 
     for key, value, message in [
             ("mlp_activation", "relu", "model.mlp_activation"),

@@ -15,9 +15,15 @@ import pytest
 
 from conftest import ROOT
 from configs import base as base_config
-from t5x_like import config as config_lib, decoding, export, model, partitioning, peft, runs
-from t5x_like import trainer
-from t5x_like.errors import UserError
+from t5x_like import export
+from t5x_like.core import config as config_lib
+from t5x_like.modeling import decoding
+from t5x_like.modeling import model
+from t5x_like.modeling import partitioning
+from t5x_like.modeling import peft
+from t5x_like.core import runs
+from t5x_like.training import trainer
+from t5x_like.core.errors import UserError
 
 
 def tiny(cache_dir, **peft_keys):
@@ -251,7 +257,7 @@ def pair_batch(cfg, rng):
 
 
 def test_lora_dpo_trains_the_adapters_against_the_base_as_reference(tmp_path):
-    from t5x_like import preference
+    from t5x_like.training import preference
 
     cfg = tiny(tmp_path, method="lora", targets="attention,head", rank=4)
     cfg.task, cfg.init_from, cfg.optimizer.lr = "dpo", "x", 1e-2
@@ -289,7 +295,7 @@ def test_lora_dpo_trains_the_adapters_against_the_base_as_reference(tmp_path):
 
 @pytest.mark.slow  # DPO then RL on the tiny base of runs_dir (~1 minute on 2 busy cores)
 def test_lora_dpo_and_rl_runs_keep_the_base(runs_dir):
-    from t5x_like import metrics as metrics_lib
+    from t5x_like.core import metrics as metrics_lib
 
     root, _ = runs_dir
     pre = leaves(runs.load(str(root / "pre")).params)
@@ -327,7 +333,7 @@ def test_lora_dpo_and_rl_runs_keep_the_base(runs_dir):
 
 @pytest.mark.slow  # a LoRA reward model on the tiny base of runs_dir (~1 minute)
 def test_lora_reward_model_trains_adapters_and_its_new_head(runs_dir):
-    from t5x_like import reward_model
+    from t5x_like.evaluation import reward_model
 
     root, _ = runs_dir
     cfg = tiny("", method="lora", targets="attention", rank=4)

@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 
 from data_pipelines import preference_data
-from t5x_like import config as config_lib, model, preference, preference_losses
-from t5x_like import metrics as metrics_lib
-from t5x_like import partitioning, reward_model, runs, trainer
-from t5x_like.errors import UserError
+from t5x_like.core import config as config_lib
+from t5x_like.modeling import model
+from t5x_like.training import preference
+from t5x_like.training import preference_losses
+from t5x_like.core import metrics as metrics_lib
+from t5x_like.modeling import partitioning
+from t5x_like.evaluation import reward_model
+from t5x_like.core import runs
+from t5x_like.training import trainer
+from t5x_like.core.errors import UserError
 
 LN2, LN4 = math.log(2), math.log(4)
 

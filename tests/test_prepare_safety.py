@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, SHARED_DATA
 from data_pipelines import clean, prepare, readers, sources
-from t5x_like.errors import UserError
+from t5x_like.core.errors import UserError
 
 WORDS = ("river stone market winter lantern garden copper signal harbor violet candle meadow "
          "thunder pepper silver orchard canyon marble falcon willow ember saddle velvet beacon"
@@ -232,7 +232,7 @@ def test_stale_temporary_folders_are_removed(tmp_path):
 
 
 def test_lifecycle_removes_only_its_own_exports(tmp_path):
-    from t5x_like import lifecycle
+    from t5x_like.experiments import lifecycle
 
     export = tmp_path / "export"
     (export / "checkpoints" / "4").mkdir(parents=True)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from t5x_like import report
-from t5x_like.errors import UserError
+from t5x_like.evaluation import report
+from t5x_like.core.errors import UserError
 
 
 def write_run(path, records, config=None):

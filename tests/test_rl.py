@@ -7,7 +7,10 @@ import pytest
 
 from data_pipelines import chat_template, synthetic
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like import decoding, model, rerank, rl
+from t5x_like.modeling import decoding
+from t5x_like.modeling import model
+from t5x_like.serving import rerank
+from t5x_like.training import rl
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, TEST_XLA_FLAGS
-from t5x_like import metrics as metrics_lib
+from t5x_like.core import metrics as metrics_lib
 
 TINY = ["--config=configs/base.py", "--config.model.hidden_dim=32", "--config.model.num_layers=2",
         "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.mlp_dim=64",

@@ -25,7 +25,10 @@ import pytest
 import chat_model
 from conftest import ROOT
 from data_pipelines import chat_template
-from t5x_like import decoding, feedback, runs, serve
+from t5x_like.modeling import decoding
+from t5x_like.serving import feedback
+from t5x_like.core import runs
+from t5x_like.serving import server as serve
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -9,9 +9,12 @@ import pytest
 
 from data_pipelines import chat_data, pipeline, synthetic
 from data_pipelines import tokenizer as tokenizer_lib
-from t5x_like import config as config_lib, model, runs, trainer
-from t5x_like import metrics as metrics_lib
-from t5x_like.errors import UserError
+from t5x_like.core import config as config_lib
+from t5x_like.modeling import model
+from t5x_like.core import runs
+from t5x_like.training import trainer
+from t5x_like.core import metrics as metrics_lib
+from t5x_like.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

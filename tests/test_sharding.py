@@ -6,9 +6,10 @@ import optax
 import numpy as np
 import pytest
 
-from t5x_like import config as config_lib
-from t5x_like import partitioning, trainer
-from t5x_like.errors import UserError
+from t5x_like.core import config as config_lib
+from t5x_like.modeling import partitioning
+from t5x_like.training import trainer
+from t5x_like.core.errors import UserError
 
 
 def resolved(tiny_cfg, **mesh):

@@ -1,4 +1,4 @@
-"""Sweeps (t5x_like/sweep.py): trials as processes, failures, resume, pruning, results.
+"""Sweeps (t5x_like/experiments/sweep.py): trials as processes, failures, resume, pruning, results.
 
 Most tests run a small stand-in job (FAKE_JOB below: it writes a validation loss per step, or
 crashes the way it is told) so the sweep's own behaviour is checked in seconds; the grid on the
@@ -20,8 +20,8 @@ import optuna
 import pytest
 
 from configs.sweeps import common
-from t5x_like import sweep
-from t5x_like.errors import UserError
+from t5x_like.experiments import sweep
+from t5x_like.core.errors import UserError
 
 from conftest import ROOT, TEST_XLA_FLAGS
 

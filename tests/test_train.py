@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from t5x_like import metrics as metrics_lib
-from t5x_like import decoding, runs, trainer
+from t5x_like.core import metrics as metrics_lib
+from t5x_like.modeling import decoding
+from t5x_like.core import runs
+from t5x_like.training import trainer
 
 
 def records(workdir, split):
@@ -100,7 +102,7 @@ def test_resume_continues_from_the_saved_step(trained, tmp_path):
 
 
 def test_resume_refuses_a_different_model(trained, tmp_path):
-    from t5x_like.errors import UserError
+    from t5x_like.core.errors import UserError
 
     cfg, _, _ = trained
     small = cfg.copy_and_resolve_references()
@@ -132,7 +134,7 @@ def test_resume_refuses_a_different_model(trained, tmp_path):
 def test_a_failed_start_does_not_bind_the_workdir(trained, tmp_path, monkeypatch):
     """Mesh and model-size checks come before the data and before anything is written; what an
     earlier version (or a later failure) left without a checkpoint refuses nothing."""
-    from t5x_like.errors import UserError
+    from t5x_like.core.errors import UserError
 
     cfg, workdir, _ = trained
     good = cfg.copy_and_resolve_references()
@@ -156,7 +158,7 @@ def test_a_failed_start_does_not_bind_the_workdir(trained, tmp_path, monkeypatch
 
 
 def test_model_from_init_refuses_a_conflicting_override(trained, tmp_path):
-    from t5x_like.errors import UserError
+    from t5x_like.core.errors import UserError
 
     cfg, workdir, _ = trained
     child = cfg.copy_and_resolve_references()
@@ -209,7 +211,7 @@ def test_dropping_many_examples_warns_once(tiny_cfg, caplog):
 def test_gradient_accumulation_matches_one_big_batch(tiny_cfg):
     import jax
 
-    from t5x_like import config as config_lib
+    from t5x_like.core import config as config_lib
     from test_sharding import run_steps
 
     def losses(accum):
@@ -246,7 +248,8 @@ def test_chunked_loss_equals_the_full_logits_loss():
     import jax
     import jax.numpy as jnp
 
-    from t5x_like import losses, model
+    from t5x_like.training import losses
+    from t5x_like.modeling import model
 
     rng = np.random.default_rng(0)
     B, T, d, V = 3, 10, 8, 40
@@ -290,7 +293,7 @@ def test_train_step_with_loss_chunk_matches_the_full_loss(tiny_cfg):
     head is checked on meshes in test_sharding and by the eval suite's fixture."""
     import jax
 
-    from t5x_like import config as config_lib
+    from t5x_like.core import config as config_lib
     from test_sharding import run_steps
 
     def run(chunk):

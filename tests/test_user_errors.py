@@ -10,8 +10,10 @@ import sys
 import pytest
 
 from conftest import ROOT
-from t5x_like import cli, metrics, sample
-from t5x_like.errors import UserError
+from t5x_like import sample
+from t5x_like.core import cli
+from t5x_like.core import metrics
+from t5x_like.core.errors import UserError
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -89,7 +91,7 @@ def test_a_full_disk_anywhere_is_one_line_and_exit_1(tmp_path, code, exit_code):
     script = tmp_path / "job.py"
     script.write_text(
         "import errno, os\n"
-        "from t5x_like import cli\n"
+        "from t5x_like.core import cli\n"
         "def main(argv):\n"
         f"    raise OSError({code}, os.strerror({code}), '/runs/x/metrics.jsonl')\n"
         "cli.run(main)\n")

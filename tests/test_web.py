@@ -21,7 +21,9 @@ from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
 import chat_model
-from t5x_like import feedback, runs, serve
+from t5x_like.serving import feedback
+from t5x_like.core import runs
+from t5x_like.serving import server as serve
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -1,0 +1,2 @@
+"""Interop: importing and exporting Hugging Face models (hf).
+"""

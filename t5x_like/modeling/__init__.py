@@ -1,0 +1,3 @@
+"""The model: the transformer (model), where every tensor lives (partitioning: the one table
+of logical-axis rules), LoRA and freezing (peft), KV-cache decoding (decoding) and FLOPs (flops).
+"""
