@@ -24,7 +24,10 @@ def pytest_configure(config):
 
     import jax
 
+    # With pytest-xdist (-n 2) the controller creates the folder before its workers start, and
+    # they inherit it through the environment: one cache for the whole run.
     cache = os.environ.get("T5X_LIKE_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="jax-cache-")
+    os.environ["T5X_LIKE_TEST_JAX_CACHE"] = cache
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
