@@ -597,11 +597,11 @@ def _boundary(prefix: list[int], ids: list[int], *, end: bool) -> int:
     """The token index in `ids` where the text encoded as `prefix` ends. When the boundary
     falls inside a token of `ids` (the prefix alone tokenizes differently there), that token
     overlaps both sides and, as in transformers' masks, counts as inside the span."""
-    n = len(prefix)
-    if ids[:n] == prefix:
-        return n
-    k = next(k for k in range(min(n, len(ids)) + 1) if k == n or k == len(ids)
-             or ids[k] != prefix[k])
+    if ids[:len(prefix)] == prefix:
+        return len(prefix)
+    k = 0  # the first token where they differ: it starts inside the prefix, ends past it
+    while k < min(len(prefix), len(ids)) and ids[k] == prefix[k]:
+        k += 1
     return k + 1 if end else k
 
 
@@ -689,6 +689,8 @@ def _tokenizer_specials(tokenizer, specials, added):
         specials.setdefault(f"{key}_token", text)
         if text == specials[f"{key}_token"]:
             added.setdefault(text, (i, True))
+    for marker, i in (getattr(tokenizer, "marker_ids", None) or {}).items():
+        added.setdefault(marker, (i, False))  # the project's markers (user-defined pieces)
     return specials, added
 
 
