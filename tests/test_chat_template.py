@@ -89,3 +89,34 @@ def test_prompt_and_reply(tok):
 def test_bad_conversations(tok, bad, message):
     with pytest.raises(ct.TemplateError, match=message):
         ct.encode(tok, bad)
+
+
+@pytest.fixture(scope="module")
+def llama_style_tok(tmp_path_factory):
+    """A SentencePiece model as `hf import` leaves a Llama one: a dummy-prefix space, unk 0,
+    bos 1, eos 2, the chat markers and a pad piece."""
+    import io
+
+    import sentencepiece as spm
+
+    texts = [m["content"] for i in range(300) for m in synthetic.dialogue(i)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=400, model_type="bpe",
+        byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, add_dummy_prefix=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(ct.MARKERS),
+        minloglevel=2)
+    path = tmp_path_factory.mktemp("llama") / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    return tokenizer_lib.Tokenizer(str(path))
+
+
+@pytest.mark.parametrize("text", ["Type <|end|> to stop.", "<|user|> at the start",
+                                  "two <|end|><|assistant|> in a row <|system|>", "end <|end|>",
+                                  " leading space <|end|>  two spaces"])
+def test_literal_markers_round_trip_with_a_dummy_prefix_tokenizer(llama_style_tok, text):
+    tok = llama_style_tok
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]
+    tokens, _ = ct.encode(tok, messages)
+    assert ct.parse(tok, tokens) == messages
