@@ -35,4 +35,8 @@ if __name__ == "__main__":  # flags are defined only when run as a program (modu
     flags.DEFINE_integer("best_of", 1, "Sample this many replies per choice and answer with the "
                          "one --reward_model scores highest (replies then come whole).")
     flags.DEFINE_string("reward_model", None, "A task=reward run for --best_of.")
+    flags.DEFINE_list("allowed_hosts", [], "Host names the server answers besides the bound "
+                      "address, loopback names and IP addresses (e.g. chat.example.org); * = any.")
+    flags.DEFINE_list("cors_origins", [], "Origins (scheme://host[:port]) of other sites' pages "
+                      "allowed to call the API from a browser; none by default.")
     cli.run(main)

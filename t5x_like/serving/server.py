@@ -43,17 +43,17 @@ from typing import Any, Callable, Iterator, Sequence
 from absl import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data_pipelines import chat_template
 from t5x_like.modeling import decoding
 from t5x_like.serving import feedback
+from t5x_like.serving import history, security  # webchat: history, retries, checks
 from t5x_like.core.errors import UserError
 
 API_KEY_ENV = "T5X_LIKE_API_KEY"
-WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "index.html")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _FINISH = {"stop": "stop", "length": "length", "constraint": "stop"}
@@ -431,8 +431,11 @@ def _visible(text: str, stops: tuple[str, ...]) -> str:
 def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits = Limits(),
                model_name: str = "t5x_like", max_batch: int = 16, batch_wait_s: float = 0.005,
                max_len: int | None = None, default_temperature: float = 0.7,
-               generate: Callable[[decoding.Decoder, Requests], Iterator] = generate) -> FastAPI:
+               generate: Callable[[decoding.Decoder, Requests], Iterator] = generate,
+               policy: security.Policy = security.Policy()) -> FastAPI:
     """The FastAPI app serving `run` (from `runs.load`); its decode worker starts now.
+
+    `policy` says which hosts and origins may drive it (t5x_like/serving/security.py).
 
     `generate` makes the replies of one device batch (see `generate` above).
     Tests drive it with `fastapi.testclient.TestClient(app)` or a uvicorn server in a thread.
@@ -454,6 +457,8 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
     app = FastAPI(title="t5x_like", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
     app.state.store, app.state.batcher, app.state.decoder = store, batcher, decoder
+    app.add_middleware(security.Middleware, policy=policy)  # webchat: Host, Origin, JSON only
+    retries = history.Retries(store)  # webchat: Idempotency-Key
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -487,9 +492,8 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
                 "context": decoder.max_len, "max_batch": decoder.max_batch,
                 **dict(batcher.stats)}
 
-    @app.get("/")
-    async def page():
-        return FileResponse(WEB_PAGE, media_type="text/html")
+    security.add_page_routes(app)  # webchat: / and /vendor/ with the page's CSP
+    history.add_routes(app, store, authorize)  # webchat: /v1/conversations
 
     def model_card():
         return {"id": model_name, "object": "model", "created": started, "owned_by": "t5x_like"}
@@ -513,6 +517,23 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
         body = await _read_json(request, limits.max_request_bytes)
         chat = _parse_chat(body, limits, tokenizer, decoder.max_len, decoder.max_batch,
                            default_temperature)
+        # webchat: only ids this server issued; a retry with its Idempotency-Key is answered
+        # from the database.
+        await history.check_conversation(store, chat.conversation_id)
+        attempt = await retries.begin(request, body)
+        if attempt.replay is not None:
+            return history.replayed_completion(attempt.replay, stream=chat.stream,
+                                               include_usage=chat.include_usage)
+        try:
+            response = await _complete(chat, attempt)
+        except BaseException:
+            attempt.end()
+            raise
+        if not chat.stream:  # a stream ends its attempt when it ends
+            attempt.end()
+        return response
+
+    async def _complete(chat: _Chat, attempt: history.Attempt):
         conversation_id = chat.conversation_id
         if chat.regenerate_of is not None:
             try:
@@ -527,7 +548,8 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
                 raise ApiError(400, "conversation_id differs from the regenerated response's.",
                                param="conversation_id")
             conversation_id = original["conversation_id"]
-        conversation_id = conversation_id or f"conv-{secrets.token_hex(12)}"
+        conversation_id = conversation_id or await run_in_threadpool(history.new_conversation,
+                                                                     store)
         response_id = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
 
@@ -538,7 +560,8 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
             store.add_responses(response_id=response_id, conversation_id=conversation_id,
                                 prompt=chat.messages, choices=choices, model=model_name,
                                 model_step=run.step, sampling=chat.record,
-                                prompt_tokens=len(chat.prompt), regenerates=chat.regenerate_of)
+                                prompt_tokens=len(chat.prompt), regenerates=chat.regenerate_of,
+                                idempotency_key=attempt.key, body_hash=attempt.body_hash)
             return choices
 
         job = _Job(chat.prompt, chat.samplings, chat.stream, finish)
@@ -574,6 +597,13 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
             return {"index": i, "delta": d, "logprobs": None, "finish_reason": finish_reason}
 
         async def events():
+            try:
+                async for chunk in _events():
+                    yield chunk
+            finally:
+                attempt.end()
+
+        async def _events():
             sent = [""] * len(chat.samplings)
             yield event([delta(i, "", role="assistant") for i in range(len(sent))])
             while True:
@@ -628,7 +658,8 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
         fields = dict(response_id=response_id, choice=index, rating=rating,
                       correction=_string(body, "correction"), problem=_string(body, "problem"),
                       problem_kind=kind, chosen=chosen,
-                      conversation_id=_string(body, "conversation_id", pattern=_ID_RE))
+                      conversation_id=_string(body, "conversation_id", pattern=_ID_RE),
+                      **await retries.feedback_fields(request, body))
         try:
             stored = await run_in_threadpool(lambda: store.add_feedback(**fields))
         except feedback.UnknownResponse as e:
@@ -668,9 +699,11 @@ def main(argv):
                             "to pick the best reply.")
         rm = reward_model.RewardModel.load(f.reward_model, mesh=run.mesh)
         extra["generate"] = rerank.serve_generate(rm, max(f.best_of, 1))
+    policy = security.Policy.from_flags(f.host, f.allowed_hosts, f.cors_origins)
     app = create_app(run, db_path=db, api_key=api_key, limits=limits, model_name=name,
                      max_batch=f.max_batch, batch_wait_s=f.batch_wait_ms / 1000,
-                     max_len=f.max_len or None, default_temperature=f.temperature, **extra)
+                     max_len=f.max_len or None, default_temperature=f.temperature,
+                     policy=policy, **extra)
     print(f"serving {name} (step {run.step}) on http://{f.host}:{f.port}/  API key: "
           f"{'required' if api_key else 'off'}; feedback -> {db}", flush=True)
     try:
