@@ -11,11 +11,16 @@ longer than max_len + 1 tokens follows `data.on_long`:
               the earlier context; pieces with nothing to learn are dropped)
 
 Truncated and dropped conversations are counted in `counts` (the trainer logs them as
-sft_truncated / sft_dropped). A record that is not a valid conversation stops the run with a
-message naming it.
+sft_truncated / sft_dropped), each conversation once however often it is encoded (probes,
+epochs, prefetch: two truncated conversations read 28 times were reported as 28). A record that
+is not a valid conversation stops the run with a message naming it.
+
+Messages are rendered by the tokenizer's chat template (chat_template.setup: the project's or
+the model's own), so the same encoder serves every template.
 """
 
 import collections
+import hashlib
 import json
 
 import numpy as np
@@ -39,7 +44,11 @@ def messages_of(record: dict) -> list[dict]:
 
 
 def _fits(tokenizer, messages, loss_on, limit):
-    tokens, weights = chat_template.encode(tokenizer, messages, loss_on=loss_on)
+    try:
+        tokens, weights = chat_template.encode(tokenizer, messages, loss_on=loss_on)
+    except chat_template.TemplateError as e:  # the template cannot render or mask this one
+        raise UserError(f"config key 'data.chat_template': {e}; in the conversation "
+                        f"{json.dumps(messages, ensure_ascii=False)[:200]}.") from None
     return len(tokens) <= limit, tokens, weights
 
 
@@ -50,13 +59,26 @@ def encoder(tokenizer, *, loss_on: str, max_len: int, on_long: str,
     empty = {"tokens": np.zeros(0, np.int32), "weights": np.zeros(0, np.float32)}
     counts = counts if counts is not None else collections.Counter()
 
+    counted: set[tuple[str, bytes]] = set()  # (kind, digest) of conversations already counted
+
+    def count(kind: str, record: dict) -> None:
+        raw = record["messages"]
+        if not isinstance(raw, (bytes, str)):
+            raw = json.dumps(raw)
+        if isinstance(raw, str):
+            raw = raw.encode()
+        key = (kind, hashlib.blake2b(raw, digest_size=8).digest())
+        if key not in counted:
+            counted.add(key)
+            counts[kind] += 1
+
     def encode(record: dict) -> dict:
         messages = messages_of(record)
         fits, tokens, weights = _fits(tokenizer, messages, loss_on, limit)
         if fits or on_long == "split":
             return {"tokens": tokens, "weights": weights}
         if on_long == "drop":
-            counts["dropped"] += 1
+            count("dropped", record)
             return empty
         # The longest prefix of whole messages that fits (length grows with the prefix, so a
         # binary search needs log2(messages) encodings).
@@ -69,9 +91,9 @@ def encoder(tokenizer, *, loss_on: str, max_len: int, on_long: str,
             else:
                 hi = mid - 1
         if best is None or not best[1].any():  # not even the first assistant turn fits
-            counts["dropped"] += 1
+            count("dropped", record)
             return empty
-        counts["truncated"] += 1
+        count("truncated", record)
         return {"tokens": best[0], "weights": best[1]}
 
     return encode

@@ -3,14 +3,17 @@
 Every prepared record is a dict of strings (stored as TFDS Text features):
 
     text        {"text": str}
-    chat        {"messages": JSON string of [{"role": "system"|"user"|"assistant", "content": str}]}
+    chat        {"messages": JSON string of [{"role": "system"|"user"|"assistant", "content": str,
+                                              optional "context": str}]}
     preference  {"prompt": JSON string of messages ending with a user turn,
                  "chosen": str, "rejected": str}
 
 Later stages (chat SFT, preference tuning) read these field names; the chat template that turns
 messages into tokens lives elsewhere (chat_template.py). Here, messages are only checked and
-normalized. `text_view` is the plain text of any record (message contents joined by newlines):
-what cleaning filters, deduplication, statistics and tokenizer training look at.
+normalized. `text_view` is the plain text of any record (message contexts and contents joined
+by newlines): what cleaning filters, deduplication, statistics and tokenizer training look at.
+A turn's `context` (retrieved passages, tool output: README's chat format) is text of the
+record like its content: kept, cleaned, counted.
 
 A record that cannot be normalized raises `BadRecord`; the reader turns it into a UserError
 naming file and line, or skips and counts it (`data.on_bad_record`).
@@ -33,7 +36,7 @@ def text_view(record: dict, kind: str) -> str:
     if kind == "text":
         return record["text"]
     if kind == "chat":
-        return "\n".join(m["content"] for m in record["messages"])
+        return "\n".join(_texts(record["messages"]))
     return "\n".join([*(m["content"] for m in record["prompt"]), record["chosen"],
                       record["rejected"]])
 
@@ -75,8 +78,15 @@ def _object(obj) -> dict:
     return obj
 
 
+def _texts(messages: list[dict]) -> list[str]:
+    """Every text of the messages, in order: each turn's context (if any), then its content."""
+    return [t for m in messages for t in ((m["context"],) if "context" in m else ())
+            + (m["content"],)]
+
+
 def messages(value) -> list[dict[str, str]]:
-    """Checks a messages list: roles from ROLES, string contents, at least one user turn."""
+    """Checks a messages list: roles from ROLES, string contents (and contexts, where given),
+    at least one user turn."""
     if isinstance(value, str):  # already stored as a JSON string
         try:
             value = json.loads(value)
@@ -91,7 +101,10 @@ def messages(value) -> list[dict[str, str]]:
         role = _string(m, "role", f" in message {i}")
         if role not in ROLES:
             raise BadRecord(f"message {i} has role {role!r}; roles are {', '.join(ROLES)}")
-        out.append({"role": role, "content": _string(m, "content", f" in message {i}")})
+        message = {"role": role, "content": _string(m, "content", f" in message {i}")}
+        if m.get("context") is not None:
+            message["context"] = _string(m, "context", f" in message {i}")
+        out.append(message)
     if not any(m["role"] == "user" for m in out):
         raise BadRecord("messages have no user turn")
     return out
@@ -130,7 +143,7 @@ def from_alpaca(obj) -> list[dict]:
 
 
 def from_chat(obj, field: str = "messages") -> dict:
-    """{field: [{role, content}, ...]} as given."""
+    """{field: [{role, content[, context]}, ...]} as given."""
     obj = _object(obj)
     if field not in obj:
         raise BadRecord(f"no field {field!r} (fields: {', '.join(sorted(obj)) or 'none'})")
@@ -205,26 +218,33 @@ def pieces(record: dict, kind: str) -> list[str]:
     if kind == "text":
         return [record["text"]]
     if kind == "chat":
-        return [m["content"] for m in record["messages"]]
+        return _texts(record["messages"])
     return [*(m["content"] for m in record["prompt"]), record["chosen"], record["rejected"]]
 
 
 def map_contents(record: dict, kind: str, fn) -> dict:
-    """Applies fn to every piece of text of the record (text, message contents, replies)."""
+    """Applies fn to every piece of text of the record (text, message contents and contexts,
+    replies)."""
     if kind == "text":
         return {"text": fn(record["text"])}
     if kind == "chat":
-        return {"messages": [{"role": m["role"], "content": fn(m["content"])}
+        return {"messages": [{**m, "content": fn(m["content"]),
+                              **({"context": fn(m["context"])} if "context" in m else {})}
                              for m in record["messages"]]}
     return {"prompt": [{"role": m["role"], "content": fn(m["content"])} for m in record["prompt"]],
             "chosen": fn(record["chosen"]), "rejected": fn(record["rejected"])}
 
 
 def has_empty_part(record: dict, kind: str) -> bool:
-    """True when cleaning left a piece of the record empty (a blank turn or reply)."""
+    """True when cleaning left a piece of the record empty (a blank prompt turn or reply).
+
+    A chat's blank assistant reply is kept: training on it teaches the model to end its turn
+    there (the reply is just the end-of-turn token). A blank system or user turn is not: there
+    is nothing to answer. A blank context is not rendered, so it does not count."""
     if kind == "text":
         return not record["text"].strip()
     if kind == "chat":
-        return any(not m["content"].strip() for m in record["messages"])
+        return any(not m["content"].strip() for m in record["messages"]
+                   if m["role"] != "assistant")
     return (any(not m["content"].strip() for m in record["prompt"])
             or not record["chosen"].strip() or not record["rejected"].strip())

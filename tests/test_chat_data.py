@@ -1,0 +1,104 @@
+"""Chat records through preparation and SFT encoding: per-turn context, empty replies, and
+counting each long conversation once."""
+
+import collections
+import json
+import random
+
+import ml_collections
+import pytest
+
+from data_pipelines import chat_data, chat_template, prepare, records
+from data_pipelines import tokenizer as tokenizer_lib
+
+WORDS = ("river stone market winter lantern garden copper signal harbor violet candle meadow "
+         "thunder pepper silver orchard canyon marble falcon willow ember saddle velvet").split()
+
+
+def words(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def test_records_keep_the_context_and_clean_it():
+    chat = records.from_chat({"messages": [
+        {"role": "user", "content": "Who won?", "context": "  Match report: the home side.  "},
+        {"role": "assistant", "content": "The home side."}]})
+    assert chat["messages"][0]["context"] == "  Match report: the home side.  "
+    assert records.pieces(chat, "chat")[:2] == ["  Match report: the home side.  ", "Who won?"]
+    assert "Match report" in records.text_view(chat, "chat")
+    stripped = records.map_contents(chat, "chat", str.strip)
+    assert stripped["messages"][0] == {"role": "user", "content": "Who won?",
+                                       "context": "Match report: the home side."}
+    assert records.decode(records.encode(chat, "chat"), "chat") == chat
+    with pytest.raises(records.BadRecord, match="'context' in message 0 is int"):
+        records.from_chat({"messages": [{"role": "user", "content": "x", "context": 3}]})
+
+
+def test_only_a_blank_prompt_turn_empties_a_chat():
+    def chat(*contents):
+        roles = ["user", "assistant"] * len(contents)
+        return {"messages": [{"role": r, "content": c} for r, c in zip(roles, contents)]}
+
+    assert not records.has_empty_part(chat("Say nothing.", ""), "chat")
+    assert not records.has_empty_part(chat("Hi", "Hello", "Bye", "  "), "chat")
+    assert records.has_empty_part(chat("  ", "Hello"), "chat")
+
+
+def test_preparation_keeps_empty_replies_and_contexts(tmp_path):
+    from configs import base
+
+    rows = [{"messages": [{"role": "user", "content": words(i, 8)},
+                          {"role": "assistant", "content": words(1000 + i, 12)}]}
+            for i in range(30)]
+    rows[3]["messages"][1]["content"] = ""
+    rows[5]["messages"][0]["context"] = "Retrieved: " + words(77, 10)
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = base.get_config().data
+    cfg.vocab_size = 320
+    cfg.sources.chat = ml_collections.ConfigDict({"source": f"chat:{path}", "weight": 1.0})
+    out = str(tmp_path / "out")
+    prepare.write_sources(prepare.named_sources(cfg), cfg, out)
+    prepared = prepare.load(out)
+    stored = [records.decode(s[i], "chat")["messages"]
+              for s in (prepared.data_source(split, kind="chat")
+                        for split in ("train", "validation")) for i in range(len(s))]
+    assert len(stored) == 30
+    assert rows[3]["messages"] in stored and rows[5]["messages"] in stored
+    report = json.load(open(f"{out}/report.json"))
+    assert "empty" not in report["sources"]["chat"]["funnel"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = [words(i, 30) for i in range(200)]
+    return tokenizer_lib.train(texts, str(tmp_path_factory.mktemp("tok") / "t.model"),
+                               vocab_size=300)
+
+
+def test_an_empty_reply_learns_its_end_marker(tok):
+    encode = chat_data.encoder(tok, loss_on="assistant", max_len=64, on_long="truncate")
+    example = encode({"messages": json.dumps([{"role": "user", "content": "Say nothing."},
+                                              {"role": "assistant", "content": ""}])})
+    learned = example["tokens"][example["weights"] > 0].tolist()
+    assert learned == [tok.marker_ids[chat_template.END]]
+
+
+def test_long_conversations_are_counted_once_however_often_encoded(tok):
+    def conversation(i, first_user_words):
+        return {"messages": json.dumps([
+            {"role": "user", "content": words(i, first_user_words)},
+            {"role": "assistant", "content": words(i + 1, 4)},
+            {"role": "user", "content": words(i + 2, 100)},
+            {"role": "assistant", "content": words(i + 3, 4)}]).encode()}
+
+    data = [conversation(i, 3) for i in range(10)]  # the second exchange does not fit
+    data += [conversation(100 + i, 100) for i in range(2)]  # not even the first fits
+    counts = collections.Counter()
+    encode = chat_data.encoder(tok, loss_on="assistant", max_len=80, on_long="truncate",
+                               counts=counts)
+    for _ in range(3):  # epochs, probes, prefetch: the same records again
+        for record in data:
+            encode(record)
+    assert counts == {"truncated": 10, "dropped": 2}
