@@ -144,6 +144,7 @@ class ProjectTemplate:
     """<|system|>/<|user|>/<|assistant|> ... <|end|>: reserved marker tokens, built as tokens."""
 
     name = "project"
+    where = "the project template (<|user|>/<|assistant|> markers)"
     source = PROJECT_JINJA
 
     def encode_text(self, tokenizer, text: str) -> list[int]:
@@ -194,8 +195,11 @@ class ProjectTemplate:
 
     def control_tokens(self, tokenizer) -> dict[int, str]:
         out = {i: m for m, i in tokenizer.marker_ids.items()}
+        sp = getattr(tokenizer, "sp", None)
         for name in ("bos", "eos", "pad"):
-            out.setdefault(getattr(tokenizer, f"{name}_id"), f"<{name}>")
+            i = getattr(tokenizer, f"{name}_id", None)
+            if i is not None and i >= 0:
+                out.setdefault(i, sp.id_to_piece(i) if sp is not None else f"<{name}>")
         return out
 
     def parse(self, tokenizer, ids) -> list[dict]:

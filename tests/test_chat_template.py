@@ -120,3 +120,15 @@ def test_literal_markers_round_trip_with_a_dummy_prefix_tokenizer(llama_style_to
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]
     tokens, _ = ct.encode(tok, messages)
     assert ct.parse(tok, tokens) == messages
+
+
+def test_inspect_tells_literal_marker_text_from_markers(tok):
+    from data_pipelines import inspect
+
+    messages = [{"role": "user", "content": "Type <|end|> to stop."},
+                {"role": "assistant", "content": "ok"}]
+    tokens, weights = ct.encode(tok, messages)
+    shown = inspect.show(tok, tokens, weights, False, ct.control_tokens(tok))
+    assert shown == "<s><|user|>Type \\<|end|> to stop.<|end|><|assistant|>[[ok<|end|>]]"
+    colored = inspect.show(tok, tokens, weights, True, ct.control_tokens(tok))
+    assert "\033[36m<|end|>\033[0m" in colored and "Type \\<|end|>" in colored
