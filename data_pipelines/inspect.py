@@ -5,27 +5,50 @@ Examples are prepared and encoded exactly as training does (same source, tokeniz
 template, loss mask and long-conversation policy). A source that needs preparing is prepared
 into data.cache_dir, else `--workdir`'s data/ folder, else a per-user cache
 ($XDG_CACHE_HOME/t5x_like/inspect, ~/.cache/... by default) where reruns find it: never into
-the current folder, which is not this command's to fill. Tokens the loss learns from are green
-in a terminal and wrapped in [[...]] otherwise; the rest is shown plain. Each example ends with its
-token count, learned-token count, and whether it is longer than model.max_len (training would
-cut it into pieces).
+the current folder, which is not this command's to fill. Chats are rendered in the run's chat
+template (data.chat_template: the project's or the model's own). Tokens the loss learns from
+are green in a terminal and wrapped in [[...]] otherwise; the rest is shown plain. The template's
+own marker tokens are cyan in a terminal; the same text typed inside a message (plain text to
+the model) is shown escaped, as \\<|end|>, so the two never look alike. Each example ends with
+its token count, learned-token count, and whether it is longer than model.max_len (training
+would cut it into pieces).
 """
 
 import collections
 import os
+import re
 import sys
 
 from absl import flags
 
-GREEN, RESET = "\033[32m", "\033[0m"
+GREEN, CYAN, RESET = "\033[32m", "\033[36m", "\033[0m"
 
 
-def show(tokenizer, tokens, weights, color: bool) -> str:
-    """Runs of tokens with the same weight, decoded; learned runs marked."""
+def show(tokenizer, tokens, weights, color: bool, controls: dict[int, str] | None = None) -> str:
+    """Runs of tokens with the same weight, decoded; learned runs marked. `controls`
+    ({id: text}, chat_template.control_tokens): tokens shown as their text (cyan in color),
+    while that text inside decoded text is escaped with a backslash."""
+    controls = controls or {}
+    literal = re.compile("|".join(map(re.escape, sorted(set(controls.values()), key=len,
+                                                         reverse=True))) or "(?!)")
+
+    def spell(run) -> str:
+        parts, text = [], []
+        for t in [*run, None]:
+            if t is None or t in controls:
+                if text:
+                    parts.append(literal.sub(lambda m: "\\" + m.group(), tokenizer.decode(text)))
+                    text = []
+                if t is not None:
+                    parts.append(f"{CYAN}{controls[t]}{RESET}" if color else controls[t])
+            else:
+                text.append(t)
+        return "".join(parts)
+
     out, start = [], 0
     for i in range(1, len(tokens) + 1):
         if i == len(tokens) or bool(weights[i]) != bool(weights[start]):
-            text = tokenizer.sp.decode([int(t) for t in tokens[start:i]])
+            text = spell([int(t) for t in tokens[start:i]])
             if weights[start]:
                 text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
             out.append(text)
@@ -51,6 +74,7 @@ def default_workdir() -> str:
 
 def main(argv):
     del argv
+    from data_pipelines import chat_template
     from data_pipelines import tokenizer as tokenizer_lib
     from t5x_like.core import config as config_lib
     from t5x_like.training import trainer
@@ -65,6 +89,9 @@ def main(argv):
         cfg = trainer._inherit_tokenizer(cfg, checkpoints.locate(cfg.init_from)[0])
     prepared = trainer.prepare_data(cfg, workdir)
     tok = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
+    cfg = chat_template.setup(cfg, tok)  # the template training would use
+    print(f"chat template: {chat_template.of(tok).name} ({chat_template.of(tok).where})")
+    controls = chat_template.control_tokens(tok)
     counts = collections.Counter()
     encode = trainer.example_encoder(cfg, tok, prepared.text_field, counts)
     split = cfg.data.train_split if f.split == "train" else cfg.data.eval_split
@@ -77,7 +104,7 @@ def main(argv):
         if len(tokens) == 0:
             print("(dropped: longer than model.max_len under data.on_long=drop/truncate)")
             continue
-        print(show(tok, tokens, weights, color))
+        print(show(tok, tokens, weights, color, controls))
         longer = len(tokens) - 1 > cfg.model.max_len
         print(f"--- {len(tokens)} tokens, {int(weights.sum())} with loss"
               f"{f', longer than model.max_len={cfg.model.max_len}' if longer else ''} ---")
