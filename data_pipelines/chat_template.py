@@ -122,12 +122,14 @@ def _encode_mid(tokenizer, text: str) -> list[int]:
 
 def _plain(tokenizer, text: str, control_ids: frozenset) -> list[int]:
     """A control token's string as plain text (ids that are not control tokens), encoded
-    mid-sequence. SentencePiece spells it in byte pieces (as the project always has); other
-    tokenizers encode it split in two, so that no added token matches."""
+    mid-sequence. A tokenizer with byte-fallback pieces spells it in bytes (as the project
+    always has); others encode it split in two, so that no added token matches."""
     sp = getattr(tokenizer, "sp", None)
-    if sp is not None:
-        ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode()]
-        if all(sp.is_byte(i) for i in ids):
+    is_byte = getattr(tokenizer, "is_byte", None) or (sp and sp.is_byte)
+    piece_to_id = getattr(tokenizer, "piece_to_id", None) or (sp and sp.piece_to_id)
+    if is_byte and piece_to_id:
+        ids = [piece_to_id(f"<0x{b:02X}>") for b in text.encode()]
+        if all(i is not None and is_byte(i) for i in ids):
             return ids
     ids = _encode_mid(tokenizer, text)
     if not control_ids.intersection(ids):
@@ -195,11 +197,10 @@ class ProjectTemplate:
 
     def control_tokens(self, tokenizer) -> dict[int, str]:
         out = {i: m for m, i in tokenizer.marker_ids.items()}
-        sp = getattr(tokenizer, "sp", None)
         for name in ("bos", "eos", "pad"):
             i = getattr(tokenizer, f"{name}_id", None)
             if i is not None and i >= 0:
-                out.setdefault(i, sp.id_to_piece(i) if sp is not None else f"<{name}>")
+                out.setdefault(i, _piece(tokenizer, i) or f"<{name}>")
         return out
 
     def parse(self, tokenizer, ids) -> list[dict]:
@@ -678,16 +679,22 @@ def _model_tokens(folder: str) -> tuple[dict[str, str], dict[str, tuple[int, boo
     return specials, added
 
 
+def _piece(tokenizer, i: int) -> str | None:
+    """The token string of id i, through whichever interface the tokenizer has."""
+    for name in ("id_to_piece", "id_to_token"):
+        if hasattr(tokenizer, name):
+            return getattr(tokenizer, name)(i)
+    sp = getattr(tokenizer, "sp", None)
+    return sp.id_to_piece(i) if sp is not None else None
+
+
 def _tokenizer_specials(tokenizer, specials, added):
     """Fills bos/eos/... strings and ids the files leave out from the tokenizer itself."""
-    sp = getattr(tokenizer, "sp", None)
     for key in ("bos", "eos", "unk", "pad"):
         i = getattr(tokenizer, f"{key}_id", None)
         if i is None or i < 0:
             continue
-        text = specials.get(f"{key}_token")
-        if text is None and sp is not None:
-            text = sp.id_to_piece(i)
+        text = specials.get(f"{key}_token") or _piece(tokenizer, i)
         if text is None:
             continue
         specials.setdefault(f"{key}_token", text)
@@ -772,7 +779,8 @@ def setup(cfg, tokenizer):
     recorded = "project" if template is PROJECT else ("model" if choice == "auto" else choice)
     if cfg.data.get("chat_template") != recorded:
         cfg = cfg.copy_and_resolve_references()
-        cfg.data.chat_template = recorded
+        with cfg.unlocked():  # a config written before the key existed lacks it
+            cfg.data.chat_template = recorded
     return cfg
 
 
