@@ -798,9 +798,12 @@ def install(tokenizer, workdir: str) -> None:
 
 
 def for_run(cfg, tokenizer, workdir: str):
-    """Attaches a trained run's template (its config's data.chat_template, RUN_FILE)."""
+    """Attaches a trained run's template: its config's data.chat_template ("project", or the
+    model's kept in the run: RUN_FILE or the tokenizer's files; runs from before the key
+    trained with the project's)."""
     choice = cfg.data.get("chat_template", "project") if "data" in cfg else "project"
-    use(tokenizer, PROJECT if choice == "project" else load("model", workdir, tokenizer))
+    choice = choice if choice in ("project", "auto") else "model"
+    use(tokenizer, load(choice, workdir, tokenizer))
     return tokenizer
 
 
