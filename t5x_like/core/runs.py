@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from data_pipelines import chat_template
 from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.training import checkpoints
 from t5x_like.core import config as config_lib
@@ -45,6 +46,7 @@ def load(workdir: str, *, step: int | None = None, mesh=None, merge: bool = True
     if not os.path.isfile(tok_path):
         raise UserError(f"{workdir} has no tokenizer.model; was it written by t5x_like.train?")
     tokenizer = tokenizer_lib.Tokenizer(tok_path)
+    chat_template.for_run(cfg, tokenizer, workdir)  # the template it trained with
     if mesh is None:
         one_device = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
         mesh = partitioning.make_mesh(one_device, jax.devices()[:1])
