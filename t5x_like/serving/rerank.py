@@ -36,8 +36,7 @@ def best_of_n(decoder: decoding.Decoder, reward_model, prompts: Sequence[list[di
     if n < 1:
         raise ValueError(f"n={n}; best-of-N needs at least one sample")
     tok = decoder.tokenizer
-    end = tok.marker_ids[chat_template.END]
-    stops = tuple(sampling.stop_tokens) or (end,)
+    stops = tuple(sampling.stop_tokens) or chat_template.reply_stop_ids(tok)
     ids = [chat_template.prompt(tok, p) for p in prompts]
     grouped_ids = [p for p in ids for _ in range(n)]
     grouped_msgs = [p for p in prompts for _ in range(n)]
@@ -64,12 +63,11 @@ def serve_generate(reward_model, n: int):
 
     def generate(decoder: decoding.Decoder, requests):
         tok = decoder.tokenizer
-        assistant = tok.marker_ids[chat_template.ASSISTANT]
         rows = [(prompt, dataclasses.replace(s, seed=s.seed + k))
                 for prompt, samplings in requests for s in samplings for k in range(n)]
         completions = decoder.generate([p for p, _ in rows], [s for _, s in rows])
-        messages = [chat_template.parse(tok, p[:-1] if p[-1] == assistant else p)
-                    for p, _ in rows]
+        # The prompts come as ids: read back into messages (project template only).
+        messages = [chat_template.parse(tok, p) for p, _ in rows]
         scores = np.asarray(reward_model.score(messages, [c.text for c in completions]),
                             np.float32).reshape(-1, n)
         best = [completions[i * n + int(np.argmax(row))] for i, row in enumerate(scores)]
