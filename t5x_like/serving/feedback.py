@@ -79,7 +79,6 @@ RATINGS = ("up", "down")
 PROBLEM_KINDS = ("bias", "harm", "error", "other")
 FORMATS = ("sft", "preference")
 VERDICTS = ("approve", "reject")
-COMMANDS = ("export", "review", "verdicts")
 DB_NAME = "feedback.sqlite"  # in the served workdir unless --db says otherwise
 TITLE_CHARS = 200
 
@@ -297,9 +296,11 @@ class Store:
     def add_responses(self, *, response_id: str, conversation_id: str, prompt: list[dict],
                       choices: Sequence[dict], model: str, model_step: int, sampling: dict,
                       prompt_tokens: int, regenerates: tuple[str, int] | None = None,
-                      idempotency_key: str | None = None, body_hash: str | None = None) -> bool:
+                      idempotency_key: str | None = None, body_hash: str | None = None,
+                      parent: tuple[str, int] | None = None) -> bool:
         """Stores the choices of one completion (each {"content", "finish_reason",
-        "completion_tokens"}) and creates the conversation if it is new.
+        "completion_tokens"}) and creates the conversation if it is new. `parent`: the response
+        it continues, when the client said (else found from the prompt's last exchange).
 
         With `idempotency_key`, records that the key made this completion; if the key already
         made one (a retry that raced the first try), stores nothing and returns False.
@@ -314,14 +315,13 @@ class Store:
                 return False
             cur.execute("INSERT OR IGNORE INTO conversations (id, created) VALUES (?, ?)",
                         (conversation_id, now))
-            parent = None
             if regenerates is not None:  # an alternative continues what the original did
                 row = cur.execute("SELECT parent_id, parent_choice FROM responses WHERE id = ? "
                                   "AND choice = ?", regenerates).fetchone()
-                parent = (row["parent_id"], row["parent_choice"]) if row else None
+                found = (row["parent_id"], row["parent_choice"]) if row else None
             else:
-                parent = self._parent(cur, conversation_id, prompt)
-            parent_id, parent_choice = parent or (None, None)
+                found = parent or self._parent(cur, conversation_id, prompt)
+            parent_id, parent_choice = found or (None, None)
             for i, c in enumerate(choices):
                 # OR IGNORE: the same completion id stored twice is one row, not an error.
                 cur.execute(
@@ -995,32 +995,36 @@ def describe_counts(counts: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items() if k != "written")
 
 
-def main(argv):
+def main_export(argv):
+    del argv
     from absl import flags
 
     f = flags.FLAGS
-    command = argv[1] if len(argv) == 2 else None
-    if command not in COMMANDS:
-        raise UserError(f"unknown command {' '.join(argv[1:]) or '(none)'}; use one of "
-                        f"{', '.join(COMMANDS)}: python -m t5x_like.feedback export --db=... "
-                        "--out=... --format=sft|preference [--reviewed_only]")
-    needs = {"export": ("db", "out"), "review": ("db", "out"), "verdicts": ("db", "verdicts")}
-    missing = [f"--{name}" for name in needs[command] if not getattr(f, name)]
-    if missing:
-        raise UserError(f"{command} needs {' and '.join(missing)}: python -m t5x_like.feedback "
-                        f"{command} " + " ".join(f"--{n}=..." for n in needs[command]))
-    if command == "export":
-        counts = export(f.db, f.out, f.format, reviewed_only=f.reviewed_only)
-        which = " (reviewed only)" if f.reviewed_only else ""
-        print(f"{f.format}{which}: wrote {counts['written']} records to {f.out} "
-              f"({describe_counts(counts)})")
-    elif command == "review":
-        made = write_review(f.db, f.out, include_reviewed=f.include_reviewed)
-        print(f"wrote {f.out}/sheet.html and {f.out}/sheet.csv ({made['items']} items to "
-              f"approve or reject). Then: python -m t5x_like.feedback verdicts --db={f.db} "
-              "--verdicts=<downloaded verdicts .json or filled sheet.csv>")
-    else:
-        done = record_verdicts(f.db, f.verdicts)
-        print(f"recorded {done['approve']} approved and {done['reject']} rejected in {f.db}; "
-              "`export --reviewed_only` now uses the approved ones.")
+    counts = export(f.db, f.out, f.format, reviewed_only=f.reviewed_only)
+    which = " (reviewed only)" if f.reviewed_only else ""
+    print(f"{f.format}{which}: wrote {counts['written']} records to {f.out} "
+          f"({describe_counts(counts)})")
+    sys.stdout.flush()
+
+
+def main_review(argv):
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    made = write_review(f.db, f.out, include_reviewed=f.include_reviewed)
+    print(f"wrote {f.out}/sheet.html and {f.out}/sheet.csv ({made['items']} items to "
+          f"approve or reject). Then: python -m t5x_like.feedback verdicts --db={f.db} "
+          "--verdicts=<downloaded verdicts .json or filled sheet.csv>")
+    sys.stdout.flush()
+
+
+def main_verdicts(argv):
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    done = record_verdicts(f.db, f.verdicts)
+    print(f"recorded {done['approve']} approved and {done['reject']} rejected in {f.db}; "
+          "`export --reviewed_only` now uses the approved ones.")
     sys.stdout.flush()

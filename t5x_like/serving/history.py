@@ -12,7 +12,9 @@ Routes (each needs the API key when the server has one):
     DELETE /v1/conversations/{id}        deletes it with its replies and their feedback
 
 Only ids this server issued exist: a completion naming any other conversation_id gets 404, so
-a client can neither invent one nor continue one that was deleted.
+a client can neither invent one nor continue one that was deleted. A completion may name the
+reply it continues (extension fields parent_id, parent_index: the reply its last assistant turn
+shows); the history then holds even when every earlier turn was dropped to fit the context.
 
 Idempotency-Key (a request header, 1-200 visible ASCII characters): a client that lost the
 answer to a write (a timeout, a server restart) sends the same request again with the same key
@@ -78,6 +80,30 @@ async def check_conversation(store: feedback.Store, conversation_id: str | None)
         raise HttpError(404, f"no conversation {conversation_id!r}: send the conversation_id a "
                         "completion of this server returned, or none to start a new one.",
                         param="conversation_id", code="conversation_not_found")
+
+
+async def check_parent(store: feedback.Store, conversation_id: str | None,
+                       body: dict) -> tuple[str, int] | None:
+    """The extension fields parent_id / parent_index: the reply (one of this conversation's)
+    that the request's last assistant turn shows. Without them the store finds it from the
+    last exchange, which it cannot once every earlier turn was dropped to fit the context."""
+    parent_id, index = body.get("parent_id"), body.get("parent_index", 0)
+    if parent_id is None:
+        return None
+    if not isinstance(parent_id, str) or not _ID_RE.match(parent_id):
+        raise HttpError(400, "'parent_id' must be the id of a completion.", param="parent_id")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise HttpError(400, "'parent_index' must be a choice index (0 or more).",
+                        param="parent_index")
+    try:
+        found = await run_in_threadpool(store.response, parent_id, index)
+    except feedback.UnknownResponse as e:
+        raise HttpError(404, str(e), param="parent_id") from None
+    if found["conversation_id"] != conversation_id:
+        raise HttpError(400, f"parent_id {parent_id!r} is not a reply of conversation "
+                        f"{conversation_id!r}; send the conversation_id it belongs to.",
+                        param="parent_id")
+    return parent_id, index
 
 
 def add_routes(app, store: feedback.Store, authorize) -> None:

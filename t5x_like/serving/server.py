@@ -520,12 +520,13 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
         # webchat: only ids this server issued; a retry with its Idempotency-Key is answered
         # from the database.
         await history.check_conversation(store, chat.conversation_id)
+        parent = await history.check_parent(store, chat.conversation_id, body)
         attempt = await retries.begin(request, body)
         if attempt.replay is not None:
             return history.replayed_completion(attempt.replay, stream=chat.stream,
                                                include_usage=chat.include_usage)
         try:
-            response = await _complete(chat, attempt)
+            response = await _complete(chat, attempt, parent)
         except BaseException:
             attempt.end()
             raise
@@ -533,7 +534,7 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
             attempt.end()
         return response
 
-    async def _complete(chat: _Chat, attempt: history.Attempt):
+    async def _complete(chat: _Chat, attempt: history.Attempt, parent: tuple | None):
         conversation_id = chat.conversation_id
         if chat.regenerate_of is not None:
             try:
@@ -561,7 +562,8 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
                                 prompt=chat.messages, choices=choices, model=model_name,
                                 model_step=run.step, sampling=chat.record,
                                 prompt_tokens=len(chat.prompt), regenerates=chat.regenerate_of,
-                                idempotency_key=attempt.key, body_hash=attempt.body_hash)
+                                idempotency_key=attempt.key, body_hash=attempt.body_hash,
+                                parent=parent)
             return choices
 
         job = _Job(chat.prompt, chat.samplings, chat.stream, finish)
