@@ -296,7 +296,7 @@ def generate(run, examples: list[eval_tasks.Example], sampling: decoding.Samplin
     """Replies of `run` to every example (in order), and which prompts had to be shortened.
 
     Example i samples with seed + i, so a reply does not depend on which batch it landed in.
-    Chat replies end at <|end|> or at the start of another turn.
+    Chat replies end at the end of turn (<|end|>, the model's own) or at the start of another.
     """
     tok = run.tokenizer
     max_len = run.cfg.model.max_len
@@ -309,11 +309,8 @@ def generate(run, examples: list[eval_tasks.Example], sampling: decoding.Samplin
         ids, cut = prompt_ids(tok, ex, template=template, system=system, budget=budget)
         prompts.append(ids)
         truncated.append(cut)
-    stops = ()
-    if template == "chat":
-        m = tok.marker_ids
-        stops = tuple(m[k] for k in (chat_template.END, chat_template.USER,
-                                     chat_template.ASSISTANT, chat_template.SYSTEM))
+    # A chat reply ends at the template's end of turn, eos, or a token starting another turn.
+    stops = chat_template.reply_stop_ids(tok) if template == "chat" else ()
     decoder = _decoder(run, batch_size, max_len)
     # Similar lengths share a batch: less padding, fewer distinct compiled shapes.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
