@@ -239,9 +239,9 @@ def fingerprint(named: dict, data_cfg) -> str:
             if source.kind == "text":
                 entry["text"] = (data_cfg.text_unit, data_cfg.min_doc_chars)
         parts["sources"][name] = entry
-    if data_cfg.tokenizer:
-        path = os.path.abspath(data_cfg.tokenizer)
-        parts["tokenizer"] = (path, os.path.getsize(path), os.stat(path).st_mtime_ns)
+    if data_cfg.tokenizer:  # its main file and the config files beside it
+        parts["tokenizer"] = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns)
+                              for p in tokenizer_lib.files(data_cfg.tokenizer)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -345,7 +345,8 @@ _EnvironmentFailure = getattr(errors, "EnvironmentFailure", UserError)
 
 # What a preparation writes into its folder; a folder holding anything else is not its output.
 OWN_ENTRIES = frozenset({"prepare.json", "tokenizer.model", "tokenizer.vocab", "tfds",
-                         "report.md", "report.json", "plots"})
+                         "report.md", "report.json", "plots", "tokenizer.json",
+                         *tokenizer_lib.SIDECARS})
 
 
 def check_out(out: str, recipe: str) -> str:
@@ -958,9 +959,9 @@ class _Writer:
 
 
 def _train_tokenizer(named: dict, data_cfg, train_texts: Iterator[str], path: str):
-    if data_cfg.tokenizer:
-        shutil.copyfile(data_cfg.tokenizer, path)
-        return tokenizer_lib.Tokenizer(path), "given: " + data_cfg.tokenizer
+    if data_cfg.tokenizer:  # a .model, a tokenizer.json (with its config files), a folder
+        path = tokenizer_lib.install(data_cfg.tokenizer, os.path.dirname(path))
+        return tokenizer_lib.load(path), "given: " + data_cfg.tokenizer
     tok = tokenizer_lib.train(train_texts, path, vocab_size=data_cfg.vocab_size,
                               model_type=data_cfg.tokenizer_type,
                               max_chars=data_cfg.tokenizer_max_chars,
@@ -1018,7 +1019,7 @@ def _build(named: dict, data_cfg, tmp: str, description: str) -> dict:
             _spooled_texts(spool, n, kinds[n]) for n in named]), tok_path)
         timing["tokenizer_train_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        stats = stats_lib.Stats(kinds, tok.vocab_size, tok.sp.id_to_piece)
+        stats = stats_lib.Stats(kinds, tok.vocab_size, tok.id_to_piece)
         writer = _Writer(tok, stats, opts, fields, report, timing)
         splits = {f"{n}-{split}": (lambda n=n, split=split: writer.records(
                       n, kinds[n], split, _spooled(spool, n, split)))
@@ -1061,7 +1062,8 @@ def _build(named: dict, data_cfg, tmp: str, description: str) -> dict:
                      4) for n, s in summary.items() if "validation" in s}}
     report["mixture"] = _mixture(report, summary)
     meta = {"format": FORMAT_VERSION, "fingerprint": fingerprint(named, data_cfg),
-            "dataset_dir": os.path.relpath(dataset_dir, tmp), "tokenizer": "tokenizer.model",
+            "dataset_dir": os.path.relpath(dataset_dir, tmp),
+            "tokenizer": os.path.relpath(tok.path, tmp),
             "text_field": TEXT_FIELD, "fields": list(fields),
             "splits": dict(sum((collections.Counter(report["sources"][n]["splits"])
                                 for n in named if kinds[n] == "text"), collections.Counter())),
@@ -1124,11 +1126,9 @@ def _special_pieces(tok, data_cfg) -> list[str]:
     """Control pieces (pad, unk, bos, eos), then the chat markers and data.special_tokens."""
     from data_pipelines import chat_template
 
-    sp = tok.sp
-    out = [sp.id_to_piece(i) for i in range(min(tok.vocab_size, 8))
-           if sp.is_control(i) or sp.is_unknown(i)]
+    out = [tok.id_to_piece(i) for i in sorted(tok.special_ids)[:8]]
     return out + [t for t in (*chat_template.MARKERS, *_special_tokens(data_cfg))
-                  if sp.piece_to_id(t) != sp.unk_id() and t not in out]
+                  if tok.piece_to_id(t) is not None and t not in out]
 
 
 def _mixture(report: dict, summary: dict) -> dict:
@@ -1208,7 +1208,8 @@ def _prepare_tfds(source: sources.Source, data_cfg, cache_dir: str) -> Prepared:
                         f"{data_cfg.text_field!r} (it has {', '.join(builder.info.features)}).")
     prepared = Prepared(str(builder.data_dir), "", data_cfg.text_field, splits)
     if data_cfg.tokenizer:
-        return dataclasses.replace(prepared, tokenizer_path=data_cfg.tokenizer)
+        return dataclasses.replace(prepared, tokenizer_path=tokenizer_lib.resolve(
+            data_cfg.tokenizer))
     key = hashlib.sha256(json.dumps([name, str(builder.data_dir), data_cfg.text_field,
                                      data_cfg.train_split, data_cfg.vocab_size,
                                      data_cfg.tokenizer_type, data_cfg.tokenizer_max_chars,

@@ -31,9 +31,8 @@ def evaluate(tok, texts: list[str]) -> dict:
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_chars = sum(len(t) for t in texts)
     n_words = sum(len(t.split()) for t in texts)
-    sp = tok.sp
-    byte_tokens = sum(1 for x in ids for i in x if sp.is_byte(i))
-    unk = sum(1 for x in ids for i in x if sp.is_unknown(i))
+    byte_tokens = sum(1 for x in ids for i in x if tok.is_byte(i))
+    unk = sum(1 for x in ids for i in x if i == tok.unk_id)
     used = len({i for x in ids for i in x})
     return {"vocab_size": tok.vocab_size, "tokens": n_tokens, "bytes": n_bytes,
             "bytes_per_token": round(n_bytes / max(n_tokens, 1), 4),
@@ -66,7 +65,7 @@ def table(results: dict[str, dict]) -> str:
 
 
 def segmentation(tok, text: str) -> str:
-    return "|".join(tok.sp.id_to_piece(i) for i in tok.encode(text))
+    return "|".join(tok.id_to_piece(i) for i in tok.encode(text))
 
 
 def _texts(spec: str, split: str) -> list[str]:

@@ -66,7 +66,7 @@ def test_foreign_sentencepiece_model_is_refused(tmp_path):
 
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f g"] * 50),
                                    model_prefix=str(tmp_path / "plain"), vocab_size=12,
-                                   minloglevel=2)
+                                   hard_vocab_limit=False, minloglevel=2)
     with pytest.raises(UserError, match="not trained by t5x_like"):
         tokenizer_lib.Tokenizer(str(tmp_path / "plain.model"))
 

@@ -149,8 +149,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(d.vocab_size >= 300, "data.vocab_size",
              f"is {d.vocab_size}; it must be at least 300 (256 byte pieces plus markers).")
     _require(d.worker_count >= 0, "data.worker_count", "must be >= 0.")
-    _require(not d.tokenizer or os.path.isfile(d.tokenizer), "data.tokenizer",
-             f"file {d.tokenizer!r} does not exist; give a SentencePiece .model or leave it empty.")
+    _require(not d.tokenizer or os.path.exists(d.tokenizer), "data.tokenizer",
+             f"{d.tokenizer!r} does not exist; give a SentencePiece .model, a tokenizer.json, a "
+             "folder holding one, or leave it empty.")
     _validate_data_prep(d)
 
     _require(d.loss_on in ("assistant", "last_assistant", "all"), "data.loss_on",

@@ -42,10 +42,11 @@ def load(workdir: str, *, step: int | None = None, mesh=None, merge: bool = True
     is a plain model, merge=False keeps them apart in `lora`.
     """
     cfg = config_lib.load_json(os.path.join(workdir, "config.json"))
-    tok_path = os.path.join(workdir, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise UserError(f"{workdir} has no tokenizer.model; was it written by t5x_like.train?")
-    tokenizer = tokenizer_lib.Tokenizer(tok_path)
+    tok_path = tokenizer_lib.find(workdir, required=False)
+    if tok_path is None:
+        raise UserError(f"{workdir} has no tokenizer.model or tokenizer.json; was it written by "
+                        "t5x_like.train?")
+    tokenizer = tokenizer_lib.load(tok_path)
     chat_template.for_run(cfg, tokenizer, workdir)  # the template it trained with
     if mesh is None:
         one_device = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})

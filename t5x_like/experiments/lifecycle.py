@@ -166,7 +166,9 @@ def export_stage(cfg, name, st, workdir, record) -> None:
 
 
 # What `t5x_like.export` writes into a model directory (export.py; base.json: PEFT adapters).
-EXPORT_ENTRIES = frozenset({"config.json", "tokenizer.model", "checkpoints", "base.json"})
+EXPORT_ENTRIES = frozenset({"config.json", "tokenizer.model", "checkpoints", "base.json",
+                            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                            "generation_config.json", "chat_template.jinja"})
 
 
 def remove_export(out: str) -> None:
