@@ -374,16 +374,16 @@ def run(named: dict, data_cfg, opts: dict, tmp: str, fields: tuple[str, ...], re
         for rec in decoded(name, "train"):
             yield records_lib.text_view(rec, kinds[name])
 
-    tok, origin = train_tokenizer(stages.round_robin([train_texts(n) for n in names]))
+    tok, origin = train_tokenizer(prepare._round_robin([train_texts(n) for n in names]))
     timing["tokenizer_train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     stats = stats_lib.Stats(kinds, tok.vocab_size, tok.id_to_piece)
     for name in names:
-        for split in stages.SPLITS:
+        for split in prepare.SPLITS:
             count = 0
-            for batch in stages.batches(decoded(name, split)):
+            for batch in prepare._batches(decoded(name, split)):
                 start_tok = time.perf_counter()
-                encoded = stages.encode(tok, batch, kinds[name])
+                encoded = prepare._encode(tok, batch, kinds[name])
                 timing["tokenize_s"] += time.perf_counter() - start_tok
                 for rec, (ids, parts) in zip(batch, encoded):
                     stats.add(name, split, rec, ids, parts)
