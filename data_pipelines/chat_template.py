@@ -50,6 +50,7 @@ import re
 from typing import Any, Sequence
 
 import numpy as np
+from absl import logging
 
 SYSTEM = "<|system|>"
 USER = "<|user|>"
@@ -771,26 +772,26 @@ def model_dir_of(cfg) -> str:
 
 
 def setup(cfg, tokenizer):
-    """Picks the run's template from `data.chat_template`, attaches it to `tokenizer`, and
-    returns cfg with the choice recorded ("project" or "model"; a path stays as given)."""
-    choice = cfg.data.get("chat_template", "auto") or "auto"
-    template = load(choice, model_dir_of(cfg), tokenizer)
+    """Picks the run's template from `data.chat_template`, attaches it to `tokenizer` and
+    returns it. config.json keeps the choice as given (so a resumed run compares equal);
+    `install` records what it resolved to (RUN_FILE for a model template)."""
+    template = load(cfg.data.get("chat_template", "auto") or "auto", model_dir_of(cfg),
+                    tokenizer)
     use(tokenizer, template)
-    recorded = "project" if template is PROJECT else ("model" if choice == "auto" else choice)
-    if cfg.data.get("chat_template") != recorded:
-        cfg = cfg.copy_and_resolve_references()
-        with cfg.unlocked():  # a config written before the key existed lacks it
-            cfg.data.chat_template = recorded
-    return cfg
+    logging.info("chat template: %s (%s)", template.name, template.where)
+    return template
 
 
 def install(tokenizer, workdir: str) -> None:
     """Records the attached model template in `workdir` (RUN_FILE: source, token strings and
-    ids) so the run renders the same after the model folder is gone."""
+    ids) so the run renders the same after the model folder is gone; with the project template,
+    removes one an earlier start of this run left."""
     template = of(tokenizer)
-    if template is PROJECT:
-        return
     path = os.path.join(workdir, RUN_FILE)
+    if template is PROJECT:
+        if os.path.isfile(path):
+            os.remove(path)  # ours: a start that failed before its first checkpoint
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(template.to_json(), f, ensure_ascii=False, indent=1)

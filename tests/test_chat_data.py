@@ -101,3 +101,44 @@ def test_long_conversations_are_counted_once_however_often_encoded(tok):
         for record in data:
             encode(record)
     assert counts == {"truncated": 10, "dropped": 2}
+
+
+# The project's markers laid out differently (a newline after each role, one after each turn),
+# as a model's own template: rendered by jinja, masked by prefix rendering.
+NEWLINE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_sft_trains_and_serves_with_a_chosen_template(tiny_cfg, tmp_path):
+    from t5x_like.core import runs
+    from t5x_like.training import trainer
+
+    template_file = tmp_path / "newline.jinja"
+    template_file.write_text(NEWLINE_TEMPLATE)
+    cfg = tiny_cfg
+    cfg.task = "sft"
+    cfg.data.source = "synthetic:arithmetic_chat"
+    cfg.data.chat_template = str(template_file)
+    cfg.steps = 1
+    cfg.data.synthetic_docs = 100
+    cfg.eval.steps = 1
+    cfg.model.max_len = 48
+    cfg.data.vocab_size = 400
+    trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
+    saved = json.load(open(tmp_path / "run" / "config.json"))
+    assert saved["data"]["chat_template"] == str(template_file)
+    assert json.load(open(tmp_path / "run" / chat_template.RUN_FILE))["chat_template"] == \
+        NEWLINE_TEMPLATE
+    template_file.unlink()  # the run keeps its own copy
+    run = runs.load(str(tmp_path / "run"))
+    tok = run.tokenizer
+    messages = [{"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": "5"}]
+    assert chat_template.render(messages, tok) == "<s><|user|>\nWhat is 2 + 3?<|end|>\n" \
+        "<|assistant|>\n5<|end|>\n"
+    ids, weights = chat_template.encode(tok, messages)
+    assert ids[weights > 0].tolist() == [*tok.encode("5"), tok.marker_ids[chat_template.END]]
+    assert chat_template.prompt(tok, messages[:1])[-2:] == [
+        tok.marker_ids[chat_template.ASSISTANT], *tok.encode("\n")]
+    assert chat_template.reply_stop_ids(tok)[0] == tok.marker_ids[chat_template.END]
