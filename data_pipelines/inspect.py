@@ -89,8 +89,8 @@ def main(argv):
         cfg = trainer._inherit_tokenizer(cfg, checkpoints.locate(cfg.init_from)[0])
     prepared = trainer.prepare_data(cfg, workdir)
     tok = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
-    cfg = chat_template.setup(cfg, tok)  # the template training would use
-    print(f"chat template: {chat_template.of(tok).name} ({chat_template.of(tok).where})")
+    template = chat_template.setup(cfg, tok)  # the one training would use
+    print(f"chat template: {template.name} ({template.where})")
     controls = chat_template.control_tokens(tok)
     counts = collections.Counter()
     encode = trainer.example_encoder(cfg, tok, prepared.text_field, counts)
