@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 # pipeline (grain) and prepare (TFDS, cleaning) are imported where the data is read: the train
 # step alone (benchmarks/accelerator_check.py on the GPU image, which has neither) needs them not.
 from data_pipelines import chat_data
+from data_pipelines import chat_template
 from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.training import batches as batches_lib
 from t5x_like.training import checkpoints
@@ -499,11 +500,14 @@ def train_and_evaluate(cfg, workdir: str, *, overrides: Collection[str] = (),
 
     prepared = prepare_data(cfg, workdir)
     tokenizer = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
+    chat_template.setup(cfg, tokenizer)  # data.chat_template: the project's or the model's
     cfg = config_lib.resolve(cfg, tokenizer.vocab_size)
     if resuming and os.path.isfile(config_path):  # the vocabulary, now known
         config_lib.check_same_model(config_lib.load_json(config_path).model, cfg.model,
                                     "this workdir's checkpoints")
     _install_tokenizer(prepared.tokenizer_path, workdir, resuming)
+    if primary:
+        chat_template.install(tokenizer, workdir)  # a model template, kept in the run
     if primary:
         config_lib.save_json(cfg, config_path)
 
