@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import chat_template as ct
+from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.core.errors import UserError
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -31,22 +32,17 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 QWEN_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
-class Backend:
-    """What the project's tokenizer interface offers (encode/decode and special ids), over a
-    `tokenizers.Tokenizer`: the stand-in for data_pipelines' tokenizer.json backend."""
+def Backend(tk, bos: str | None, eos: str, folder) -> tokenizer_lib.Tokenizer:
+    """The project's tokenizer.json backend over `tk`, with the special tokens named in the
+    tokenizer_config.json transformers writes beside it."""
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos or eos,
+                                         eos_token=eos).save_pretrained(folder)
+    return tokenizer_lib.load(str(folder))
 
-    def __init__(self, tk, bos: str | None, eos: str):
-        self.tk = tk
-        self.vocab_size = tk.get_vocab_size()
-        self.bos_id = tk.token_to_id(bos) if bos else None
-        self.eos_id = tk.token_to_id(eos)
-        self.pad_id = self.unk_id = None
 
-    def encode(self, text):
-        return self.tk.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids):
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+def text_of(tok, ids) -> str:
+    """Decoded with the special tokens written out (decode() leaves them out)."""
+    return tok.tk.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def byte_level(pattern: str, specials: list[str]):
@@ -169,7 +165,8 @@ def style(request, tmp_path_factory):
         hf[marked] = transformers.PreTrainedTokenizerFast(
             tokenizer_object=tk, bos_token=bos, eos_token=eos,
             chat_template=source if marked else without_generation(source))
-    return request.param, Backend(tk, bos, eos), hf[True], hf[False], end
+    tok = Backend(tk, bos, eos, tmp_path_factory.mktemp(request.param))
+    return request.param, tok, hf[True], hf[False], end
 
 
 def template_of(hf_tok, tok, tmp_path) -> ct.JinjaTemplate:
@@ -198,7 +195,7 @@ def learned(tok, ids, weights) -> list[str]:
         if on and start is None:
             start = k
         if not on and start is not None:
-            runs.append(tok.decode(ids[start:k]))
+            runs.append(text_of(tok, ids[start:k]))
             start = None
     return runs
 
@@ -263,7 +260,7 @@ def test_literal_control_tokens_stay_text(style, tmp_path):
     end_id = tok.tk.token_to_id(end)
     typed = sum(m["content"].count(end) for m in messages)
     assert ids.count(end_id) == ct.render(messages, tok).count(end) - typed  # the template's
-    assert end in tok.decode(ids) and f"Type {end} to stop, {end}x" in tok.decode(ids)
+    assert f"Type {end} to stop, {end}x" in text_of(tok, ids)
 
 
 def test_tools_documents_and_kwargs_render_as_transformers(tmp_path):
@@ -271,7 +268,7 @@ def test_tools_documents_and_kwargs_render_as_transformers(tmp_path):
     tk = make()
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos,
                                                   eos_token=eos, chat_template=source)
-    tok = Backend(tk, bos, eos)
+    tok = Backend(tk, bos, eos, tmp_path / "tok")
     template = template_of(hf_tok, tok, tmp_path)
     messages = CONVERSATIONS[0]
     tools = [{"type": "function", "function": {"name": "add", "description": "a <b> & 'c' 日",
@@ -291,9 +288,9 @@ def test_tools_documents_and_kwargs_render_as_transformers(tmp_path):
         ct.JinjaTemplate(GEMMA).render([{"role": "assistant", "content": "x"}])
 
 
-def test_not_prefix_stable_is_refused_naming_the_turn():
+def test_not_prefix_stable_is_refused_naming_the_turn(tmp_path):
     tk = STYLES["chatml"][0]()
-    tok = Backend(tk, None, "<|im_end|>")
+    tok = Backend(tk, None, "<|im_end|>", tmp_path / "tok")
     added = {t: (tk.token_to_id(t), True) for t in ("<|im_start|>", "<|im_end|>")}
     ct.use(tok, ct.JinjaTemplate(UNSTABLE, added_tokens=added, where="unstable.jinja"))
     messages = CONVERSATIONS[1][1:]
@@ -341,7 +338,7 @@ def _write(path, text):
 def test_choosing_a_template(tmp_path):
     make, source, bos, eos, _ = STYLES["chatml"]
     tk = make()
-    tok = Backend(tk, bos, eos)
+    tok = Backend(tk, bos, eos, tmp_path / "tok")
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos,
                                                   chat_template=source)
     hf_tok.save_pretrained(tmp_path / "model")
@@ -374,12 +371,12 @@ def test_choosing_a_template(tmp_path):
     assert again.controls == template.controls
 
 
-def test_masks_are_fast():
+def test_masks_are_fast(tmp_path):
     """Prefix rendering costs a render and an encode per reply boundary: a 16-turn
     conversation takes milliseconds."""
     make, source, bos, eos, _ = STYLES["llama3"]
     tk = make()
-    tok = Backend(tk, bos, eos)
+    tok = Backend(tk, bos, eos, tmp_path / "tok")
     ct.use(tok, ct.JinjaTemplate(without_generation(source), special_tokens={"bos_token": bos},
                                  added_tokens={t: (tk.token_to_id(t), True) for t in
                                                ("<|begin_of_text|>", "<|eot_id|>",
