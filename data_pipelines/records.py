@@ -37,7 +37,7 @@ def text_view(record: dict, kind: str) -> str:
         return record["text"]
     if kind == "chat":
         return "\n".join(_texts(record["messages"]))
-    return "\n".join([*(m["content"] for m in record["prompt"]), record["chosen"],
+    return "\n".join([*_texts(record["prompt"]), record["chosen"],
                       record["rejected"]])
 
 
@@ -219,7 +219,7 @@ def pieces(record: dict, kind: str) -> list[str]:
         return [record["text"]]
     if kind == "chat":
         return _texts(record["messages"])
-    return [*(m["content"] for m in record["prompt"]), record["chosen"], record["rejected"]]
+    return [*_texts(record["prompt"]), record["chosen"], record["rejected"]]
 
 
 def map_contents(record: dict, kind: str, fn) -> dict:
@@ -227,12 +227,14 @@ def map_contents(record: dict, kind: str, fn) -> dict:
     replies)."""
     if kind == "text":
         return {"text": fn(record["text"])}
+    def each(messages):
+        return [{**m, "content": fn(m["content"]),
+                 **({"context": fn(m["context"])} if "context" in m else {})} for m in messages]
+
     if kind == "chat":
-        return {"messages": [{**m, "content": fn(m["content"]),
-                              **({"context": fn(m["context"])} if "context" in m else {})}
-                             for m in record["messages"]]}
-    return {"prompt": [{"role": m["role"], "content": fn(m["content"])} for m in record["prompt"]],
-            "chosen": fn(record["chosen"]), "rejected": fn(record["rejected"])}
+        return {"messages": each(record["messages"])}
+    return {"prompt": each(record["prompt"]), "chosen": fn(record["chosen"]),
+            "rejected": fn(record["rejected"])}
 
 
 def has_empty_part(record: dict, kind: str) -> bool:

@@ -142,3 +142,13 @@ def test_sft_trains_and_serves_with_a_chosen_template(tiny_cfg, tmp_path):
     assert chat_template.prompt(tok, messages[:1])[-2:] == [
         tok.marker_ids[chat_template.ASSISTANT], *tok.encode("\n")]
     assert chat_template.reply_stop_ids(tok)[0] == tok.marker_ids[chat_template.END]
+
+
+def test_preference_prompts_keep_their_context():
+    pair = records.from_preference({"prompt": [{"role": "user", "content": "Who won?",
+                                                "context": "The home side won."}],
+                                    "chosen": " Home. ", "rejected": "Away."})
+    assert pair["prompt"][0]["context"] == "The home side won."
+    assert records.pieces(pair, "preference")[0] == "The home side won."
+    cleaned = records.map_contents(pair, "preference", str.strip)
+    assert cleaned["prompt"][0]["context"] == "The home side won." and cleaned["chosen"] == "Home."
