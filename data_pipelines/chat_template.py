@@ -690,17 +690,19 @@ def _piece(tokenizer, i: int) -> str | None:
 
 
 def _tokenizer_specials(tokenizer, specials, added):
-    """Fills bos/eos/... strings and ids the files leave out from the tokenizer itself."""
+    """The ids of the special tokens the files name, from the tokenizer; with no files (a
+    tokenizer trained here), the strings too. (Where files exist, a token they do not name is
+    not a template variable, as in transformers.)"""
+    from_files = bool(specials)
     for key in ("bos", "eos", "unk", "pad"):
         i = getattr(tokenizer, f"{key}_id", None)
         if i is None or i < 0:
             continue
-        text = specials.get(f"{key}_token") or _piece(tokenizer, i)
-        if text is None:
-            continue
-        specials.setdefault(f"{key}_token", text)
-        if text == specials[f"{key}_token"]:
-            added.setdefault(text, (i, True))
+        piece = _piece(tokenizer, i)
+        if not from_files and piece is not None:
+            specials.setdefault(f"{key}_token", piece)
+        if piece is not None and specials.get(f"{key}_token") == piece:
+            added.setdefault(piece, (i, True))
     for marker, i in (getattr(tokenizer, "marker_ids", None) or {}).items():
         added.setdefault(marker, (i, False))  # the project's markers (user-defined pieces)
     return specials, added
