@@ -343,8 +343,9 @@ def _compile(source: str):
     ast = env.parse(source)
     literals = {n.data for n in ast.find_all(jinja2.nodes.TemplateData)}
     literals |= {n.value for n in ast.find_all(jinja2.nodes.Const) if isinstance(n.value, str)}
+    # message.context, message['context'], message.get('context')
     reads_context = (any(n.attr == "context" for n in ast.find_all(jinja2.nodes.Getattr))
-                     or "context" in literals)
+                     or any(n.value == "context" for n in ast.find_all(jinja2.nodes.Const)))
     return env.from_string(source), "\0".join(literals), reads_context
 
 
@@ -390,8 +391,8 @@ class JinjaTemplate:
         self._control_re = re.compile("|".join(map(re.escape, longest)) or "(?!)")
         self._marked_re = re.compile(
             f"{_LIT_START}({self._control_re.pattern}){_LIT_END}|[{_LIT_START}{_LIT_END}]")
-        self._unmatched: dict[int, re.Pattern] = {}  # per tokenizer: controls encode() misses
-        self._probe: dict[int, tuple] = {}
+        self._cache: dict[tuple[str, int], tuple] = {}  # per tokenizer: (it, value)
+        self._turn: tuple | None = None  # _turn_tokens
 
     def to_json(self) -> dict:
         return {"chat_template": self.source, "special_tokens": self.special_tokens,
@@ -452,16 +453,20 @@ class JinjaTemplate:
 
     # -- encoding ------------------------------------------------------------------------------
 
+    def _per_tokenizer(self, what: str, tokenizer, make):
+        entry = self._cache.get((what, id(tokenizer)))
+        if entry is None or entry[0] is not tokenizer:  # an id may be reused after a free
+            entry = self._cache[(what, id(tokenizer))] = (tokenizer, make(tokenizer))
+        return entry[1]
+
     def _split_re(self, tokenizer) -> re.Pattern:
         """Controls that tokenizer.encode() does not turn into their id by itself (a
         SentencePiece model's control pieces such as <s>): those are split out by hand."""
-        key = id(tokenizer)
-        if key not in self._unmatched:
-            missed = sorted((t for t, i in self.controls.items() if tokenizer.encode(t) != [i]),
+        def make(tok):
+            missed = sorted((t for t, i in self.controls.items() if tok.encode(t) != [i]),
                             key=len, reverse=True)
-            self._unmatched[key] = re.compile(
-                "(" + "|".join(map(re.escape, missed)) + ")" if missed else "(?!)")
-        return self._unmatched[key]
+            return re.compile("(" + "|".join(map(re.escape, missed)) + ")" if missed else "(?!)")
+        return self._per_tokenizer("split", tokenizer, make)
 
     def _encode_span(self, tokenizer, text: str, mid: bool) -> list[int]:
         parts = self._split_re(tokenizer).split(text)
@@ -557,12 +562,11 @@ class JinjaTemplate:
 
     # -- replies -------------------------------------------------------------------------------
 
-    def _turn_tokens(self, tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _turn_tokens(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(end-of-turn ids, ids that start the assistant's turn), read off a probe
         conversation: the control tokens right after a reply, and those of the generation
         prompt after the user's text."""
-        key = id(tokenizer)
-        if key not in self._probe:
+        if self._turn is None:
             user, reply = "\u2063u\u2063", "\u2063a\u2063"  # text no template writes itself
             msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
             end, start = (), ()
@@ -579,15 +583,15 @@ class JinjaTemplate:
             if u >= 0:
                 start = tuple(self.controls[m.group()]
                               for m in self._control_re.finditer(before, u + len(user)))
-            self._probe[key] = (end, start)
-        return self._probe[key]
+            self._turn = (end, start)
+        return self._turn
 
     def end_id(self, tokenizer) -> int:
-        end, _ = self._turn_tokens(tokenizer)
+        end, _ = self._turn_tokens()
         return end[0] if end else tokenizer.eos_id
 
     def stop_ids(self, tokenizer) -> tuple[int, ...]:
-        end, start = self._turn_tokens(tokenizer)
+        end, start = self._turn_tokens()
         extra = tuple(getattr(tokenizer, "stop_ids", ()) or ())
         return tuple(dict.fromkeys((*end, tokenizer.eos_id, *extra, *start)))
 
