@@ -19,7 +19,8 @@ def suite() -> ml_collections.ConfigDict:
 
 
 def task(kind: str, source: str, **overrides) -> ml_collections.ConfigDict:
-    """kind: "generate" (prompt -> reply, scored against references) or "likelihood"."""
+    """kind: "generate" (prompt -> reply, scored against references), "likelihood", or
+    "harness:<task>" (an lm-evaluation-harness task; needs the eval extra)."""
     t = ml_collections.ConfigDict()
     t.kind = kind
     # generate:   synthetic:arithmetic | ntrex:en-de | ntrex:en-fr | scitldr | dialogsum
@@ -27,11 +28,15 @@ def task(kind: str, source: str, **overrides) -> ml_collections.ConfigDict:
     # likelihood: run (the run's own data.source) | prepared:<dir> | text:<path or glob>
     #             | jsonl:<path>:<field> | chat:<path> ({"messages"} per line)
     #             | synthetic:arithmetic | synthetic:arithmetic_chat
+    # harness:    a folder of lm-eval task YAMLs to add to lm-eval's own ("" = none); the
+    #             local tasks t5x_demo_arithmetic_mc, t5x_demo_arithmetic_gen and
+    #             t5x_shakespeare_ppl are always there (t5x_like/evaluation/harness.py)
     t.source = source
     t.n = 0  # examples (generate) or records (likelihood) from the start; 0 = all
     t.metrics = ""  # comma-separated (bleu, chrf, rouge, exact_match, token_f1, classification,
     #                 ...); "" = the source's own choice
     t.template = "chat"  # chat: the chat template, reply up to <|end|>; plain: text continued
+    #                     (harness: chat = lm-eval's apply_chat_template)
     t.system = ""  # a system message put before every chat prompt ("" = none)
     t.max_new_tokens = 64
     t.temperature = 0.0  # 0 = greedy
@@ -43,5 +48,6 @@ def task(kind: str, source: str, **overrides) -> ml_collections.ConfigDict:
     # likelihood: tokens per scored window (longer records are cut into windows); 0 = the run's
     # model.max_len. Fix it to compare runs trained at different lengths on the same windows.
     t.max_len = 0
+    t.num_fewshot = -1  # harness: few-shot examples in each prompt; -1 = the task's own
     t.update(overrides)
     return t

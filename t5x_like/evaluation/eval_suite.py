@@ -44,8 +44,9 @@ from t5x_like.core.metrics import MetricWriter
 
 SUITE_KEYS = ("batch_size", "seed", "data_dir", "only", "tasks")
 TASK_KEYS = ("kind", "source", "n", "metrics", "template", "system", "max_new_tokens",
-             "temperature", "top_k", "top_p", "stop_strings", "split", "loss_on", "max_len")
-KINDS = ("generate", "likelihood")
+             "temperature", "top_k", "top_p", "stop_strings", "split", "loss_on", "max_len",
+             "num_fewshot")
+KINDS = ("generate", "likelihood")  # and "harness:<lm-eval task>" (harness.py)
 TEMPLATES = ("chat", "plain")
 
 
@@ -98,7 +99,12 @@ def _validate_task(name: str, t) -> None:
         if not ok:
             raise UserError(f"config key '{where}.{key}': {message}")
 
-    require(t.kind in KINDS, "kind", f"is {t.kind!r}; choose generate or likelihood.")
+    harness = t.kind.startswith("harness:") and len(t.kind) > len("harness:")
+    require(t.kind in KINDS or harness, "kind",
+            f"is {t.kind!r}; choose generate, likelihood or harness:<lm-eval task name>.")
+    require(not harness or not t.metrics, "metrics",
+            "harness tasks report every metric their lm-eval task defines; leave it empty.")
+    require(t.num_fewshot >= -1, "num_fewshot", "use a number of examples, -1 = the task's own.")
     require(t.n >= 0, "n", f"is {t.n}; use a number of examples, 0 = all.")
     require(t.template in TEMPLATES, "template", f"is {t.template!r}; choose chat or plain.")
     require(t.max_new_tokens >= 1, "max_new_tokens", "must be at least 1.")
@@ -137,6 +143,10 @@ def run_suite(run, suite, workdir: str, *, checkpoint: str = "") -> dict:
         start = time.perf_counter()
         if t.kind == "likelihood":
             result = likelihood_task(run, t, batch_size=suite.batch_size, workdir=workdir)
+        elif t.kind.startswith("harness:"):
+            from t5x_like.evaluation import harness  # lm-eval is an optional extra
+            result = harness.suite_task(run, t, name, workdir=workdir,
+                                        batch_size=suite.batch_size, data_dir=suite.data_dir)
         else:
             result, rows = generation_task(run, t, batch_size=suite.batch_size, seed=suite.seed,
                                            data_dir=suite.data_dir)
