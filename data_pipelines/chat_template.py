@@ -556,8 +556,9 @@ class JinjaTemplate:
                     "the conversation up to it is not how the whole conversation begins")
             raise TemplateError(
                 f"{self.where} is not prefix-stable at message {i} (assistant): {what}, so "
-                "the tokens of that reply cannot be told apart; use a template with "
-                "{% generation %} blocks, data.chat_template=project, or data.loss_on=all")
+                "the tokens of that reply cannot be told apart; learn only the last reply "
+                "(data.loss_on=last_assistant), or use a template with {% generation %} "
+                "blocks or data.chat_template=project")
         return len(before), len(upto)
 
     # -- replies -------------------------------------------------------------------------------

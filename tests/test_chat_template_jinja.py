@@ -288,6 +288,17 @@ def test_tools_documents_and_kwargs_render_as_transformers(tmp_path):
         ct.JinjaTemplate(GEMMA).render([{"role": "assistant", "content": "x"}])
 
 
+def test_a_context_goes_before_the_content_unless_the_template_reads_it(tmp_path):
+    make, source, bos, eos, _ = STYLES["chatml"]
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=make(), eos_token=eos,
+                                                  chat_template=source)
+    template = ct.JinjaTemplate(source)
+    messages = [{"role": "user", "content": "Who won?", "context": "The home side won."},
+                {"role": "assistant", "content": "The home side."}]
+    folded = [{"role": "user", "content": "The home side won.\n\nWho won?"}, messages[1]]
+    assert template.render(messages) == hf_tok.apply_chat_template(folded, tokenize=False)
+
+
 def test_not_prefix_stable_is_refused_naming_the_turn(tmp_path):
     tk = STYLES["chatml"][0]()
     tok = Backend(tk, None, "<|im_end|>", tmp_path / "tok")
