@@ -30,7 +30,7 @@ generation_config.json (instruct models list their end of turn there: <|im_end|>
 `Tokenizer(path)` is `load(path)` (older call sites); both backends have: path, files, backend,
 vocab_size, pad_id, unk_id, bos_id, eos_id, marker_ids, stop_ids, special_ids, encode,
 encode_batch, decode (special tokens left out, as SentencePiece does with control pieces),
-token_bytes, id_to_piece, piece_to_id (None when absent), is_byte.
+token_bytes, id_to_bytes, id_to_piece, piece_to_id (None when absent), is_byte.
 """
 
 import functools
@@ -333,6 +333,12 @@ class Tokenizer:
         """A byte-fallback piece (<0xAB>): a byte of a character the vocabulary lacks."""
         return False
 
+    def id_to_bytes(self, i: int) -> bytes:
+        """The UTF-8 bytes token `i` stands for on its own (b"" for special tokens; a
+        byte-level or byte-fallback token may be part of a character; a SentencePiece word
+        piece keeps its space, which decode drops at the very start)."""
+        raise NotImplementedError
+
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each id stands for; 0 for special tokens (pad/bos/eos/unk, control and
         special added tokens) and the chat markers.
@@ -469,6 +475,14 @@ class SentencePieceTokenizer(Tokenizer):
     def is_byte(self, i: int) -> bool:
         return self.sp.is_byte(int(i))
 
+    def id_to_bytes(self, i: int) -> bytes:
+        i = int(i)
+        if i in self.special_ids or not 0 <= i < self.vocab_size:
+            return b""
+        if self.sp.is_byte(i):  # "<0xE2>"
+            return bytes([int(self.sp.id_to_piece(i)[3:-1], 16)])
+        return self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
+
     def proto(self) -> dict:
         return sp_proto(self.sp.serialized_model_proto())
 
@@ -575,20 +589,26 @@ class HFTokenizer(Tokenizer):
         piece = self.tk.id_to_token(int(i))
         return bool(self._byte_fallback and piece and re.fullmatch(r"<0x[0-9A-F]{2}>", piece))
 
+    def id_to_bytes(self, i: int) -> bytes:
+        i = int(i)
+        piece = self.tk.id_to_token(i)
+        if piece is None or i in self.special_ids or i == self.unk_id:
+            return b""
+        if i in self.added:  # added text (not special): matched and kept as written
+            return self.added[i].content.encode("utf-8")
+        if self.byte_level:  # each character stands for one byte
+            chars = _byte_level_chars()
+            return bytes(chars[c] for c in piece)
+        if self._byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+            return bytes([int(piece[3:-1], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")  # SentencePiece-style pieces
+
     def token_bytes(self) -> np.ndarray:
         out = np.zeros(self.vocab_size, np.int32)
         markers = set(self.marker_ids.values())
-        for piece, i in self.tk.get_vocab(with_added_tokens=True).items():
-            if i in self.special_ids or i in markers or i == self.unk_id:
-                continue
-            if i in self.added:  # added text (not special): matched and kept as written
-                out[i] = len(self.added[i].content.encode("utf-8"))
-            elif self.byte_level:  # each character stands for one byte
-                out[i] = len(piece)
-            elif self._byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
-                out[i] = 1
-            else:  # SentencePiece-style pieces: U+2581 is a space
-                out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        for i in range(self.vocab_size):
+            if i not in markers:
+                out[i] = len(self.id_to_bytes(i))
         return out
 
 

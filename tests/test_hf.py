@@ -23,6 +23,7 @@ import transformers
 from safetensors import safe_open
 
 from conftest import ROOT
+from tokenizer_builders import CORPUS, byte_level_bpe
 from data_pipelines import chat_template
 from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.core import config as config_lib
@@ -99,7 +100,8 @@ def save_hf_model(folder, cls, tokenizer, *, seed=0, dtype=torch.float32, shard=
             p.add_(0.05 * torch.randn_like(p))
     kwargs = {"max_shard_size": shard} if shard else {}
     hf_model.to(dtype).save_pretrained(folder, **kwargs)
-    shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
+    if tokenizer:  # else the caller puts the tokenizer files there
+        shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
     return hf_model.float()  # bf16 -> f32 is exact: the same weights the import reads
 
 
@@ -230,14 +232,18 @@ def read_tensors(folder):
 
 def test_round_trip_gives_identical_tensors(tmp_path, t5x_tokenizer, llama_tokenizer):
     # A tokenizer that already has the markers and a pad id: nothing is added, every tensor
-    # and the vocabulary come back exactly.
+    # and the vocabulary come back exactly. Qwen2's q/k/v biases with a SentencePiece
+    # tokenizer come back as LlamaForCausalLM (zero o_proj biases: the same function), since
+    # transformers would load any qwen2 model's tokenizer as Qwen2's byte-level one.
     n = pieces(t5x_tokenizer)
     save_hf_model(tmp_path / "hf", transformers.Qwen2Config, t5x_tokenizer, vocab_size=n,
                   **small())
     hf.import_model(str(tmp_path / "hf"), str(tmp_path / "imported"))
     hf.export_model(str(tmp_path / "imported"), str(tmp_path / "exported"))
     original, again = read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "exported")
-    assert sorted(original) == sorted(again)
+    zero_biases = {f"model.layers.{i}.self_attn.o_proj.bias" for i in range(2)}
+    assert set(again) - set(original) == zero_biases and set(original) <= set(again)
+    assert not any(again[name].any() for name in zero_biases)
     for name in original:
         assert again[name].dtype == original[name].dtype
         assert np.array_equal(again[name], original[name]), name
@@ -245,7 +251,12 @@ def test_round_trip_gives_identical_tensors(tmp_path, t5x_tokenizer, llama_token
             == (tmp_path / "hf" / "tokenizer.model").read_bytes())
     a = json.loads((tmp_path / "hf" / "config.json").read_text())
     b = json.loads((tmp_path / "exported" / "config.json").read_text())
-    for key in ("architectures", "vocab_size", "hidden_size", "intermediate_size",
+    assert (a["architectures"], b["architectures"]) == (["Qwen2ForCausalLM"], ["LlamaForCausalLM"])
+    assert b["attention_bias"] and not b["mlp_bias"]
+    tok = tokenizer_lib.load(t5x_tokenizer)  # and its tokenizer loads to our ids
+    assert _auto_ids(tmp_path / "exported", CORPUS) == (
+        "TokenizersBackend", [[tok.bos_id, *tok.encode(t)] for t in CORPUS])
+    for key in ("vocab_size", "hidden_size", "intermediate_size",
                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings"):
         assert a[key] == b[key], key
@@ -293,13 +304,68 @@ def test_imported_tokenizer_is_chat_ready(tmp_path, llama_tokenizer, sentencepie
     assert json.loads((tmp_path / "imported" / "config.json").read_text())["model"][
         "unpadded_vocab_size"] == tok.vocab_size
 
-    # Exported, transformers' LlamaTokenizer reads it with the same ids for ordinary text (it
-    # differs from SentencePiece, as for Llama itself, before leading spaces and markers).
+    # Exported (with the equivalent tokenizer.json), transformers reads it with the same ids for
+    # any text: leading spaces, markers, whitespace runs, CJK, emoji.
     hf_tok = transformers.AutoTokenizer.from_pretrained(
         hf.export_model(out, str(tmp_path / "exported")))
-    for text in TEXT + [f"hi {chat_template.USER} there{chat_template.END}"]:
+    for text in CORPUS:
         assert hf_tok(text)["input_ids"] == [tok.bos_id, *tok.encode(text)], text
     assert hf_tok.pad_token_id == tok.pad_id
+
+
+def _auto_ids(folder, texts):
+    auto = transformers.AutoTokenizer.from_pretrained(str(folder))
+    return type(auto).__name__, [auto(t)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen"])
+def test_tokenizer_json_model_imports_and_exports_as_it_came(style, tmp_path):
+    """A release with tokenizer.json only (Llama 3, Qwen 2.5 style): imported with its own
+    tokenizer, special ids, stop ids and chat template, the chat markers added as tokens with new
+    rows; exported with the same files, loaded by transformers to the same ids we encode."""
+    cls = transformers.LlamaConfig if style == "llama3" else transformers.Qwen2Config
+    src = tmp_path / "hf"
+    byte_level_bpe(src, style, config=False)
+    n = tokenizer_lib.load(str(src)).vocab_size
+    vocab = n + 7 if style == "qwen" else n  # Qwen's embedding has rows no token uses
+    generation = (src / "generation_config.json").read_text()
+    hf_model = save_hf_model(src, cls, None, vocab_size=vocab,
+                             **small(tie_word_embeddings=style == "qwen"))
+    (src / "generation_config.json").write_text(generation)  # the release's, not the default
+    out = hf.import_model(str(src), str(tmp_path / "imported"))
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "generation_config.json",
+                                       "tokenizer.json", "tokenizer_config.json"]
+    run = runs.load(out)
+    tok, original = run.tokenizer, tokenizer_lib.load(str(src))
+    markers = len(chat_template.MARKERS)
+    assert tok.backend == "hf" and tok.vocab_size == n + markers
+    assert sorted(tok.marker_ids.values()) == list(range(n, n + markers))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (
+        original.bos_id, original.eos_id, original.pad_id, (*original.stop_ids, n + 4))
+    assert tok.chat_template == original.chat_template
+    assert run.cfg.model.unpadded_vocab_size == max(vocab, n + markers)
+    # Text without our markers encodes as the release's own tokenizer does.
+    plain = [t for t in CORPUS if not any(m in t for m in chat_template.MARKERS)]
+    assert _auto_ids(src, plain)[1] == [
+        ([tok.bos_id] if tok.add_bos else []) + tok.encode(t) for t in plain]
+    tokens = np.asarray([tok.encode("The quick brown fox 12 + 30, 日本語 🤖")[:24]])
+    assert np.abs(our_logits(run, tokens)[..., :n] - hf_logits(hf_model, tokens)[..., :n]
+                  ).max() < TOL
+
+    exported = hf.export_model(out, str(tmp_path / "exported"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "exported" / name).read_bytes() == (tmp_path / "imported" /
+                                                                name).read_bytes(), name
+    cls_name, ids = _auto_ids(exported, CORPUS)
+    assert cls_name == ("Qwen2Tokenizer" if style == "qwen" else "TokenizersBackend")
+    assert ids == [([tok.bos_id] if tok.add_bos else []) + tok.encode(t) for t in CORPUS]
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["architectures"] == [cls.__name__.replace("Config", "ForCausalLM")]
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        exported, attn_implementation="eager").eval()
+    assert back.config.vocab_size == max(vocab, n + markers)
+    got = our_logits(run, tokens)[..., :back.config.vocab_size]
+    assert np.abs(hf_logits(back, tokens) - got).max() < TOL
 
 
 @pytest.fixture(scope="module")
@@ -359,8 +425,7 @@ def test_export_of_a_trained_run_loads_in_transformers(trained_run, tmp_path,
 
     # transformers' tokenizer gives the same ids from the exported tokenizer files.
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    for text in ["What is 12 + 30?", "  two  spaces\nand a line", "naïve 🤖",
-                 f"{chat_template.USER}hi{chat_template.END}"]:
+    for text in CORPUS:
         assert hf_tok(text)["input_ids"] == [tok.bos_id, *tok.encode(text)], text
         assert hf_tok.decode(hf_tok(text)["input_ids"], skip_special_tokens=False).endswith(text)
     assert hf_tok.pad_token_id == tok.pad_id
@@ -424,7 +489,7 @@ def test_unsupported_or_inconsistent_input_fails_naming_it(hf_dir, tmp_path, cha
 
 def test_missing_files_fail_naming_them(hf_dir, tmp_path):
     os.remove(hf_dir / "tokenizer.model")
-    with pytest.raises(UserError, match="tokenizer.model does not exist.*--tokenizer"):
+    with pytest.raises(UserError, match="has no tokenizer.model or tokenizer.json.*--tokenizer"):
         hf.import_model(str(hf_dir), str(tmp_path / "out"))
     os.remove(hf_dir / "model.safetensors")
     with pytest.raises(UserError, match="has no \\*.safetensors"):
@@ -444,7 +509,9 @@ def test_command_line(hf_dir, tmp_path):
          "--max_len=48"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["model"]["max_len"] == 48
-    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "tokenizer.model"]
+    # The release's generation_config.json (its stop ids) travels with the tokenizer.
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "generation_config.json",
+                                       "tokenizer.model"]
     assert os.listdir(out / "checkpoints") == ["0"]
     result = subprocess.run(
         [sys.executable, "-m", "t5x_like.hf", "export", f"--workdir={out}",

@@ -126,6 +126,20 @@ def test_sentencepiece_as_tokenizer_json_encodes_the_same(sp_tokenizers, kind, t
     assert auto_ids(auto, "a</s>b") != tok.encode("a</s>b")
 
 
+def test_autotokenizer_converts_a_tokenizer_model_in_this_environment(sp_tokenizers,
+                                                                      tmp_path):
+    """Without tokenizer.json transformers converts tokenizer.model through sentencepiece's
+    generated protobuf module, which failed beside apache-beam's protobuf<7 ("tiktoken is
+    required") until pyproject pinned sentencepiece<0.2.3."""
+    tok = sp_tokenizers["t5x_like"]
+    tokenizer_lib.export_files(tok, str(tmp_path), max_len=64)
+    os.remove(tmp_path / "tokenizer.json")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert [auto_ids(auto, t, special=True) for t in CORPUS] == [
+        [tok.bos_id, *tok.encode(t)] for t in CORPUS]
+
+
 def test_unigram_sentencepiece_converts_too(tmp_path):
     from tokenizers import Tokenizer
 
@@ -178,6 +192,12 @@ def test_token_bytes_count_the_text(hf_dirs, sp_tokenizers):
                 assert sum(table[i] for i in tok.encode(text)) == len(want.encode()), (name, text)
         zero = {tok.bos_id, tok.eos_id, *tok.marker_ids.values(), *tok.special_ids}
         assert all(table[i] == 0 for i in zero if i >= 0)
+        # id_to_bytes (the logprobs' bytes): a token's bytes, which join into the text's.
+        for text in ("naïve 日本語 🤖\t\n  x", "12 + 30"):
+            ids = tok.encode(text)
+            want = " " + text if name == "llama2" else text
+            assert b"".join(tok.id_to_bytes(i) for i in ids) == want.encode(), (name, text)
+            assert [len(tok.id_to_bytes(i)) for i in ids] == [table[i] for i in ids]
 
 
 def test_prepare_text_with_a_tokenizer_json(tiny_cfg, hf_dirs, tmp_path):

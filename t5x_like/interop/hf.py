@@ -1,17 +1,22 @@
 """Hugging Face interop: import Llama-family checkpoints to fine-tune, export trained models.
 
-    python -m t5x_like.hf import --hf_dir=<dir> --out=<model dir> [--tokenizer=<.model>]
+    python -m t5x_like.hf import --hf_dir=<dir> --out=<model dir> [--tokenizer=<file>]
     python -m t5x_like.hf export --workdir=<run or model dir> --out=<dir> [--step=N]
                                  [--dtype=bfloat16]
 
 Import reads a Hugging Face model folder (config.json, model.safetensors or the shards listed in
-model.safetensors.index.json, tokenizer.model) and writes a *model directory*: the layout of a
-run's workdir with parameters only, which `runs.load` (sample, evaluate, serve) and
-`--config.init_from` read like any run:
+model.safetensors.index.json, tokenizer.model or tokenizer.json) and writes a *model directory*:
+the layout of a run's workdir with parameters only, which `runs.load` (sample, evaluate, serve)
+and `--config.init_from` read like any run:
 
     <out>/config.json               a complete t5x_like config: configs/base.py defaults, with
                                     the model section taken from the HF config
-    <out>/tokenizer.model           the model's SentencePiece tokenizer, made chat-ready (below)
+    <out>/tokenizer.model           the model's tokenizer, made chat-ready (below): SentencePiece,
+      or tokenizer.json             or Hugging Face tokenizers (Llama 3, Qwen: tokenizer.json only)
+    <out>/tokenizer_config.json ... the release's tokenizer_config.json (chat template, special
+                                    tokens), special_tokens_map.json, generation_config.json (stop
+                                    ids; written from config.json's ids when the release has
+                                    none), chat_template.jinja: those it has
     <out>/checkpoints/0/params      the parameters (Orbax, as t5x_like.checkpoints writes them)
 
 model.max_len is the HF max_position_embeddings capped at 2048 (--max_len to choose). Import
@@ -40,8 +45,11 @@ tuning needs both. Import appends what is missing to the SentencePiece model: ea
 user-defined piece (always one token) and a `<pad>` control piece. It does so by appending
 encoded protobuf fields to the serialized model (a parser concatenates a repeated field's
 entries wherever they appear), so no generated protobuf module is imported, whose version can
-clash with the installed protobuf runtime. data_pipelines.tokenizer reads the special ids from
-the model, so imported and t5x_like-trained tokenizers work alike everywhere.
+clash with the installed protobuf runtime. A tokenizer.json (when the release has no
+tokenizer.model) gets the missing markers as added tokens (not special: decoded as text) after
+its own ids, in tokenizer.json and tokenizer_config.json's added_tokens_decoder; everything else
+is kept byte for byte. data_pipelines.tokenizer reads the special ids from the model's files, so
+imported and t5x_like-trained tokenizers work alike everywhere.
 
 The vocabulary. The new pieces' ids follow the tokenizer's own; their embedding and output rows
 start as the mean of the existing rows: a neutral input, and logits that neither favour nor rule
@@ -55,8 +63,13 @@ tokenizer's size for a model trained here.
 Export writes config.json and model.safetensors in the layout of the transformers class that
 computes the model (`hf_family`: the class it was imported from; LlamaForCausalLM for a model
 trained here, Qwen2ForCausalLM for one with query/key/value biases only), plus the
-tokenizer (tokenizer.model, tokenizer_config.json, special_tokens_map.json) and
-generation_config.json. The safetensors file is written tensor by tensor, as it is converted.
+tokenizer (tokenizer_lib.export_files): an imported tokenizer.json with its files as imported
+(with the added markers); a SentencePiece tokenizer as tokenizer.model plus the equivalent
+tokenizer.json, which transformers reads as it is (same ids, no conversion) under every class
+but Qwen2's: transformers builds its own Qwen2 tokenizer for every qwen2 model, so a qwen2-shaped
+model with such a tokenizer is exported as LlamaForCausalLM (o_proj bias zeros: the same
+function). tokenizer_config.json carries the run's chat template (the project's for models
+trained with it) and generation_config.json its stop ids (eos and the end of turn). The safetensors file is written tensor by tensor, as it is converted.
 Import followed by export gives back the same tensors (with rows appended for any tokenizer
 pieces import added).
 """
@@ -353,9 +366,11 @@ def _layer_types(m) -> list[str]:
     return ["sliding_attention" if local else "full_attention" for local in model.local_layers(m)]
 
 
-def hf_config(m, vocab: int, tok: tokenizer_lib.Tokenizer, dtype: str) -> dict[str, Any]:
-    """The transformers config.json for a t5x_like model config `m` with `vocab` rows."""
-    kind = hf_family(m)
+def hf_config(m, vocab: int, tok: tokenizer_lib.Tokenizer, dtype: str,
+              kind: str | None = None) -> dict[str, Any]:
+    """The transformers config.json for a t5x_like model config `m` with `vocab` rows (as
+    the class of `kind`, default hf_family(m))."""
+    kind = kind or hf_family(m)
     out = {
         "architectures": [_CLASSES[kind]],
         "model_type": "gemma3_text" if kind == "gemma3" else kind,
@@ -366,7 +381,8 @@ def hf_config(m, vocab: int, tok: tokenizer_lib.Tokenizer, dtype: str) -> dict[s
         # The pre-transformers-5 form: older versions read it, newer ones convert it.
         "rope_theta": m.rope_theta, "rope_scaling": None,
         "tie_word_embeddings": m.tie_embeddings, "bos_token_id": tok.bos_id,
-        "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "torch_dtype": dtype,
+        "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id if tok.pad_id >= 0 else None,
+        "torch_dtype": dtype,
         "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True,
     }
     if m.rope_scaling == "linear":
@@ -757,15 +773,26 @@ def import_model(hf_dir: str, out: str, *, tokenizer: str = "", max_len: int = 0
     hf_vocab = hf.get("vocab_size")
     if not isinstance(hf_vocab, int) or hf_vocab <= 0:
         raise UserError(f"{config_path} has no positive integer 'vocab_size'; restore the file.")
-    files = _weight_files(hf_dir)
+    weights = _weight_files(hf_dir)
 
-    tok_path = tokenizer or os.path.join(hf_dir, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise UserError(f"{tok_path} does not exist; t5x_like needs the model's SentencePiece "
-                        "tokenizer.model: pass it with --tokenizer=<path>.")
-    with open(tok_path, "rb") as f:
-        proto, added = chat_ready_tokenizer(f.read(), tok_path)
-    pieces_before = spm.SentencePieceProcessor(model_proto=proto).get_piece_size() - len(added)
+    tok_path = tokenizer or tokenizer_lib.find(hf_dir, required=False)
+    if not tok_path or not os.path.isfile(tok_path):
+        where = (f"{tok_path} does not exist" if tok_path
+                 else f"{hf_dir} has no tokenizer.model or tokenizer.json")
+        raise UserError(f"{where}; t5x_like needs the model's tokenizer: pass it with "
+                        "--tokenizer=<path>.")
+    generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if hf.get(k) is not None}  # for a release without generation_config.json
+    if tokenizer_lib.is_json(tok_path):  # Hugging Face tokenizers: markers as added tokens
+        tok_json, added, pieces_before = tokenizer_lib.chat_ready_json(tok_path)
+        added_tokens = [(m, pieces_before + k, False) for k, m in enumerate(added)]
+    else:
+        with open(tok_path, "rb") as f:
+            proto, added = chat_ready_tokenizer(f.read(), tok_path)
+        pieces_before = (spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
+                         - len(added))
+        added_tokens = [(m, pieces_before + k, m not in chat_template.MARKERS)
+                        for k, m in enumerate(added)]
     if pieces_before > hf_vocab:
         raise UserError(f"{tok_path} has {pieces_before} pieces but {config_path} has vocab_size "
                         f"{hf_vocab}; pass the tokenizer that belongs to this model with "
@@ -786,12 +813,23 @@ def import_model(hf_dir: str, out: str, *, tokenizer: str = "", max_len: int = 0
         logging.info("Adding tokenizer pieces %s as ids %d..%d", added, pieces_before,
                      pieces_before + len(added) - 1)
     with staging as tmp:
-        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
-            f.write(proto)
-        tokenizer_lib.Tokenizer(os.path.join(tmp, "tokenizer.model"))  # what every job checks
+        if tokenizer_lib.is_json(tok_path):
+            if tok_json is None:
+                shutil.copyfile(tok_path, os.path.join(tmp, tokenizer_lib.HF_FILE))
+            else:
+                with open(os.path.join(tmp, tokenizer_lib.HF_FILE), "w", encoding="utf-8") as f:
+                    f.write(tok_json)
+        else:
+            with open(os.path.join(tmp, tokenizer_lib.SP_FILE), "wb") as f:
+                f.write(proto)
+        # tokenizer_config.json (chat template, special tokens), special_tokens_map.json,
+        # generation_config.json (stop ids), chat_template.jinja: as the release has them.
+        tokenizer_lib.write_files(tmp, tok_path, hf_dir=hf_dir, generation=generation,
+                                  added=added_tokens)
+        tokenizer_lib.load(tmp)  # what every job checks
         config_lib.save_json(cfg, os.path.join(tmp, "config.json"))
         # Streamed: each tensor goes into the checkpoint as it is read (ParamsWriter).
-        read_params(files, abstract, hf_vocab, cfg.model.tie_embeddings,
+        read_params(weights, abstract, hf_vocab, cfg.model.tie_embeddings,
                     writer=ParamsWriter(tmp, abstract),
                     new_rows=(pieces_before, pieces_before + len(added), pieces_before))
     return os.path.abspath(out)
@@ -890,9 +928,11 @@ class CheckpointReader:
         return np.asarray((array if layer is None else array[layer]).read().result())
 
 
-def _hf_tensors(read: Callable, m, vocab: int) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
+def _hf_tensors(read: Callable, m, vocab: int,
+                kind: str | None = None) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
     """(HF name, shape, producer) for every tensor of the export, in HF's usual order;
-    read(name, layer=None) gives one of our parameters (CheckpointReader.read)."""
+    read(name, layer=None) gives one of our parameters (CheckpointReader.read); `kind`: the
+    class exported (default hf_family(m))."""
     def top(name, kind):
         if kind not in ("rows", "cols"):
             return lambda: to_hf(kind, np.asarray(read(name), np.float32), vocab)
@@ -908,7 +948,7 @@ def _hf_tensors(read: Callable, m, vocab: int) -> Iterator[tuple[str, tuple[int,
     def layer(name, i, kind):
         return lambda: to_hf(kind, np.asarray(read(f"layers.{name}", i), np.float32), vocab)
 
-    not_llama = hf_family(m) != "llama"  # only Llama's class has biases this model may lack
+    not_llama = (kind or hf_family(m)) != "llama"  # only Llama's class has biases it may lack
     yield hf_name("embed"), (vocab, m.hidden_dim), top("embed", "rows")
     layers = model.abstract_model(m)[1]["layers"]
     for i in range(m.num_layers):
@@ -934,24 +974,20 @@ def _hf_needs_bias(name: str, m, not_llama: bool) -> bool:
     return bool(m.attn_qkv_bias or m.attn_out_bias)
 
 
-def _tokenizer_files(tok: tokenizer_lib.Tokenizer, max_len: int) -> dict[str, dict]:
-    """tokenizer_config.json and special_tokens_map.json for transformers' AutoTokenizer."""
-    piece = tok.sp.id_to_piece
-    specials = {"bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
-                "unk_token": piece(tok.unk_id), "pad_token": piece(tok.pad_id)}
-    # A Llama-style model (a dummy-prefix space before the text) gets the class its original
-    # used; transformers' generic class reads the rest (t5x_like's own: no prefix, whitespace
-    # kept) from tokenizer.model's normalizer, and so tokenizes them exactly as we do.
-    llama_style = tok.sp.encode("x", out_type=str)[0].startswith("\u2581")
-    config = {
-        "tokenizer_class": "LlamaTokenizer" if llama_style else "TokenizersBackend", **specials,
-        "additional_special_tokens": list(chat_template.MARKERS),
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": max_len,
-        "clean_up_tokenization_spaces": False, "legacy": False,
-    }
-    return {"tokenizer_config.json": config,
-            "special_tokens_map.json": {**specials,
-                                        "additional_special_tokens": list(chat_template.MARKERS)}}
+def _shipped_template(workdir: str, cfg, tok) -> tuple[str | None, tuple[int, ...]]:
+    """The chat template the export ships (None: the tokenizer files' own) and the extra ids
+    generation stops on: the run's template (its record in the workdir, else the project
+    template when the run chose it or the files have none), ending turns with <|end|>."""
+    record = os.path.join(workdir, getattr(chat_template, "RUN_FILE", "chat_template.json"))
+    if os.path.isfile(record):
+        source = _read_json(record).get("chat_template")
+        if isinstance(source, str) and source:
+            return source, ()
+    choice = cfg.data.get("chat_template", "") if "data" in cfg else ""
+    if choice == "project" or (choice in ("", "auto") and tok.chat_template is None):
+        end = tok.marker_ids.get(chat_template.END)
+        return getattr(chat_template, "PROJECT_JINJA", None), (() if end is None else (end,))
+    return None, ()
 
 
 def export_model(workdir: str, out: str, *, step: int | None = None,
@@ -971,10 +1007,7 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
             flat[name] if part is None else flat[name][part])
     else:  # streamed: one tensor (one layer) at a time from the checkpoint
         cfg = config_lib.load_json(os.path.join(workdir, "config.json"))
-        tok_path = os.path.join(workdir, "tokenizer.model")
-        if not os.path.isfile(tok_path):
-            raise UserError(f"{workdir} has no tokenizer.model; was it written by t5x_like?")
-        tok = tokenizer_lib.Tokenizer(tok_path)
+        tok = tokenizer_lib.load(tokenizer_lib.find(workdir))
         reader = CheckpointReader(workdir, step)
         read, at_step = reader.read, reader.step
     m = cfg.model
@@ -983,21 +1016,27 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
         raise UserError(f"{workdir}/config.json: model.unpadded_vocab_size {vocab} does not fit "
                         f"the tokenizer's {tok.vocab_size} pieces and model.vocab_size "
                         f"{m.vocab_size}; restore the config the model was trained with.")
-    tensors = list(_hf_tensors(read, m, vocab))
+    kind = hf_family(m)
+    if kind == "qwen2" and not m.sliding_window and not tokenizer_lib.qwen2_compatible(tok):
+        # transformers builds Qwen2's own byte-level tokenizer for every qwen2 model, whatever
+        # the files declare: this tokenizer would load with other ids. Llama's class computes
+        # the same function (its o_proj bias exported as zeros) and reads tokenizer.json as is.
+        logging.warning("Exporting as LlamaForCausalLM (the same function): transformers "
+                        "would replace this tokenizer by Qwen2's under Qwen2ForCausalLM.")
+        kind = "llama"
+    tensors = list(_hf_tensors(read, m, vocab, kind))
     logging.info("Exporting %s step %d (%d tensors, vocab %d) to %s", workdir, at_step,
                  len(tensors), vocab, out)
+    template, stop_ids = _shipped_template(workdir, cfg, tok)
     with staging as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, dtype)
-        files = {"config.json": hf_config(m, vocab, tok, dtype),
-                 "generation_config.json": {"bos_token_id": tok.bos_id,
-                                            "eos_token_id": tok.eos_id,
-                                            "pad_token_id": tok.pad_id},
-                 **_tokenizer_files(tok, m.max_len)}
-        for name, content in files.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                json.dump(content, f, indent=2)
-                f.write("\n")
-        shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.model"))
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config(m, vocab, tok, dtype, kind), f, indent=2)
+            f.write("\n")
+        # The tokenizer as imported (tokenizer.json or tokenizer.model, with any pieces the
+        # import added), its config with the chat template, generation_config.json.
+        tokenizer_lib.export_files(tok, tmp, max_len=m.max_len, template=template,
+                                   stop_ids=stop_ids)
     return os.path.abspath(out)
 
 
@@ -1012,10 +1051,11 @@ def define_flags() -> None:
     """The command line's flags, defined only when this module runs as the entry point: tests
     import it beside other entry points whose flags share these names (--workdir, --out)."""
     flags.DEFINE_string("hf_dir", None, "import: HF model folder (config.json, *.safetensors, "
-                        "tokenizer.model).")
+                        "tokenizer.model or tokenizer.json).")
     flags.DEFINE_string("out", None, "The folder to write (must not exist or be empty).")
-    flags.DEFINE_string("tokenizer", "", "import: the SentencePiece model to use (default: "
-                        "<hf_dir>/tokenizer.model).")
+    flags.DEFINE_string("tokenizer", "", "import: the tokenizer to use, a SentencePiece .model "
+                        "or a tokenizer.json (default: <hf_dir>/tokenizer.model, else "
+                        "<hf_dir>/tokenizer.json).")
     flags.DEFINE_integer("max_len", 0, "import: model.max_len (default: the model's "
                          f"max_position_embeddings, at most {DEFAULT_MAX_LEN}).")
     flags.DEFINE_string("workdir", None, "export: the run or model directory.")
