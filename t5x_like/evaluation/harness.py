@@ -113,6 +113,22 @@ def encode(tok, text: str, *, bos: bool = True) -> list[int]:
     return ids
 
 
+def render_chat(tok, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+    """The run's chat template (chat_template.render) as text, for apply_chat_template; without
+    the generation prompt the final assistant message is left open for its continuation, as
+    transformers' continue_final_message cuts the rendering after that message's content."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in chat_history]
+    try:
+        text = chat_template.render(messages, tok, add_generation_prompt=add_generation_prompt)
+    except chat_template.TemplateError as e:
+        raise UserError(f"the harness built a conversation the chat template cannot hold "
+                        f"({e}).") from None
+    final = messages[-1]["content"]
+    if not add_generation_prompt and messages[-1]["role"] == "assistant" and final:
+        text = text[:text.rindex(final) + len(final)]
+    return text
+
+
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) split from the whole string's ids, as lm-eval's HFLM
     does; when the context's own ids are not a prefix of the whole string's (a token spans the
@@ -228,20 +244,7 @@ class RunLM(TemplateLM):
 
     def apply_chat_template(self, chat_history: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
-        """The run's chat template (chat_template.render) as text; without the generation
-        prompt the final assistant message is left open for its continuation, as transformers'
-        continue_final_message cuts the rendering after that message's content."""
-        messages = [{"role": m["role"], "content": m["content"]} for m in chat_history]
-        try:
-            text = chat_template.render(messages, self.tok,
-                                        add_generation_prompt=add_generation_prompt)
-        except chat_template.TemplateError as e:
-            raise UserError(f"the harness built a conversation the chat template cannot hold "
-                            f"({e}).") from None
-        final = messages[-1]["content"]
-        if not add_generation_prompt and messages[-1]["role"] == "assistant" and final:
-            text = text[:text.rindex(final) + len(final)]
-        return text
+        return render_chat(self.tok, chat_history, add_generation_prompt)
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -326,6 +329,9 @@ class RunLM(TemplateLM):
             self._decoder = decoding.Decoder(run.graphdef, params, run.cfg.model, self.tok,
                                              max_batch=self.batch_size, max_len=L,
                                              lora=run.lora)
+        # Replies end at a stop string, eos (which always stops) or the template's end of turn:
+        # HFLM's "until + eos", the end of turn being a chat model's eos.
+        stops = (chat_template.end_id(self.tok),)
         prompts, params = [], []
         for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
             kw = dict(gen_kwargs or {})
@@ -340,10 +346,6 @@ class RunLM(TemplateLM):
                 head = ids[:1] if ids[0] == self.tok.bos_id else []
                 ids = head + ids[len(ids) - budget + len(head):]
             prompts.append(ids)
-            # A templated prompt's reply ends with its turn (at <|end|> or any other marker);
-            # plain text runs on to a stop string, eos or max_gen_toks.
-            templated = _controls(self.tok)[0].search(context)
-            stops = chat_template.reply_stop_ids(self.tok) if templated else ()
             params.append(decoding.Sampling(
                 max_new_tokens=max_new, temperature=temperature if sample else 0.0,
                 top_k=int(kw.pop("top_k", 0) or 0), top_p=float(kw.pop("top_p", 1.0) or 1.0),
@@ -420,8 +422,11 @@ class RunCompletions(LocalCompletionsAPI):
 
     def __init__(self, *, base_url: str, tokenizer, max_length: int, batch_size: int = 1,
                  **kwargs):
+        # The end of turn's text as lm-eval's eos string: a stop string of every generation,
+        # as RunLM stops at that token (text completions know no stop tokens).
+        end = chat_template.control_tokens(tokenizer).get(chat_template.end_id(tokenizer))
         super().__init__(base_url=base_url, tokenizer_backend="none", batch_size=batch_size,
-                         max_length=max_length, add_bos_token=True, **kwargs)
+                         max_length=max_length, add_bos_token=True, eos_string=end, **kwargs)
         self._tok = tokenizer
         self.tokenizer_backend = "remote"
         self.tokenizer = _ClientTokenizer(tokenizer)
@@ -437,6 +442,11 @@ class RunCompletions(LocalCompletionsAPI):
 
     def _encode_pair(self, context: str, continuation: str):
         return encode_pair(self._tok, context, continuation)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        # Rendered here, as in process: /v1/completions continues text as it is.
+        return render_chat(self._tok, chat_history, add_generation_prompt)
 
     @property
     def prefix_token_id(self) -> int:
