@@ -69,7 +69,7 @@ def test_host_must_be_this_server_a_loopback_name_an_ip_or_listed(server):
                      ("127.0.0.1.attacker.example", False), (f"localhost:{port}", True),
                      (f"127.0.0.1:{port}", True), (f"[::1]:{port}", True), ("10.0.0.7", True),
                      ("chat.example.org", True), ("", False)]:
-        r = http.get("/health", headers={"Host": host})
+        r = http.get("/v1/models", headers={"Host": host})
         assert r.status_code == (200 if ok else 421), (host, r.text)
         if not ok:
             assert r.json()["error"]["code"] == "host_not_allowed"
@@ -191,3 +191,21 @@ def test_an_empty_problem_report_is_refused(server):
     r = http.post("/v1/feedback", json={"response_id": rid, "problem_kind": "harm",
                                         "problem": " "})
     assert r.status_code == 400 and "needs 'problem'" in r.json()["error"]["message"]
+
+
+def test_origin_and_host_parsing():
+    same = security._same_origin
+    assert same("http://127.0.0.1:8000", "http", "127.0.0.1:8000")
+    assert same("http://[::1]:8000", "http", "[::1]:8000")
+    assert same("https://chat.example.org", "https", "chat.example.org")  # behind a TLS proxy
+    assert not same("http://localhost:3000", "http", "localhost:8000")  # another local port
+    assert not same("https://127.0.0.1:8000", "http", "127.0.0.1:8000")
+    assert not same("null", "http", "127.0.0.1:8000")
+    policy = security.Policy.from_flags("0.0.0.0", ["chat.example.org"])
+    assert not security.host_allowed(policy, "0.0.0.0.attacker.example")
+    assert security.host_allowed(policy, "192.168.1.5:8000")
+    assert security.host_allowed(policy, "Chat.Example.org.:8000")
+    assert not security.host_allowed(policy, "0.0.0.0:8000.attacker.example")
+    assert security.host_allowed(security.Policy.from_flags("myhost", ["*"]), "any.example")
+    with pytest.raises(Exception, match="--cors_origins: 'tools.example' is not an origin"):
+        security.Policy.from_flags("127.0.0.1", (), ["tools.example"])

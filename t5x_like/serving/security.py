@@ -22,6 +22,10 @@ site's own. Without an API key (the default on 127.0.0.1) nothing else stops the
                script and style (by hash) and this server's /vendor/ scripts, with
                frame-ancestors 'none' and Trusted Types required for HTML sinks
 
+Behind a TLS proxy on the same machine, pass the public name in --allowed_hosts and have the
+proxy keep `Host` and send `X-Forwarded-Proto` (uvicorn trusts it from 127.0.0.1), so the page's
+own https origin counts as this server's.
+
 The web page and the two libraries it uses are served by `add_page_routes`: `/` and
 `/vendor/<file>` (marked and DOMPurify, pinned copies from npm in serving/web/vendor/ with their
 licenses and checksums in VERSIONS.json), so the page makes no request to any other host.
@@ -77,10 +81,14 @@ class Policy:
 def _hostname(host_header: str) -> str:
     """'Example.org:8000' -> 'example.org'; '[::1]:8000' -> '::1'."""
     host = host_header.strip().lower()
+    port = ""
     if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host
-    if host.count(":") == 1:
-        host = host.split(":", 1)[0]
+        end = host.find("]")
+        host, port = (host[1:end], host[end + 2:]) if end > 0 else ("", "")
+    elif host.count(":") == 1:
+        host, port = host.split(":", 1)
+    if port and not port.isdigit():
+        return ""  # not a host a browser would send
     return host.rstrip(".")
 
 
