@@ -1,9 +1,10 @@
 """Export a run's parameters as a model directory:
 `python -m t5x_like.export --workdir=runs/x --out=models/x [--step=N] [--dtype=bfloat16]`.
 
-The model directory holds `config.json`, `tokenizer.model` and `checkpoints/<step>/params` (no
-optimizer state, no data state): what `sample`, `evaluate`, `serve` and `--config.init_from`
-load. It is written under a temporary name and renamed when complete.
+The model directory holds `config.json`, the tokenizer (`tokenizer.model`, or `tokenizer.json`
+with its config files) and `checkpoints/<step>/params` (no optimizer state, no data state): what
+`sample`, `evaluate`, `serve` and `--config.init_from` load. It is written under a temporary
+name and renamed when complete.
 
 A PEFT run (t5x_like/modeling/peft.py) exports with `--merge` as a whole model, its adapters folded into
 the base weights (for serving, init_from and `t5x_like.hf export`); without `--merge` as an
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
+from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.training import checkpoints
 from t5x_like.core import cli
 from t5x_like.core import config as config_lib
@@ -48,7 +50,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
     try:
         os.makedirs(tmp)
         config_lib.save_json(ml_collections.ConfigDict(cfg), os.path.join(tmp, "config.json"))
-        shutil.copyfile(run.tokenizer.path, os.path.join(tmp, "tokenizer.model"))
+        tokenizer_lib.install(run.tokenizer.path, tmp)  # with its config files
         if adapters:
             shutil.copyfile(os.path.join(workdir, peft.REF_FILE), os.path.join(tmp, peft.REF_FILE))
         checkpoints.save_params(tmp, run.step, params)

@@ -230,3 +230,31 @@ def test_foreign_sentencepiece_still_refused(tmp_path):
     path = sentencepiece_bpe(tmp_path / "raw.model")
     with pytest.raises(UserError, match="was not trained by t5x_like"):
         tokenizer_lib.load(path)
+
+
+def test_a_run_trains_serves_and_exports_with_a_tokenizer_json(tiny_cfg, hf_dirs, tmp_path):
+    """data.tokenizer = a Qwen-style tokenizer folder: the run keeps its files (special ids,
+    stop ids, chat template), reopens with it, and exports it for transformers unchanged."""
+    from t5x_like.core import runs
+    from t5x_like.training import trainer
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox, 日本語 🤖 {i * 7}."
+                                for i in range(120)))
+    tiny_cfg.data.source = f"text:{docs}"
+    tiny_cfg.data.tokenizer = hf_dirs["qwen"]
+    tiny_cfg.steps = 2
+    workdir = tmp_path / "run"
+    trainer.train_and_evaluate(tiny_cfg, str(workdir))
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(
+        os.listdir(workdir))
+    assert tokenizer_lib.same(str(workdir), hf_dirs["qwen"])
+    tok = runs.load(str(workdir)).tokenizer
+    original = tokenizer_lib.load(hf_dirs["qwen"])
+    assert (tok.backend, tok.vocab_size, tok.stop_ids) == ("hf", original.vocab_size,
+                                                           original.stop_ids)
+    out = hf.export_model(str(workdir), str(tmp_path / "exported"))
+    assert (tmp_path / "exported" / "tokenizer.json").read_bytes() == open(
+        original.path, "rb").read()
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert [auto_ids(auto, t) for t in CORPUS] == [tok.encode(t) for t in CORPUS]

@@ -11,9 +11,7 @@ pure dict (see model.abstract_model), so checkpoints, shardings and optax all se
 
 import collections
 import dataclasses
-import filecmp
 import os
-import shutil
 import signal
 import sys
 import time
@@ -359,25 +357,26 @@ def _install_tokenizer(src: str, workdir: str, resuming: bool = True) -> str:
     """Copies the tokenizer into the workdir, where sample/evaluate/serve and init_from find it.
     A different one there refuses a resumed run; one left by a start that never reached its
     first checkpoint is replaced."""
-    dst = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(dst) and not filecmp.cmp(src, dst, shallow=False):
+    dst = tokenizer_lib.find(workdir, required=False)  # tokenizer.model or tokenizer.json
+    if dst and not tokenizer_lib.same(src, dst):
         if resuming:
             raise UserError(f"{dst} differs from the data's tokenizer {src}: the data changed "
                             "since this run started; use a new --workdir.")
         if jax.process_index() == 0:
-            os.remove(dst)  # ours, from a start that failed before its first checkpoint
-    if jax.process_index() == 0 and not os.path.exists(dst):
-        shutil.copyfile(src, dst + ".tmp")
-        os.replace(dst + ".tmp", dst)
-    return dst
+            tokenizer_lib.remove(dst)  # ours, from a start that failed before its first checkpoint
+        dst = None
+    if jax.process_index() == 0 and not dst:
+        dst = tokenizer_lib.install(src, workdir)  # with its config files (special ids, template)
+    return dst or tokenizer_lib.find(workdir, required=False) or src
 
 
 def _inherit_tokenizer(cfg, init_dir: str):
     """A run started from another one uses its vocabulary: the tokenizer travels with it."""
-    src = os.path.join(init_dir, "tokenizer.model")
-    if not os.path.isfile(src):
-        raise UserError(f"config key 'init_from': {init_dir} has no tokenizer.model.")
-    if cfg.data.tokenizer and not filecmp.cmp(cfg.data.tokenizer, src, shallow=False):
+    src = tokenizer_lib.find(init_dir, required=False)
+    if src is None:
+        raise UserError(f"config key 'init_from': {init_dir} has no tokenizer.model or "
+                        "tokenizer.json.")
+    if cfg.data.tokenizer and not tokenizer_lib.same(cfg.data.tokenizer, src):
         raise UserError(f"config key 'data.tokenizer': {cfg.data.tokenizer} is not the tokenizer "
                         f"of init_from ({src}); leave data.tokenizer empty to inherit it.")
     cfg = cfg.copy_and_resolve_references()
