@@ -20,7 +20,7 @@ On whatever JAX backend it finds, in one process, within --budget_s (8 minutes b
    (batch x HBM bandwidth / bytes of the weights, each read once per step; with the KV cache too).
 4. training: configs/llama_1b.py's model at sequence 2048, bfloat16 compute, on synthetic
    batches placed on the devices once (no data pipeline), with the project's train step
-   (trainer.compile_steps via benchmarks/train_step.Ours). First attention_impl
+   (lm.compile_steps via benchmarks/train_step.Ours). First attention_impl
    dot_product_attention against einsum at the config's remat, then the other remat policies on
    the faster one, then larger batches on the best while they fit (XLA's own memory estimate
    against the device's memory) and help. Per point: tokens/s, TFLOP/s (flops.py, causal
@@ -61,7 +61,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import common, decode, train_step  # noqa: E402
 from data_pipelines import chat_template  # noqa: E402 (no grain: templates and token ids only)
 from t5x_like.core import config as config_lib  # noqa: E402
-from t5x_like.training import trainer  # noqa: E402
+from t5x_like.training.tasks import lm  # noqa: E402
 from t5x_like.modeling import decoding
 from t5x_like.modeling import flops
 from t5x_like.modeling import model
@@ -220,9 +220,9 @@ def correctness(cfg, tok, backend_device, tiny: bool) -> dict:
         graphdef, _, _ = model.abstract_model(c.model)
         with jax.default_device(cpu):
             params = jax.device_get(model.init_params(c.model, seed=0))
-        loss = trainer.make_loss(graphdef, loss_chunk=c.model.loss_chunk)
+        loss = lm.make_loss(graphdef, loss_chunk=c.model.loss_chunk)
         tx = optimizer_lib.make(c.optimizer, c.steps)
-        step = trainer.make_train_step(graphdef, tx, optimizer_lib.learning_rate(c.optimizer,
+        step = lm.make_train_step(graphdef, tx, optimizer_lib.learning_rate(c.optimizer,
                                                                                  c.steps),
                                        seed=0, z_loss=0.0, accum_steps=1, dropout=0.0,
                                        loss_chunk=c.model.loss_chunk)

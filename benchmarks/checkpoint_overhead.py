@@ -22,7 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import common  # noqa: E402
-from t5x_like.training import trainer  # noqa: E402
+from t5x_like.training import batches as batches_lib  # noqa: E402
+from t5x_like.training import state as state_lib  # noqa: E402
+from t5x_like.training.tasks import lm  # noqa: E402
 from t5x_like.training import checkpoints
 from t5x_like.core import config as config_lib
 from t5x_like.modeling import partitioning
@@ -40,13 +42,13 @@ def run(cfg, steps: int, every: int, mode: str) -> float:
     """Seconds per step over `steps` steps, saving every `every` steps in `mode`."""
     mesh = partitioning.make_mesh(cfg.mesh)
     rng = np.random.default_rng(0)
-    batches = [trainer.global_batch(synthetic_batch(cfg, rng), mesh) for _ in range(4)]
+    batches = [batches_lib.global_batch(synthetic_batch(cfg, rng), mesh) for _ in range(4)]
     directory = tempfile.mkdtemp(prefix="ckpt-bench-")
     try:
         with jax.set_mesh(mesh):
-            spec = trainer.state_spec(cfg, mesh)
-            step_fn, _ = trainer.compile_steps(cfg, spec, mesh)
-            state = trainer.init_state(cfg, spec)
+            spec = state_lib.state_spec(cfg, mesh)
+            step_fn, _ = lm.compile_steps(cfg, spec, mesh)
+            state = state_lib.init_state(cfg, spec)
             for i in range(3):  # compile and warm up
                 state, m = step_fn(state, batches[i])
             jax.block_until_ready(m)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.compile_time [--depths=4,24] [--shape=S]
 
-Each row traces, lowers and compiles the real jitted train step (trainer.compile_steps) of the
+Each row traces, lowers and compiles the real jitted train step (lm.compile_steps) of the
 shape with that many layers, in a fresh JAX cache (the persistent compilation cache is off, so
 nothing is reused between rows). Target: 24 scanned layers compile in at most 1.5x the time of 4.
 """
@@ -18,15 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import common, train_step  # noqa: E402
-from t5x_like.training import trainer  # noqa: E402
+from t5x_like.training import state as state_lib  # noqa: E402
+from t5x_like.training.tasks import lm  # noqa: E402
 from t5x_like.modeling import partitioning
 
 
 def compile_seconds(cfg) -> float:
     mesh = partitioning.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        spec = trainer.state_spec(cfg, mesh)
-        step_fn, _ = trainer.compile_steps(cfg, spec, mesh)
+        spec = state_lib.state_spec(cfg, mesh)
+        step_fn, _ = lm.compile_steps(cfg, spec, mesh)
         B, T = cfg.data.batch_size, cfg.model.max_len
         batch = {k: jax.ShapeDtypeStruct((B, T), "float32" if k == "weights" else "int32")
                  for k in ("inputs", "targets", "weights", "segment_ids", "positions")}

@@ -28,7 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import common  # noqa: E402
-from t5x_like.training import trainer  # noqa: E402
+from t5x_like.training import batches as batches_lib  # noqa: E402
+from t5x_like.training import state as state_lib  # noqa: E402
+from t5x_like.training.tasks import lm  # noqa: E402
 from t5x_like.modeling import flops
 from t5x_like.modeling import partitioning
 
@@ -78,7 +80,7 @@ def synthetic_batch(cfg, mesh) -> dict:
     local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
              "weights": np.ones((B, T), np.float32), "segment_ids": np.ones((B, T), np.int32),
              "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
-    return trainer.global_batch(local, mesh)
+    return batches_lib.global_batch(local, mesh)
 
 
 class Ours:
@@ -90,9 +92,9 @@ class Ours:
         self.cfg = cfg
         self.mesh = partitioning.make_mesh(cfg.mesh)
         with jax.set_mesh(self.mesh):
-            spec = trainer.state_spec(cfg, self.mesh)
+            spec = state_lib.state_spec(cfg, self.mesh)
             self.batch = synthetic_batch(cfg, self.mesh)
-            step_fn, _ = trainer.compile_steps(cfg, spec, self.mesh)
+            step_fn, _ = lm.compile_steps(cfg, spec, self.mesh)
             start = time.perf_counter()
             self.step_fn = step_fn.lower(spec.abstract, self.batch).compile()
             self.compile_s = time.perf_counter() - start
@@ -106,7 +108,7 @@ class Ours:
                                  if memory else 0)
             if max_bytes and self.device_bytes > max_bytes:
                 raise DoesNotFit(self.device_bytes, max_bytes)
-            self.state = trainer.init_state(cfg, spec)
+            self.state = state_lib.init_state(cfg, spec)
 
     def step(self):
         self.state, metrics = self.step_fn(self.state, self.batch)

@@ -78,6 +78,7 @@ def main(argv):
     from data_pipelines import tokenizer as tokenizer_lib
     from t5x_like.core import config as config_lib
     from t5x_like.training import trainer
+    from t5x_like.training.tasks import lm
 
     f = flags.FLAGS
     cfg = f.config
@@ -86,14 +87,14 @@ def main(argv):
     if cfg.init_from:
         from t5x_like.training import checkpoints
 
-        cfg = trainer._inherit_tokenizer(cfg, checkpoints.locate(cfg.init_from)[0])
+        cfg = trainer.inherit_tokenizer(cfg, checkpoints.locate(cfg.init_from)[0])
     prepared = trainer.prepare_data(cfg, workdir)
     tok = tokenizer_lib.Tokenizer(prepared.tokenizer_path)
     template = chat_template.setup(cfg, tok)  # the one training would use
     print(f"chat template: {template.name} ({template.where})")
     controls = chat_template.control_tokens(tok)
     counts = collections.Counter()
-    encode = trainer.example_encoder(cfg, tok, prepared.text_field, counts)
+    encode = lm.example_encoder(cfg, tok, prepared.text_field, counts)
     split = cfg.data.train_split if f.split == "train" else cfg.data.eval_split
     source = prepared.data_source(split, kind=trainer.TASK_KINDS[cfg.task])
     color = f.color == "always" or (f.color == "auto" and sys.stdout.isatty())

@@ -21,6 +21,8 @@ from t5x_like.core import config as config_lib
 from t5x_like.modeling import partitioning
 from t5x_like.core import runs
 from t5x_like.training import trainer
+from t5x_like.training import batches as batches_lib
+from t5x_like.training import state as state_lib
 from t5x_like.core import metrics as metrics_lib
 from t5x_like.core.errors import EnvironmentFailure, UserError
 
@@ -120,8 +122,8 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
 
 def _state_on(cfg, mesh):
     with jax.set_mesh(mesh):
-        spec = trainer.state_spec(cfg, mesh)
-        return spec, trainer.init_state(cfg, spec)
+        spec = state_lib.state_spec(cfg, mesh)
+        return spec, state_lib.init_state(cfg, spec)
 
 
 @pytest.fixture
@@ -142,7 +144,7 @@ def test_restore_onto_other_meshes_gives_the_saved_values(tiny_resolved, tmp_pat
     saved = jax.device_get(state)
     for mesh in (mesh_of(data=8), mesh_of(fsdp=4, tensor=2), mesh_of()):
         with jax.set_mesh(mesh):
-            target = trainer.state_spec(cfg, mesh).abstract
+            target = state_lib.state_spec(cfg, mesh).abstract
             restored = checkpoints.Checkpointer(str(tmp_path / "ckpt")).restore(0, target)
         for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
             np.testing.assert_array_equal(np.asarray(leaf), want)
@@ -218,7 +220,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_cfg, tmp_path
 
 def _poison_step(monkeypatch, poisoned_step):
     """Makes the batch of one step carry NaN loss weights (as a corrupt record would)."""
-    real = trainer.global_batch
+    real = batches_lib.global_batch
     calls = {"n": 0}
 
     def poisoned(local, mesh):
@@ -227,7 +229,7 @@ def _poison_step(monkeypatch, poisoned_step):
             local = dict(local, weights=np.full_like(local["weights"], np.nan))
         return real(local, mesh)
 
-    monkeypatch.setattr(trainer, "global_batch", poisoned)
+    monkeypatch.setattr(batches_lib, "global_batch", poisoned)
 
 
 def test_nan_batch_is_skipped(tiny_cfg, tmp_path, monkeypatch):

@@ -32,7 +32,9 @@ from t5x_like.interop import hf
 from t5x_like.modeling import model
 from t5x_like.modeling import partitioning
 from t5x_like.core import runs
-from t5x_like.training import trainer
+from t5x_like.training import batches as batches_lib
+from t5x_like.training import state as state_lib
+from t5x_like.training.tasks import lm
 from t5x_like.core.errors import UserError
 
 TEXT = ["The quick brown fox jumps over the lazy dog.", "What is 12 + 30? It is 42.",
@@ -394,12 +396,12 @@ def trained_run(tmp_path_factory):
              "positions": np.tile(np.arange(T, dtype=np.int32), (len(TEXT), 1))}
     mesh = partitioning.make_mesh(cfg.mesh, jax.devices()[:1])
     with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
-        spec = trainer.state_spec(cfg, mesh)
-        state = trainer.init_state(cfg, spec)
-        train_step, _ = trainer.compile_steps(cfg, spec, mesh)
+        spec = state_lib.state_spec(cfg, mesh)
+        state = state_lib.init_state(cfg, spec)
+        train_step, _ = lm.compile_steps(cfg, spec, mesh)
         losses = []
         for _ in range(4):
-            state, metrics = train_step(state, trainer.global_batch(batch, mesh))
+            state, metrics = train_step(state, batches_lib.global_batch(batch, mesh))
             losses.append(float(metrics["loss"]))
         assert losses[-1] < losses[0]
         ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(str(workdir)),

@@ -23,6 +23,7 @@ from t5x_like.modeling import partitioning
 from t5x_like.modeling import peft
 from t5x_like.core import runs
 from t5x_like.training import trainer
+from t5x_like.training import state as state_lib
 from t5x_like.core.errors import UserError
 
 
@@ -100,7 +101,7 @@ def test_optimizer_state_matches_the_trainable_parameters(tmp_path):
                        ("freeze", {"trainable": "lm_head,final_norm", "trainable_layers": 1})):
         cfg = config_lib.resolve(tiny(tmp_path, **keys), 300)
         with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
-            spec = trainer.state_spec(cfg, mesh)
+            spec = state_lib.state_spec(cfg, mesh)
         n = counts[name] = peft.count(spec.adapt.abstract)
         moments = sum(x.size for x in jax.tree.leaves(spec.abstract["opt_state"]) if x.ndim)
         assert moments == 2 * n  # AdamW mu and nu, for what trains only
@@ -231,7 +232,7 @@ def test_adapters_shard_with_their_weights(tmp_path):
     cfg = config_lib.resolve(cfg, 300)
     mesh = partitioning.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
-        spec = trainer.state_spec(cfg, mesh)
+        spec = state_lib.state_spec(cfg, mesh)
     P = jax.sharding.PartitionSpec
     lora = jax.tree.map(lambda s: s.spec, spec.shardings["params"]["lora"])
     # wq [L, embed, heads, head_dim] = (None, fsdp, tensor, None): A keeps embed, B heads.
@@ -266,7 +267,7 @@ def test_lora_dpo_trains_the_adapters_against_the_base_as_reference(tmp_path):
     mesh = partitioning.make_mesh(cfg.mesh)
     batch = pair_batch(cfg, np.random.default_rng(0))
     with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
-        spec = trainer.state_spec(cfg, mesh)
+        spec = state_lib.state_spec(cfg, mesh)
         base = model.init_params(cfg.model, 0, spec.base_shardings)
         params = peft.init_trainable(spec.adapt, base, cfg.seed, spec.shardings["params"])
         state = {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -276,10 +277,10 @@ def test_lora_dpo_trains_the_adapters_against_the_base_as_reference(tmp_path):
                                         label_smoothing=0.0, adapt=spec.adapt)
         step = jax.jit(preference.make_train_step(stats_fn, spec.tx, spec.schedule, seed=0,
                                                   dropout=0.0),
-                       in_shardings=(spec.shardings, spec.base_shardings, None), donate_argnums=0)
+                       in_shardings=(spec.shardings, None, spec.base_shardings), donate_argnums=0)
         history = []
         for _ in range(3):
-            state, metrics = step(state, base, batch)
+            state, metrics = step(state, batch, base)
             history.append(jax.device_get(metrics))
     # Step 0: the policy (base + adapters with B = 0) is exactly the reference (the base).
     assert float(history[0]["loss"]) == pytest.approx(np.log(2), abs=1e-6)

@@ -19,6 +19,7 @@ from t5x_like.modeling import partitioning
 from t5x_like.evaluation import reward_model
 from t5x_like.core import runs
 from t5x_like.training import trainer
+from t5x_like.training import state as state_lib
 from t5x_like.core.errors import UserError
 
 LN2, LN4 = math.log(2), math.log(4)
@@ -130,8 +131,8 @@ def test_the_reference_receives_no_updates(tiny_cfg):
              "segment_ids": np.ones((8, 2, T)), "positions": np.broadcast_to(np.arange(T), (8, 2, T))}
     batch = {k: v.astype(np.float32 if k == "weights" else np.int32) for k, v in batch.items()}
     with jax.set_mesh(mesh), partitioning.axis_rules(partitioning.RULES):
-        spec = trainer.state_spec(cfg, mesh)
-        state = trainer.init_state(cfg, spec)
+        spec = state_lib.state_spec(cfg, mesh)
+        state = state_lib.init_state(cfg, spec)
         reference = jax.tree.map(jnp.copy, state["params"])
         before = jax.device_get(reference)
         initial = jax.device_get(state["params"])
@@ -139,10 +140,10 @@ def test_the_reference_receives_no_updates(tiny_cfg):
                                         label_smoothing=0.0)
         step = jax.jit(preference.make_train_step(stats_fn, spec.tx, spec.schedule, seed=0,
                                                   dropout=0.0),
-                       in_shardings=(spec.shardings, spec.shardings["params"], None),
+                       in_shardings=(spec.shardings, None, spec.shardings["params"]),
                        donate_argnums=0)
         for _ in range(3):
-            state, metrics = step(state, reference, batch)
+            state, metrics = step(state, batch, reference)
         # The loss has no gradient through the reference at all.
         ref_grads = jax.grad(lambda ref: stats_fn(state["params"], ref, batch, None)["loss_sum"])(
             reference)

@@ -13,6 +13,7 @@ from t5x_like.core import config as config_lib
 from t5x_like.modeling import model
 from t5x_like.core import runs
 from t5x_like.training import trainer
+from t5x_like.training.tasks import lm
 from t5x_like.core import metrics as metrics_lib
 from t5x_like.core.errors import UserError
 
@@ -70,7 +71,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tok, tiny_cfg):
     params = model.init_params(cfg.model, 0)
     source = [record(synthetic.dialogue(i)) for i in range(24)]
     encode = chat_data.encoder(tok, loss_on="assistant", max_len=32, on_long="split")
-    step = jax.jit(trainer.make_eval_step(graphdef))
+    step = jax.jit(lm.make_eval_step(graphdef))
     token_bytes = tok.token_bytes()
 
     def loss(packing):

@@ -8,7 +8,9 @@ import pytest
 
 from t5x_like.core import config as config_lib
 from t5x_like.modeling import partitioning
-from t5x_like.training import trainer
+from t5x_like.training import batches as batches_lib
+from t5x_like.training import state as state_lib
+from t5x_like.training.tasks import lm
 from t5x_like.core.errors import UserError
 
 
@@ -35,13 +37,13 @@ def run_steps(cfg, devices, n=5, keys=("loss",), vary_batch=False):
     [tuple of those metrics per step], final params on the host, final state)."""
     mesh = partitioning.make_mesh(cfg.mesh, devices)
     with jax.set_mesh(mesh):
-        spec = trainer.state_spec(cfg, mesh)
-        train_step, _ = trainer.compile_steps(cfg, spec, mesh)
-        state = trainer.init_state(cfg, spec)
+        spec = state_lib.state_spec(cfg, mesh)
+        train_step, _ = lm.compile_steps(cfg, spec, mesh)
+        state = state_lib.init_state(cfg, spec)
         out = []
         for i in range(n):
             batch = fake_batch(cfg, i if vary_batch else 0)
-            state, metrics = train_step(state, trainer.global_batch(batch, mesh))
+            state, metrics = train_step(state, batches_lib.global_batch(batch, mesh))
             values = tuple(float(metrics[k]) for k in keys)
             out.append(values if len(keys) > 1 else values[0])
         return out, jax.device_get(state["params"]), state
@@ -105,7 +107,7 @@ def test_parameters_are_sharded_by_the_rules(tiny_cfg, mesh):
     cfg = resolved(tiny_cfg, **axes)
     mesh_ = partitioning.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh_):
-        spec = trainer.state_spec(cfg, mesh_)
+        spec = state_lib.state_spec(cfg, mesh_)
     params = spec.abstract["params"]
     for name, want in EXPECTED_SHARDS[mesh].items():
         leaf = params
@@ -123,7 +125,7 @@ def test_rules_can_be_overridden_from_config(tiny_cfg):
     mesh = partitioning.make_mesh(cfg.mesh)
     rules = partitioning.rules_with_overrides(cfg.mesh.rules)
     with jax.set_mesh(mesh), partitioning.axis_rules(rules):
-        params = trainer.state_spec(cfg, mesh).abstract["params"]
+        params = state_lib.state_spec(cfg, mesh).abstract["params"]
     gate = params["layers"]["w_gate"]  # (layers, embed, mlp) -> (None, None, (fsdp, tensor))
     assert gate.sharding.shard_shape(gate.shape) == (2, 32, 8)
     for bad, message in [("embedd=fsdp", "name from partitioning.RULES"),
@@ -140,12 +142,12 @@ def test_impossible_meshes_fail_before_compute(tiny_cfg):
     cfg = config_lib.resolve(tiny_cfg, 300)  # num_kv_heads=2
     mesh = partitioning.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=4)))
     with pytest.raises(UserError, match=r"parameter layers/wk has 2 along 'kv_heads'.*size 4"):
-        trainer.state_spec(cfg, mesh)
+        state_lib.state_spec(cfg, mesh)
     tiny_cfg.data.batch_size = 4
     tiny_cfg.eval.batch_size = 4
     mesh = partitioning.make_mesh(ml_collections.ConfigDict(dict(data=8, fsdp=1, tensor=1)))
     with pytest.raises(UserError, match=r"'data.batch_size': 4 is not divisible"):
-        trainer.check_batch(config_lib.resolve(tiny_cfg, 300), mesh)
+        batches_lib.check_batch(config_lib.resolve(tiny_cfg, 300), mesh)
 
 
 def test_rules_never_reuse_a_mesh_axis():

@@ -13,6 +13,7 @@ from t5x_like.core import metrics as metrics_lib
 from t5x_like.modeling import decoding
 from t5x_like.core import runs
 from t5x_like.training import trainer
+from t5x_like.training import loop as loop_lib
 
 
 def records(workdir, split):
@@ -191,7 +192,7 @@ def test_dropping_many_examples_warns_once(tiny_cfg, caplog):
     import collections
     import logging
 
-    loop = trainer._Loop.__new__(trainer._Loop)
+    loop = loop_lib.Loop.__new__(loop_lib.Loop)
     tiny_cfg.task = "sft"
     loop.cfg, loop.warned = tiny_cfg, set()
     loop.example_counts = collections.Counter(encoded=1000, dropped=40, truncated=10)

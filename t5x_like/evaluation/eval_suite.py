@@ -3,7 +3,7 @@
     results = run_suite(run, suite, workdir)     every task of configs/eval/<suite>.py
 
 A likelihood task feeds its records through the training pipeline (packing, loss weights) and
-`trainer.evaluate`, the very code behind the validation lines training logs, so the numbers
+`tasks/lm.evaluate`, the very code behind the validation lines training logs, so the numbers
 agree with training's. A generation task templates each prompt (chat_template.prompt, or plain
 text for models that only continue text), generates with the KV-cache Decoder in batches of
 prompts of similar length, reads each reply up to <|end|> (or a stop string), and scores the
@@ -38,7 +38,7 @@ from t5x_like.modeling import decoding
 from t5x_like.evaluation import eval_metrics
 from t5x_like.evaluation import eval_tasks
 from t5x_like.modeling import partitioning
-from t5x_like.training import trainer
+from t5x_like.training.tasks import lm
 from t5x_like.core.errors import UserError
 from t5x_like.core.metrics import MetricWriter
 
@@ -164,7 +164,7 @@ def likelihood_task(run, t, *, batch_size: int, workdir: str) -> dict:
                                             workdir=workdir)
     # The run's own split is encoded as training encodes it (its loss_on, on_long), so the
     # numbers are its validation lines over the whole split.
-    encode = (trainer.example_encoder(run.cfg, run.tokenizer, "text", collections.Counter())
+    encode = (lm.example_encoder(run.cfg, run.tokenizer, "text", collections.Counter())
               if t.source == "run" else None)
     return {"kind": "likelihood", "source": t.source, "n": len(records),
             "metrics": likelihood(run, records, batch_size=batch_size, loss_on=t.loss_on,
@@ -200,12 +200,12 @@ def likelihood(run, records: list[dict], *, batch_size: int, loss_on: str = "ass
     batches = pipeline.make_dataset(records, encode, batch_size=batch_size, max_len=max_len,
                                     seed=0, train=False)
     with jax.set_mesh(run.mesh):
-        eval_step = jax.jit(trainer.make_eval_step(run.graphdef,
+        eval_step = jax.jit(lm.make_eval_step(run.graphdef,
                                                    loss_chunk=run.cfg.model.loss_chunk))
         token_bytes = jax.device_put(jnp.asarray(tok.token_bytes()),
                                      partitioning.replicated(run.mesh))
         try:
-            return trainer.evaluate(eval_step, run.params, iter(batches), max_steps=0,
+            return lm.evaluate(eval_step, run.params, iter(batches), max_steps=0,
                                     local_batch=batch_size, max_len=max_len, mesh=run.mesh,
                                     token_bytes=token_bytes)
         except UserError as e:

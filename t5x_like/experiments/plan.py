@@ -74,19 +74,21 @@ def plan(cfg, target: Target, *, compile_step: bool = True) -> dict:
     from t5x_like.core import config as config_lib
     from t5x_like.modeling import flops
     from t5x_like.modeling import partitioning
-    from t5x_like.training import trainer
+    from t5x_like.training import batches as batches_lib
+    from t5x_like.training import state as state_lib
+    from t5x_like.training.tasks import lm
 
     config_lib.validate(cfg)
     vocab = cfg.model.vocab_size or config_lib.padded_vocab_size(cfg.data.vocab_size,
                                                                  cfg.model.vocab_multiple)
     cfg = config_lib.resolve(cfg, vocab)
     mesh = partitioning.make_mesh(cfg.mesh)
-    trainer.check_batch(cfg, mesh)
+    batches_lib.check_batch(cfg, mesh)
     dp, tp = partitioning.data_parallel_size(mesh), mesh.shape["tensor"]
     rules = partitioning.rules_with_overrides(cfg.mesh.rules)
     out: dict = {"target": dataclasses.asdict(target), "mesh": dict(mesh.shape)}
     with jax.set_mesh(mesh), partitioning.axis_rules(rules):
-        spec = trainer.state_spec(cfg, mesh)
+        spec = state_lib.state_spec(cfg, mesh)
         params = spec.abstract["params"]
         n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(spec.base_abstract or params))
         out["parameters"] = n_params
@@ -102,7 +104,7 @@ def plan(cfg, target: Target, *, compile_step: bool = True) -> dict:
             params = spec.base_abstract  # the model's own tensors, for "largest" below
         if compile_step:
             try:
-                train_step, _ = trainer.compile_steps(cfg, spec, mesh)
+                train_step, _ = lm.compile_steps(cfg, spec, mesh)
                 B, T = cfg.data.batch_size, cfg.model.max_len
                 batch = {k: jax.ShapeDtypeStruct(
                     (B, T), jnp.float32 if k == "weights" else jnp.int32,
@@ -143,7 +145,7 @@ def _peft_saving(cfg, mesh, spec, out: dict) -> dict:
 
     full_cfg = cfg.as_configdict() if hasattr(cfg, "as_configdict") else cfg.copy()
     full_cfg.peft.method, full_cfg.peft.trainable, full_cfg.peft.trainable_layers = "none", "", 0
-    full = trainer.state_spec(full_cfg, mesh)
+    full = state_lib.state_spec(full_cfg, mesh)
     full_params = _shard_bytes(full.abstract["params"])
     full_bytes = full_params + _shard_bytes(full.abstract["opt_state"]) + full_params * 4 // max(
         1, full.abstract["params"]["embed"].dtype.itemsize)

@@ -219,9 +219,12 @@ def forward(graphdef, adapt: Peft | None, hidden: bool = False) -> Callable:
     return apply
 
 
-def reference_forward(graphdef) -> Callable:
+def reference_forward(graphdef, hidden: bool = False) -> Callable:
     """fn(base, tokens, **kwargs) -> logits of the base without adapters or tuned parameters:
-    preference tuning's reference model, from the arrays PEFT already holds (no second copy)."""
+    preference tuning's reference model, from the arrays PEFT already holds (no second copy).
+    With `hidden`, (hidden states, head, logits_fn) as in `forward`."""
+    if hidden:
+        return lambda base, tokens, **kwargs: model.apply_hidden(graphdef, base, tokens, **kwargs)
     return lambda base, tokens, **kwargs: model.apply(graphdef, base, tokens, **kwargs)
 
 

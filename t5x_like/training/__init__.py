@@ -1,4 +1,5 @@
-"""Training: the loop and its sharded steps (trainer), the preference tasks (alignment,
-preference, rl), losses, the optimizer, batches across processes, checkpoints (where they are
-written) and the multi-controller runtime (distributed).
+"""Training: one job for every task (trainer), its loop (loop), state (state) and train step
+(steps); the tasks (tasks/: language model, preference pairs, RL) and their losses (losses,
+preference_losses, preference, rl); the optimizer, batches across processes, checkpoints and
+the multi-controller runtime (distributed).
 """

@@ -9,6 +9,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from t5x_like.modeling import partitioning
+
 
 def token_stats(logits, targets, weights, token_bytes=None) -> dict[str, jax.Array]:
     """Sums over weighted targets of: nll, log(Z)^2 (for z-loss), correct argmax, weight.
@@ -46,17 +48,50 @@ def chunked_loss(logits_fn, head, h, targets, weights, *, chunk: int, z_loss: fl
     the FLOPs are those of the unchunked loss. Chunks run along the sequence with the batch dim
     whole, so a batch sharded over devices stays sharded. The stats come back without gradient.
     """
-    B, T = targets.shape
-    n = -(-T // chunk)
-    pad = n * chunk - T  # padded positions carry weight 0
-
-    def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
-
-    loss, stats = _fused_loss(logits_fn, float(z_loss), head, split(h), split(targets),
-                              split(weights), token_bytes)
+    g = partitioning.axis_size("act_len")  # the sequence axis
+    hs, ts, ws = (split_positions(x, chunk, g) for x in (h, targets, weights))
+    loss, stats = _fused_loss(logits_fn, float(z_loss), head, hs, ts, ws, token_bytes)
     return loss, jax.lax.stop_gradient(stats)
+
+
+def split_positions(x, chunk: int, g: int = 1):
+    """[B, T, ...] -> [n, B, chunk, ...], T padded with zeros to n * chunk (callers give the
+    padded positions weight 0).
+
+    g > 1 (chunked_loss with the sequence split over the mesh's sequence axis; moe helper):
+    each device's T / g positions are cut on their own, [B, T] -> [n, B * g, chunk], so every
+    chunk keeps its positions where they are (no all-gather of h, no output layer repeated on
+    each device); chunk shrinks to T / g when it does not divide it. Same sums."""
+    B, T = x.shape[:2]
+    if g > 1 and T % g == 0:
+        t = T // g
+        chunk = chunk if t % chunk == 0 else t
+        x = x.reshape(B, g, t // chunk, chunk, *x.shape[2:])
+        return jnp.moveaxis(x, 2, 0).reshape(t // chunk, B * g, chunk, *x.shape[4:])
+    n = -(-T // chunk)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+
+def chunked_sums(fn, consts, xs: tuple, *, chunk: int):
+    """sum over chunks of fn(consts, *chunk of each x in xs): xs are [B, T, ...] arrays cut
+    `chunk` positions at a time; fn returns a pytree of per-row partial sums ([B] arrays).
+
+    For per-row quantities over the vocabulary (a sequence's log-probability, its KL to a
+    reference) whose loss is not a plain sum over positions (DPO's sigmoid of a difference of
+    sums), so `chunked_loss`'s gradients-in-the-forward-pass do not apply. Each chunk is
+    rematerialized instead: its [B, chunk, V] logits exist during its own forward and backward
+    pass only, never [B, T, V]; the backward pass recomputes them (one more output-layer
+    matmul per chunk). Values and gradients are the unchunked ones up to float rounding."""
+    parts = tuple(split_positions(x, chunk) for x in xs)
+    one = jax.checkpoint(fn, prevent_cse=False)
+
+    def body(carry, c):
+        return jax.tree.map(jnp.add, carry, one(consts, *c)), None
+
+    shapes = jax.eval_shape(fn, consts, *(p[0] for p in parts))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.scan(body, zeros, parts)[0]
 
 
 def _chunks(logits_fn, z_loss, head, hs, ts, ws, token_bytes, with_grads: bool):

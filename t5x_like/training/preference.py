@@ -1,24 +1,27 @@
 """Pure steps of the pairwise tasks: the reward model (Bradley-Terry) and DPO / IPO.
 
     stats_fn(params, ref_params, batch, rng) -> sums      per-pair values summed over the batch
-    train_step(state, ref_params, batch) -> (state, metrics)
+    make_train_step(stats_fn, ...)(state, batch, ref_params) -> (state, metrics)
     eval_step(params, ref_params, batch) -> sums          summed over the split on the host
 
 A batch holds pairs [B, 2, T] (data_pipelines/preference_data.py: row 0 chosen, row 1
 rejected); padding pairs (all weights 0) count for nothing. The reference parameters are an
 argument of every step, never part of the state: they are read, never updated or donated.
+The loss is summed over pairs and divided by the pairs of the whole batch in the one train
+step of every task (steps.py), so optimizer.grad_accum_steps gives the loss and gradients of
+the whole batch. With `loss_chunk` (model.loss_chunk) DPO's sequence log-probs are summed that
+many positions at a time (preference_losses.sequence_stats), without [2B, T, V] logits.
 """
 
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from t5x_like.modeling import model
 from t5x_like.modeling import peft
 from t5x_like.training import preference_losses
-from t5x_like.training import optimizer as optimizer_lib
+from t5x_like.training import steps
 
 
 def _flat(batch):
@@ -62,21 +65,25 @@ def reward_stats(graphdef, adapt: peft.Peft | None = None) -> Callable:
 
 
 def dpo_stats(graphdef, *, beta: float, loss_type: str, label_smoothing: float,
-              rpo_alpha: float = 0.0, adapt: peft.Peft | None = None) -> Callable:
+              rpo_alpha: float = 0.0, adapt: peft.Peft | None = None,
+              loss_chunk: int = 0) -> Callable:
     """DPO (or IPO) of the policy against the frozen reference, plus rpo_alpha times the chosen
     reply's per-token NLL (RPO; 0 = plain DPO). With PEFT (`adapt`) `params` is the trainable
     tree and `ref_params` the frozen base: the policy is base + adapters and the reference the
-    base alone, so the weights are held once."""
-    forward, reference = peft.forward(graphdef, adapt), peft.reference_forward(graphdef)
+    base alone, so the weights are held once. loss_chunk > 0: log-probs a chunk of positions
+    at a time (same values and gradients)."""
+    hidden = bool(loss_chunk)
+    forward = peft.forward(graphdef, adapt, hidden=hidden)
+    reference = peft.reference_forward(graphdef, hidden=hidden)
 
     def stats_fn(params, ref_params, batch, rng):
         flat = _flat(batch)
         kw = dict(positions=flat["positions"], segment_ids=flat["segment_ids"])
-        logits = forward(params, ref_params, flat["inputs"], dropout_rng=rng, **kw)
-        ref_logits = jax.lax.stop_gradient(reference(ref_params, flat["inputs"], **kw))
-        logp, n = preference_losses.sequence_logprobs(logits, flat["targets"], flat["weights"])
-        ref_logp, _ = preference_losses.sequence_logprobs(ref_logits, flat["targets"],
-                                                          flat["weights"])
+        seq = preference_losses.sequence_stats(
+            forward(params, ref_params, flat["inputs"], dropout_rng=rng, **kw),
+            reference(ref_params, flat["inputs"], **kw), flat["targets"], flat["weights"],
+            chunk=loss_chunk)
+        logp, ref_logp, n = seq["logp"], seq["ref_logp"], seq["tokens"]
         nll = preference_losses.chosen_nll(_pairs(logp)[0], _pairs(n)[0])
         if loss_type == "ipo":  # IPO compares length-averaged log-probabilities
             logp, ref_logp = logp / jnp.maximum(n, 1), ref_logp / jnp.maximum(n, 1)
@@ -87,14 +94,12 @@ def dpo_stats(graphdef, *, beta: float, loss_type: str, label_smoothing: float,
         if rpo_alpha:
             loss = loss + rpo_alpha * nll
         valid = (batch["weights"][:, 0].sum(-1) > 0).astype(jnp.float32)
-        kl = preference_losses.token_kl(jax.lax.stop_gradient(logits), ref_logits,
-                                        flat["weights"])
         return {"loss_sum": jnp.sum(valid * loss), "pairs": jnp.sum(valid),
                 "correct_sum": jnp.sum(valid * (chosen > rejected)),
                 "margin_sum": jnp.sum(valid * (chosen - rejected)),
                 "chosen_sum": jnp.sum(valid * chosen), "rejected_sum": jnp.sum(valid * rejected),
                 "chosen_nll_sum": jnp.sum(valid * jax.lax.stop_gradient(nll)),
-                "kl_sum": jnp.sum(kl), "kl_tokens": jnp.sum(flat["weights"])}
+                "kl_sum": jnp.sum(seq["kl"]), "kl_tokens": jnp.sum(flat["weights"])}
     return stats_fn
 
 
@@ -113,36 +118,36 @@ def summarize(sums: dict) -> dict[str, float]:
     return out
 
 
-def make_train_step(stats_fn, tx, schedule, *, seed: int, dropout: float) -> Callable:
-    """train_step(state, ref_params, batch) -> (state, metrics): mean loss over the batch's
-    pairs; the same state layout and optimizer as every other task (trainer.state_spec)."""
-    def loss_fn(params, ref_params, batch, rng):
-        stats = stats_fn(params, ref_params, batch, rng)
-        return stats["loss_sum"] / jnp.maximum(stats["pairs"], 1.0), stats
+def loss(stats_fn) -> Callable:
+    """The pairs' loss for the one train step (steps.py): summed over pairs, with the frozen
+    reference (or PEFT base) as the step's frozen input."""
+    def loss_fn(params, batch, rng, ref_params):
+        sums = stats_fn(params, ref_params, batch, rng)
+        return sums["loss_sum"], sums
+    return loss_fn
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, ref_params, batch):
-        params = state["params"]
-        rng = jax.random.fold_in(jax.random.key(seed), state["step"]) if dropout else None
-        (_, stats), grads = grad_fn(params, ref_params, batch, rng)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        pairs = jnp.maximum(stats["pairs"], 1.0)
-        metrics = {k.removesuffix("_sum"): v / pairs for k, v in stats.items()
-                   if k.endswith("_sum") and k != "kl_sum"}
-        metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]),
-                       loss_tokens=stats["pairs"],  # the loop stops on a batch of no pairs
-                       nonfinite_steps=optimizer_lib.nonfinite_steps(opt_state))
-        metrics["accuracy"] = metrics.pop("correct")
-        metrics["chosen_reward"] = metrics.pop("chosen")
-        metrics["rejected_reward"] = metrics.pop("rejected")
-        if "kl_sum" in stats:
-            metrics["kl"] = stats["kl_sum"] / jnp.maximum(stats["kl_tokens"], 1.0)
-        return new_state, metrics
+def train_metrics(sums: dict) -> dict:
+    """A train step's sums -> per-pair means (loss, accuracy, margin, implicit or model
+    rewards, the chosen replies' NLL) and DPO's per-token KL."""
+    pairs = jnp.maximum(sums["pairs"], 1.0)
+    metrics = {k.removesuffix("_sum"): v / pairs for k, v in sums.items()
+               if k.endswith("_sum") and k != "kl_sum"}
+    metrics["accuracy"] = metrics.pop("correct")
+    metrics["chosen_reward"] = metrics.pop("chosen")
+    metrics["rejected_reward"] = metrics.pop("rejected")
+    if "kl_sum" in sums:
+        metrics["kl"] = sums["kl_sum"] / jnp.maximum(sums["kl_tokens"], 1.0)
+    return metrics
 
-    return train_step
+
+def make_train_step(stats_fn, tx, schedule, *, seed: int, dropout: float,
+                    accum_steps: int = 1) -> Callable:
+    """train_step(state, batch, ref_params) -> (state, metrics): mean loss over the batch's
+    pairs; the same state, optimizer and step as every other task (steps.make_train_step)."""
+    return steps.make_train_step(loss(stats_fn), tx, schedule, count="pairs",
+                                 metrics=train_metrics, seed=seed, dropout=dropout,
+                                 accum_steps=accum_steps)
 
 
 def make_eval_step(stats_fn) -> Callable:

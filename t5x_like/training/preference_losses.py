@@ -25,6 +25,8 @@ frozen reference; beta * (pi_x - ref_x) is DPO's implicit reward of x.
 import jax
 import jax.numpy as jnp
 
+from t5x_like.training import losses
+
 DPO_LOSSES = ("sigmoid", "ipo")
 
 
@@ -74,3 +76,30 @@ def token_kl(logits, ref_logits, weights):
     ref_logp = jax.lax.stop_gradient(jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1))
     kl = jnp.sum(jnp.exp(logp) * (logp - ref_logp), axis=-1)
     return jnp.sum(weights.astype(jnp.float32) * kl, axis=-1)
+
+
+def sequence_stats(policy, reference, targets, weights, *, chunk: int = 0,
+                   kl_grad: bool = False) -> dict:
+    """Per row [N]: "logp" and "ref_logp" (sequence_logprobs of the policy and the frozen
+    reference), "tokens" (weighted targets) and "kl" (token_kl, summed over the row).
+
+    chunk = 0: `policy` and `reference` are logits [N, T, V]. chunk > 0: each is
+    (hidden [N, T, d], head, logits_fn) (model.apply_hidden), and the same values are summed
+    `chunk` positions at a time (losses.chunked_sums), never holding [N, T, V] logits. Only
+    the policy's log-probs carry gradients, and the KL too when `kl_grad` (RL's penalty; DPO
+    only reports it)."""
+    def stats(logits, ref_logits, t, w):
+        ref_logits = jax.lax.stop_gradient(ref_logits)
+        logp, n = sequence_logprobs(logits, t, w)
+        ref_logp, _ = sequence_logprobs(ref_logits, t, w)
+        kl = token_kl(logits if kl_grad else jax.lax.stop_gradient(logits), ref_logits, w)
+        return {"logp": logp, "tokens": n, "ref_logp": ref_logp, "kl": kl}
+
+    if not chunk:
+        return stats(policy, reference, targets, weights)
+    (h, head, logits_fn), (ref_h, ref_head, ref_logits_fn) = policy, reference
+    ref_h, ref_head = jax.lax.stop_gradient((ref_h, ref_head))
+    return losses.chunked_sums(
+        lambda heads, hc, ref_hc, tc, wc: stats(logits_fn(heads[0], hc),
+                                                ref_logits_fn(heads[1], ref_hc), tc, wc),
+        (head, ref_head), (h, ref_h, targets, weights), chunk=chunk)

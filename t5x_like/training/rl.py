@@ -19,20 +19,28 @@ One update per sample batch, so the policy that sampled is the policy updated an
 is 1 (its clipping would never act): the gradient is REINFORCE with the group mean as baseline.
 The reply row is prompt + reply tokens (+ <|end|> when the reply stopped there), loss weight 1
 on the reply tokens only.
+
+Every process samples: each decodes the replies to its own prompts (its rows of the global
+batch) on its own devices, rates them and computes their advantages (a prompt's group is all on
+one process); the update is the one train step of every task (steps.py) over the global rows,
+so it takes optimizer.grad_accum_steps, and model.loss_chunk computes the log-probs and the KL
+a chunk of positions at a time. Row i of the global batch samples with the seed of row i
+whatever the process count, so 1 and N processes train the same way.
 """
 
+import contextlib
+import dataclasses
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from data_pipelines import chat_template, preference_data, synthetic
 from t5x_like.modeling import decoding
 from t5x_like.modeling import peft
+from t5x_like.training import distributed
 from t5x_like.training import preference_losses
-from t5x_like.training import optimizer as optimizer_lib
 
 RewardFn = Callable[[Sequence[list[dict]], Sequence[str]], np.ndarray]
 
@@ -44,12 +52,20 @@ def exact_answer_reward(prompts: Sequence[list[dict]], replies: Sequence[str]) -
 
 
 def reward_function(spec: str, mesh=None) -> RewardFn:
-    """rl.reward -> a function of (prompt messages, reply texts) -> rewards [N]."""
+    """rl.reward -> a function of (prompt messages, reply texts) -> rewards [N]. A reward
+    model is restored onto `mesh`; with several processes each then scores its own replies on
+    its own devices (a copy of the model there)."""
     if spec == "exact_answer":
         return exact_answer_reward
-    from t5x_like.evaluation import reward_model  # model:<workdir>
+    from t5x_like.core import runs  # model:<workdir>
+    from t5x_like.evaluation import reward_model
 
-    return reward_model.RewardModel.load(spec[len("model:"):], mesh=mesh).score
+    run = runs.load(spec[len("model:"):], mesh=mesh)
+    if mesh is not None and jax.process_count() > 1:
+        local = distributed.local_mesh(mesh)
+        run = dataclasses.replace(run, params=distributed.local_copy(run.params, mesh, local),
+                                  lora=distributed.local_copy(run.lora, mesh, local), mesh=local)
+    return reward_model.RewardModel(run).score
 
 
 def group_advantages(rewards, eps: float = 1e-4):
@@ -74,38 +90,36 @@ def reply_rows(tokenizer, prompts: Sequence[Sequence[int]],
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def make_update(graphdef, tx, schedule, *, kl_coef: float, adapt=None) -> Callable:
-    """update(state, ref_params, batch) -> (state, metrics); batch = reply rows + "advantages"
-    [N]. Pure; jitted with shardings by alignment.py. With PEFT (`adapt`, peft.py) the state's
-    params are the trainable tree and `ref_params` the frozen base, which is the reference."""
-    forward, reference = peft.forward(graphdef, adapt), peft.reference_forward(graphdef)
+def make_loss(graphdef, *, kl_coef: float, adapt=None, loss_chunk: int = 0) -> Callable:
+    """loss_fn(params, batch, rng, ref_params) -> (objective summed over reply tokens, sums)
+    for the one train step (steps.py, count "tokens"); batch = reply rows + "advantages" [N].
+    With PEFT (`adapt`, peft.py) params are the trainable tree and `ref_params` the frozen
+    base, which is the reference. loss_chunk > 0: a chunk of positions at a time."""
+    hidden = bool(loss_chunk)
+    forward = peft.forward(graphdef, adapt, hidden=hidden)
+    reference = peft.reference_forward(graphdef, hidden=hidden)
 
-    def loss_fn(params, ref_params, batch):
+    def loss_fn(params, batch, rng, ref_params):
+        del rng  # no dropout while learning from samples of the same policy
         kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
-        logits = forward(params, ref_params, batch["inputs"], **kw)
-        ref_logits = jax.lax.stop_gradient(reference(ref_params, batch["inputs"], **kw))
-        logp, n = preference_losses.sequence_logprobs(logits, batch["targets"], batch["weights"])
-        kl = preference_losses.token_kl(logits, ref_logits, batch["weights"])
-        tokens = jnp.maximum(jnp.sum(n), 1.0)
-        pg = -jnp.sum(batch["advantages"] * logp) / tokens
-        kl_mean = jnp.sum(kl) / tokens
-        return pg + kl_coef * kl_mean, {"pg_loss": pg, "kl": kl_mean, "tokens": jnp.sum(n)}
+        seq = preference_losses.sequence_stats(
+            forward(params, ref_params, batch["inputs"], **kw),
+            reference(ref_params, batch["inputs"], **kw), batch["targets"], batch["weights"],
+            chunk=loss_chunk, kl_grad=True)
+        pg_sum = -jnp.sum(batch["advantages"] * seq["logp"])
+        kl_sum = jnp.sum(seq["kl"])
+        return pg_sum + kl_coef * kl_sum, {"pg_sum": pg_sum, "kl_sum": kl_sum,
+                                           "tokens": jnp.sum(seq["tokens"])}
+    return loss_fn
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def update(state, ref_params, batch):
-        params = state["params"]
-        (loss, aux), grads = grad_fn(params, ref_params, batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": loss, "pg_loss": aux["pg_loss"], "kl": aux["kl"],
-                   "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"]),
-                   "loss_tokens": aux["tokens"],
-                   "nonfinite_steps": optimizer_lib.nonfinite_steps(opt_state)}
-        return new_state, metrics
-
-    return update
+def train_metrics(kl_coef: float) -> Callable:
+    """sums -> per reply token: loss, its policy-gradient part and the KL to the reference."""
+    def metrics(sums):
+        tokens = jnp.maximum(sums["tokens"], 1.0)
+        pg, kl = sums["pg_sum"] / tokens, sums["kl_sum"] / tokens
+        return {"loss": pg + kl_coef * kl, "pg_loss": pg, "kl": kl}
+    return metrics
 
 
 def prompts_of(tokenizer, batch) -> list[list[int]]:
@@ -125,15 +139,26 @@ def sample_and_score(decoder, tokenizer, prompts: Sequence[Sequence[int]], rewar
     return completions, messages, reward_fn(messages, [c.text for c in completions])
 
 
-def _whole(params):
+def whole(params):
+    """The policy's decoder inputs without PEFT: its parameters as they are, no adapters."""
     return params, None
 
 
+def sample_with(decoder, weights, tokenizer, prompts, reward_fn: RewardFn, sampling):
+    """sample_and_score with the policy's (params, LoRA or None) `weights`, all of it on the
+    decoder's own mesh (with several processes, this process's devices only)."""
+    with jax.set_mesh(decoder.mesh) if decoder.mesh is not None else contextlib.nullcontext():
+        decoder.params, decoder.lora = weights
+        return sample_and_score(decoder, tokenizer, prompts, reward_fn, sampling)
+
+
 def make_train_step(decoder, tokenizer, update, reward_fn: RewardFn, rl_cfg, *, seed: int,
-                    max_len: int, mesh=None, policy: Callable = _whole) -> Callable:
-    """train_step(state, batch) -> (state, metrics) for the trainer's loop: sample, reward,
-    advantages, update. `update` is the jitted `make_update(...)` with the reference bound;
-    `policy(state params) -> (decoder params, LoRA inputs or None)` (PEFT: base + adapters)."""
+                    max_len: int, policy: Callable = whole) -> Callable:
+    """train_step(state, local batch) -> (state, metrics) for the training loop: sample, reward,
+    advantages, update, on every process for its own prompts. `update(state, local rows)` is
+    the jitted train step with the reference bound (it makes the global rows);
+    `policy(state params) -> (decoder params, LoRA inputs or None)` on this process's devices
+    (PEFT: base + adapters)."""
     end = tokenizer.marker_ids[chat_template.END]
     G = rl_cfg.group_size
 
@@ -141,26 +166,26 @@ def make_train_step(decoder, tokenizer, update, reward_fn: RewardFn, rl_cfg, *, 
         step = int(jax.device_get(state["step"]))
         prompts = prompts_of(tokenizer, batch)
         grouped = [p for p in prompts for _ in range(G)]
+        first = jax.process_index() * len(grouped)  # this process's first row of the batch
         sampling = [decoding.Sampling(max_new_tokens=rl_cfg.max_new_tokens,
                                       temperature=rl_cfg.temperature, top_p=rl_cfg.top_p,
-                                      stop_tokens=(end,), seed=hash((seed, step, i)) % 2**31)
+                                      stop_tokens=(end,),
+                                      seed=hash((seed, step, first + i)) % 2**31)
                     for i in range(len(grouped))]
-        decoder.params, decoder.lora = policy(state["params"])  # sample with the policy trained
-        completions, _, rewards = sample_and_score(decoder, tokenizer, grouped, reward_fn,
-                                                   sampling)
+        completions, _, rewards = sample_with(decoder, policy(state["params"]), tokenizer,
+                                              grouped, reward_fn, sampling)
         advantages = group_advantages(rewards.reshape(len(prompts), G)).reshape(-1)
         rows = reply_rows(tokenizer, grouped, completions, max_len)
         rows["advantages"] = advantages.astype(np.float32)
-        if mesh is not None:
-            from t5x_like.modeling import partitioning
-
-            sharding = partitioning.batch_sharding(mesh)
-            rows = {k: jax.device_put(v, sharding) for k, v in rows.items()}
         state, metrics = update(state, rows)
+        # The batch's replies, from every process.
+        rewards = distributed.gather_rows(rewards.astype(np.float32))
+        lengths = distributed.gather_rows(np.array([len(c.tokens) for c in completions],
+                                                   np.float32))
         metrics = dict(metrics)
         metrics["reward"] = float(rewards.mean())
-        metrics["reward_std_in_group"] = float(rewards.reshape(len(prompts), G).std(1).mean())
-        metrics["reply_length"] = float(np.mean([len(c.tokens) for c in completions]))
+        metrics["reward_std_in_group"] = float(rewards.reshape(-1, G).std(1).mean())
+        metrics["reply_length"] = float(lengths.mean())
         if rl_cfg.reward == "exact_answer":
             metrics["accuracy"] = float((rewards >= 1.0).mean())
         return state, metrics
@@ -169,15 +194,16 @@ def make_train_step(decoder, tokenizer, update, reward_fn: RewardFn, rl_cfg, *, 
 
 
 def evaluate(decoder, tokenizer, params, prompts: Sequence[Sequence[int]], reward_fn: RewardFn,
-             rl_cfg, policy: Callable = _whole) -> dict[str, float]:
-    """Greedy replies to held-out prompts: mean reward, accuracy (exact_answer), length."""
+             rl_cfg, policy: Callable = whole) -> dict[str, float]:
+    """Greedy replies to held-out prompts (this process's share of them; the means are over
+    every process's): mean reward, accuracy (exact_answer), reply length."""
     end = tokenizer.marker_ids[chat_template.END]
-    decoder.params, decoder.lora = policy(params)
     greedy = decoding.Sampling(max_new_tokens=rl_cfg.max_new_tokens, stop_tokens=(end,))
-    completions, _, rewards = sample_and_score(decoder, tokenizer, prompts, reward_fn,
-                                               [greedy] * len(prompts))
-    out = {"reward": float(rewards.mean()),
-           "reply_length": float(np.mean([len(c.tokens) for c in completions]))}
+    completions, _, rewards = sample_with(decoder, policy(params), tokenizer, prompts,
+                                          reward_fn, [greedy] * len(prompts))
+    rewards = distributed.gather_rows(np.asarray(rewards, np.float32).reshape(-1))
+    lengths = distributed.gather_rows(np.array([len(c.tokens) for c in completions], np.float32))
+    out = {"reward": float(rewards.mean()), "reply_length": float(lengths.mean())}
     if rl_cfg.reward == "exact_answer":
         out["accuracy"] = float((rewards >= 1.0).mean())
     return out
