@@ -16,11 +16,13 @@ import concurrent.futures
 import glob
 import json
 import os
+import secrets
 import shlex
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 from absl import app, flags, logging
@@ -194,10 +196,21 @@ def _free_port() -> int:
 
 
 def _post(url: str, body: dict, timeout: float = 600) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    """POSTs `body`; a dropped connection is retried under the same Idempotency-Key, so the
+    server answers a retry with what it stored instead of storing a second row."""
+    req = urllib.request.Request(url, json.dumps(body).encode(), method="POST", headers={
+        "Content-Type": "application/json", "Idempotency-Key": secrets.token_hex(16)})
+    for attempt in range(3):
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            if e.code != 409 or attempt == 2:  # 409: the first try is still being answered
+                raise
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if attempt == 2:
+                raise
+        time.sleep(1 + attempt)
 
 
 def demo_judge(messages: list[dict], replies: list[str]) -> list[tuple[str, str | None]]:
@@ -305,16 +318,23 @@ def feedback_stage(cfg, name, st, workdir, record) -> None:
         try:
             server.wait(60)
         except subprocess.TimeoutExpired:
+    # Which feedback the next stage trains on: reviewed_only=1 takes corrections and reports
+    # only once a review approved them (python -m t5x_like.feedback review/verdicts on the
+    # stage's feedback.db); by default the simulated users' judge is taken as it is.
+    from t5x_like.serving import feedback as feedback_lib
+    reviewed_only = opts.get("reviewed_only", "0") not in ("0", "false", "False", "")
+    record["feedback"]["export"] = "reviewed_only" if reviewed_only else "unreviewed"
             server.kill()
         log.close()
     record["feedback"] = {"conversations": len(conversations), "replies": len(ratings),
                           "up": ratings.count("up"), "down": ratings.count("down")}
     for fmt in ("preference", "sft"):
         path = os.path.join(out, f"{fmt}.jsonl")
-        _run([sys.executable, "-m", "t5x_like.feedback", "export", f"--db={db}",
-              f"--out={path}", f"--format={fmt}"], os.path.join(workdir, f"{name}.log"))
-        with open(path, encoding="utf-8") as f:
-            record["feedback"][f"{fmt}_records"] = sum(1 for line in f if line.strip())
+        counts = feedback_lib.export(db, path, fmt, reviewed_only=reviewed_only)
+        record["feedback"][f"{fmt}_records"] = counts["written"]
+        record["feedback"][f"{fmt}_left_out"] = {
+            k: counts[k] for k in ("length_cut", "replacement_char", "empty_reports",
+                                   "rejected", "unreviewed", "duplicates") if counts.get(k)}
     if not record["feedback"]["preference_records"]:
         raise RuntimeError(f"stage {name}: the feedback gave no preference pairs (every reply "
                            "was rated up); ask more conversations or raise the temperature.")
