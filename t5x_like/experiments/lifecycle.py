@@ -318,16 +318,16 @@ def feedback_stage(cfg, name, st, workdir, record) -> None:
         try:
             server.wait(60)
         except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    record["feedback"] = {"conversations": len(conversations), "replies": len(ratings),
+                          "up": ratings.count("up"), "down": ratings.count("down")}
     # Which feedback the next stage trains on: reviewed_only=1 takes corrections and reports
     # only once a review approved them (python -m t5x_like.feedback review/verdicts on the
     # stage's feedback.db); by default the simulated users' judge is taken as it is.
     from t5x_like.serving import feedback as feedback_lib
     reviewed_only = opts.get("reviewed_only", "0") not in ("0", "false", "False", "")
     record["feedback"]["export"] = "reviewed_only" if reviewed_only else "unreviewed"
-            server.kill()
-        log.close()
-    record["feedback"] = {"conversations": len(conversations), "replies": len(ratings),
-                          "up": ratings.count("up"), "down": ratings.count("down")}
     for fmt in ("preference", "sft"):
         path = os.path.join(out, f"{fmt}.jsonl")
         counts = feedback_lib.export(db, path, fmt, reviewed_only=reviewed_only)
