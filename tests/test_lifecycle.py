@@ -55,6 +55,7 @@ def test_quick_lifecycle_runs_every_stage_and_writes_the_report(tmp_path, monkey
         assert task["n"] == 8 and 0.0 <= task["metrics"]["exact_match"] <= 1.0
     fb = state["stages"]["feedback"]["feedback"]
     assert fb["conversations"] == 8 and fb["replies"] == 16 and fb["up"] + fb["down"] == 16
+    assert fb["export"] == "unreviewed" and isinstance(fb["preference_left_out"], dict)
     exported = workdir / "feedback" / "preference.jsonl"
     assert fb["preference_records"] == sum(1 for _ in open(exported)) > 0
     # The feedback round's pairs (and the replayed ones) are what the last DPO stage trained on.
@@ -71,6 +72,7 @@ def test_quick_lifecycle_runs_every_stage_and_writes_the_report(tmp_path, monkey
         assert f"| {name} |" in report
     assert "report_losses.png" in report and os.path.getsize(workdir / "report_losses.png") > 0
     assert "Feedback round" in report and "trained on by: dpo_feedback" in report
+    assert "Exported without a review" in report
     assert "exact_match" in report
 
     # A rerun finds every stage done and only rewrites the report.

@@ -14,6 +14,8 @@ Stages run in `order`; each is an ordinary job (its command is in the report) in
               conversations=N n=<replies per prompt> temperature=T max_tokens=N
               prompts=demo|<chat JSONL or Alpaca file>  judge=demo|reward:<reward stage>
               replay=N (the demo's own training pairs added to the feedback pairs)
+              reviewed_only=0|1 (1: corrections and reports only once a review approved them;
+              the report says which was used and what the export left out)
 A train stage with `data_from` = a feedback stage trains on that stage's exported pairs (plus
 the replayed ones: feedback/train_pairs.jsonl).
 `args` are config overrides (key=value, or whole --flags); `quick_args` replace them under

@@ -159,7 +159,8 @@ def write(cfg, workdir: str, state: dict, names: list[str]) -> str:
         elif rec["kind"] == "eval":
             metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in _eval_metrics(rec).items())
         elif rec["kind"] == "feedback":
-            metrics = ", ".join(f"{k}={v}" for k, v in rec.get("feedback", {}).items())
+            metrics = ", ".join(f"{k}={v}" for k, v in rec.get("feedback", {}).items()
+                                if not isinstance(v, dict))
         command = " ".join(rec.get("command", [])[1:]).replace(workdir + "/", "")
         wall = f"{rec['wall_s']:.0f} s" if "wall_s" in rec else "failed"
         lines.append(f"| {n} | {rec['kind']} | {wall} | {tokens} | {metrics} | `{command}` |")
@@ -181,6 +182,15 @@ def write(cfg, workdir: str, state: dict, names: list[str]) -> str:
                   f"{info.get('replayed_pairs', 0)} replayed task pairs "
                   f"({n}/train_pairs.jsonl) trained on by: {', '.join(users) or 'no stage'}.",
                   ""]
+        if "export" in info:  # which feedback it used, and what the export left out
+            left = "; ".join(
+                f"{fmt}: " + (", ".join(f"{k} {v}" for k, v in info[f"{fmt}_left_out"].items())
+                              or "nothing")
+                for fmt in ("preference", "sft") if f"{fmt}_left_out" in info)
+            lines += [("Exported only reviewed and approved corrections and reports "
+                       "(reviewed_only=1)" if info["export"] == "reviewed_only" else
+                       "Exported without a review (the simulated users' judge as it is)") +
+                      f". Left out: {left}.", ""]
 
     sample_lines = []
     for name, _ in evals:
