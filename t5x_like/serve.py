@@ -22,9 +22,10 @@ if __name__ == "__main__":  # flags are defined only when run as a program (modu
     flags.DEFINE_string("db", None, f"Feedback database (default: <workdir>/{feedback.DB_NAME}).")
     flags.DEFINE_string("model_name", None, "Model id in the API (default: the workdir's name).")
     flags.DEFINE_float("temperature", 0.7, "Temperature of requests that give none.")
-    flags.DEFINE_integer("max_batch", 16, "Rows decoded together on the device.")
-    flags.DEFINE_float("batch_wait_ms", 5.0, "How long a lone request waits for others to "
-                       "share its batch.")
+    flags.DEFINE_integer("max_batch", 16, "Rows decoded together on the device (the engine's "
+                         "slots).")
+    flags.DEFINE_float("batch_wait_ms", 5.0, "--batching=static: how long a lone request waits "
+                       "for others to share its batch.")
     flags.DEFINE_integer("max_len", 0, "Context: prompt + reply tokens (0 = model.max_len).")
     flags.DEFINE_integer("max_request_bytes", Limits.max_request_bytes, "Body size; 413 beyond.")
     flags.DEFINE_integer("max_messages", Limits.max_messages, "Messages per request; 400 beyond.")
@@ -32,6 +33,17 @@ if __name__ == "__main__":  # flags are defined only when run as a program (modu
                          "max_tokens a request may ask for; 400 beyond.")
     flags.DEFINE_integer("max_n", Limits.max_n, "Choices (n) per request; 400 beyond.")
     flags.DEFINE_integer("max_queue", Limits.max_queue, "Waiting requests; 503 beyond.")
+    flags.DEFINE_float("body_timeout_s", Limits.body_timeout_s, "A request body that stops "
+                       "arriving this long gets 408.")
+    flags.DEFINE_enum("batching", "continuous", ["continuous", "static"], "continuous: rows "
+                      "join and leave a fixed set of decode slots between steps, every program "
+                      "compiled at start-up; static: batches decoded to their end (compiles "
+                      "new shapes as they come).")
+    flags.DEFINE_integer("prefill_chunk", 256, "Prompt tokens prefilled between two decode "
+                         "steps (longer prompts in chunks); a power of two.")
+    flags.DEFINE_string("compilation_cache", "", "JAX's persistent compilation cache directory "
+                        "(default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/t5x_like/jax; "
+                        "'off' for none): a restart loads its programs instead of compiling.")
     flags.DEFINE_integer("best_of", 1, "Sample this many replies per choice and answer with the "
                          "one --reward_model scores highest (replies then come whole).")
     flags.DEFINE_string("reward_model", None, "A task=reward run for --best_of.")

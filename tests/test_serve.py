@@ -132,7 +132,7 @@ def test_stop_strings_cut_the_reply_in_both_modes(server):
 
 
 def test_concurrent_clients_all_answered_and_every_feedback_row_present(server):
-    before = dict(server.app.state.batcher.stats)
+    before = dict(server.app.state.scheduler.stats)
 
     def one_client(k):
         answered = []
@@ -179,13 +179,15 @@ def test_concurrent_clients_all_answered_and_every_feedback_row_present(server):
     assert sorted((r["response_id"], r["rating"], r["id"]) for r in fb_rows) == sorted(
         (rid, rating, fid) for rid, _, rating, fid in answered)
 
-    stats = server.app.state.batcher.stats
+    stats = server.app.state.scheduler.stats
     requests = stats["requests"] - before["requests"]
-    batches = stats["batches"] - before["batches"]
+    calls = stats["device_calls"] - before["device_calls"]
+    steps = stats["steps"] - before["steps"]
+    tokens = stats["row_steps"] - before["row_steps"]
     assert requests == 320
-    assert batches < requests and stats["largest_batch"] > 1  # requests shared device batches
-    print(f"\n320 requests from 16 clients in {elapsed:.1f}s: {batches} batches, "
-          f"{requests / batches:.1f} requests per batch")
+    assert tokens > 2 * steps  # rows of different requests shared decode steps
+    print(f"\n320 requests from 16 clients in {elapsed:.1f}s: {calls} device calls, "
+          f"{tokens / steps:.1f} tokens per decode step")
 
 
 class FakeDecoder:
@@ -207,12 +209,12 @@ def test_requests_that_arrive_together_share_a_batch_that_fits():
 
     async def ask(prompt_len, max_new, n=1):
         job = serve._Job([1] * prompt_len, [decoding.Sampling(max_new_tokens=max_new)] * n,
-                         False, finish=lambda completions: [c.text for c in completions])
+                         False)
         batcher.submit(job)
         while True:
             kind, payload = await job.events.get()
             if kind == "done":
-                return payload
+                return [c.text for c in payload.completions]
 
     async def main():
         # Five requests at once share a batch; a long prompt cannot share their cache (50 +
@@ -241,12 +243,11 @@ def test_the_generation_path_is_one_function_a_server_can_replace():
     batcher = serve.Batcher(decoder, wait_s=0.3, generate=best_of_three)
 
     async def ask(n):
-        job = serve._Job([1] * 4, [decoding.Sampling(max_new_tokens=4)] * n, False,
-                         finish=lambda completions: [c.text for c in completions])
+        job = serve._Job([1] * 4, [decoding.Sampling(max_new_tokens=4)] * n, False)
         batcher.submit(job)
         while (event := await job.events.get())[0] != "done":
             pass
-        return event[1]
+        return [c.text for c in event[1].completions]
 
     async def main():
         return await asyncio.gather(ask(1), ask(1))
@@ -308,7 +309,7 @@ def test_bad_requests_get_documented_status_codes(server, kw, status, says):
 
 
 def test_a_full_queue_answers_503(server, monkeypatch):
-    monkeypatch.setattr(server.app.state.batcher, "max_queue", 0)  # as if 256 were waiting
+    monkeypatch.setattr(server.app.state.scheduler, "max_queue", 0)  # as if 256 were waiting
     r = post(server, {"messages": QUESTION, "max_tokens": 4})
     assert r.status_code == 503, r.text
     assert "(limit --max_queue)" in r.json()["error"]["message"]

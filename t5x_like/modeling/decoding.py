@@ -16,9 +16,21 @@ the next is exactly sampling from the distribution with the rejected tokens remo
 how banned words and banned token sequences can never appear (checked on the decoded text, so
 no tokenization of a banned word gets through), while single tokens can also be banned or
 boosted through the logit bias. Stop tokens end a row; stop strings end it and are cut off.
+Presence and frequency penalties (OpenAI's definitions) subtract from the logits of tokens the
+reply already holds, counted on the device. With `Sampling(logprobs=k)` every token comes with
+its log-probability under the distribution it was drawn from (after bias, penalties,
+temperature and the top-k / top-p cut; at temperature 0 the distribution at temperature 1) and
+the k most likely tokens of that distribution.
+
+The device programs here serve two hosts: `Decoder.stream` (one batch from prefill to its last
+row: sample, chat, evaluation, RL) and the server's continuous-batching engine
+(t5x_like/serving/engine.py), which keeps a fixed set of rows ("slots") decoding and inserts a
+new prompt's prefilled cache into a free one between steps (`prefill_chunk`, `insert`,
+`window_steps`, `shift`).
 """
 
 import dataclasses
+import functools
 import math
 from typing import Iterator, Sequence
 
@@ -29,6 +41,8 @@ import numpy as np
 from t5x_like.modeling import model
 
 _NEG = -1e9
+TOP_LOGPROBS = 20  # most alternatives a generated token can report (OpenAI's limit)
+PROMPT_TOP_LOGPROBS = 5  # most alternatives a prompt token can report (the completions API's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +57,9 @@ class Sampling:
     banned_words: tuple[str, ...] = ()  # never in the output text (case-insensitive)
     banned_sequences: tuple[tuple[int, ...], ...] = ()  # never in the output tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit); -inf bans it
+    presence_penalty: float = 0.0  # minus this from the logit of every token the reply holds
+    frequency_penalty: float = 0.0  # minus this times the number of times the reply holds it
+    logprobs: int = -1  # -1: off; k >= 0: each token's log-probability and the k most likely
 
 
 @dataclasses.dataclass
@@ -50,6 +67,8 @@ class Completion:
     tokens: list[int]
     text: str
     finish_reason: str  # "stop" (a stop token or string), "length", or "constraint"
+    logprobs: list[float] | None = None  # per token, with Sampling(logprobs >= 0)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob)s
 
 
 def _bucket(n: int, lo: int = 1) -> int:
@@ -79,7 +98,16 @@ class Decoder:
         # stand while the host takes that candidate for every live row (no stop, ban or
         # constraint intervening), so the host syncs once per call instead of once per token.
         self.steps_per_call = max(1, steps_per_call)
-        self._steps = jax.jit(self._steps_fn, donate_argnames=("cache",), static_argnames=("n",))
+        self._steps = jax.jit(self._steps_fn, donate_argnames=("cache", "counts"),
+                              static_argnames=("n",))
+        self._prefill_chunk = jax.jit(self._prefill_chunk_fn, donate_argnames=("row_cache",),
+                                      static_argnames=("cache_len",))
+        self._choose_first = jax.jit(self._choose_fn)
+        self._insert = jax.jit(self._insert_fn, donate_argnames=("cache",))
+        self._shift = jax.jit(self._shift_fn, donate_argnames=("cache",))
+        self._window_steps = jax.jit(self._window_steps_fn, donate_argnames=("cache", "counts"),
+                                     static_argnames=("n", "window"))
+        self._new_cache = jax.jit(self._new_cache_fn, static_argnames=("batch", "length"))
 
     @property
     def params(self):
@@ -96,19 +124,34 @@ class Decoder:
 
     # -- device functions -------------------------------------------------------------------
 
-    def _choose(self, logits, controls, keys, step):
-        """[B, V] logits -> [B, C] candidate ids in sampled order."""
-        temperature, top_k, top_p, bias = controls
+    def _choose(self, logits, controls, keys, step, counts):
+        """[B, V] logits -> ([B, C] candidate ids in sampled order, log-probability info).
+
+        counts [B, V]: how often each token is in each row's reply so far (the penalties').
+        The info is (the candidates' log-probabilities [B, C], the TOP_LOGPROBS most likely ids
+        and their log-probabilities [B, K]) under the distribution sampled, zeros unless some
+        row asked for log-probabilities."""
+        temperature, top_k, top_p, bias, presence, frequency, want = controls
         logits = logits.astype(jnp.float32) + bias
+        # OpenAI's definitions: mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty.
+        logits = jax.lax.cond(
+            jnp.any(presence != 0) | jnp.any(frequency != 0),
+            lambda: logits - presence[:, None] * (counts > 0) - frequency[:, None] * counts,
+            lambda: logits)
         greedy = temperature <= 0
         # An all-greedy batch (the common case in evaluation) skips the sorts and the noise.
-        return jax.lax.cond(jnp.all(greedy), lambda: jax.lax.top_k(logits, self.candidates)[1],
-                            lambda: self._sample(logits, controls, keys, step))
+        cands, used = jax.lax.cond(
+            jnp.all(greedy), lambda: (jax.lax.top_k(logits, self.candidates)[1], logits),
+            lambda: self._sample(logits, controls, keys, step))
+        return cands, jax.lax.cond(jnp.any(want), _logprob_info, _no_logprob_info, used, cands)
 
     def _sample(self, logits, controls, keys, step):
-        temperature, top_k, top_p, _ = controls
+        """Candidates in sampled order and the logits sampled from (scaled and filtered)."""
+        temperature, top_k, top_p, *_ = controls
         greedy = temperature <= 0
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)  # per row and step
+        # Per row and step; `step` is one for the batch or each row's own ([B]).
+        step = jnp.broadcast_to(step, greedy.shape)
+        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), step)
         scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
 
         def filtered(scaled):
@@ -119,9 +162,11 @@ class Decoder:
             on = top_k[:, None] > 0
             scaled = jnp.where(on & (scaled < kth), _NEG, scaled)
             ranked = jnp.where(on & (ranked < kth), _NEG, ranked)
-            # Nucleus: keep the smallest set of top tokens whose probability reaches top_p.
+            # Nucleus: keep the smallest set of top tokens whose probability reaches top_p. A row
+            # with top_p 1 keeps all: its rounded cumulative sum can reach 1 early (one token
+            # holding all the mass), which would cut the rest.
             probs = jax.nn.softmax(ranked, axis=-1)
-            keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+            keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
             cutoff = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1)
             return jnp.where(scaled < cutoff[:, None], _NEG, scaled)
 
@@ -131,7 +176,8 @@ class Decoder:
                               lambda scaled: scaled, scaled)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:]))(keys)
         scores = jnp.where(greedy[:, None], logits, scaled + gumbel)
-        return jax.lax.top_k(scores, self.candidates)[1]
+        return (jax.lax.top_k(scores, self.candidates)[1],
+                jnp.where(greedy[:, None], logits, scaled))
 
     def _prefill_fn(self, weights, lora, tokens, positions, segments, controls, keys, *,
                     cache_len):
@@ -140,29 +186,124 @@ class Decoder:
         cache = model.init_cache(self.cfg, tokens.shape[0], cache_len,
                                  per_layer=layers is not None)
         logits, cache = net.decode(tokens, positions, segments, cache, 0, lora=lora, layers=layers)
-        return self._choose(logits[:, -1], controls, keys, 0), cache
+        counts = jnp.zeros(logits[:, -1].shape, jnp.float32)
+        cands, info = self._choose(logits[:, -1], controls, keys, 0, counts)
+        return cands, info, cache, counts
 
-    def _step_fn(self, weights, lora, cache, tokens, positions, index, controls, keys, step):
+    def _step_fn(self, weights, lora, cache, counts, tokens, positions, index, controls, keys,
+                 step):
         params, layers = weights
         net = model.bind(self.graphdef, params)
         segments = jnp.ones_like(tokens)
         logits, cache = net.decode(tokens[:, None], positions[:, None], segments[:, None],
                                    cache, index, lora=lora, layers=layers)
-        return self._choose(logits[:, 0], controls, keys, step), cache
+        cands, info = self._choose(logits[:, 0], controls, keys, step, counts)
+        return cands, info, cache
 
-    def _steps_fn(self, weights, lora, cache, tokens, positions, index, controls, keys, step, *,
-                  n):
+    def _steps_fn(self, weights, lora, cache, counts, tokens, positions, index, controls, keys,
+                  step, *, n):
         """n steps from `tokens` at cache slot `index`, each feeding in its first candidate:
-        candidates [n, B, C] for steps step .. step + n - 1."""
-        def body(carry, _):
-            cache, tokens, positions, index, step = carry
-            cands, cache = self._step_fn(weights, lora, cache, tokens, positions, index,
-                                         controls, keys, step)
-            return (cache, cands[:, 0], positions + 1, index + 1, step + 1), cands
+        candidates [n, B, C] (and their info, [n, B, ...]) for steps step .. step + n - 1.
+        `tokens` are the replies' latest tokens: they join `counts` as they are fed in."""
+        rows = jnp.arange(tokens.shape[0])
 
-        (cache, *_), cands = jax.lax.scan(body, (cache, tokens, positions, index, step), None,
-                                          length=n)
-        return cands, cache
+        def body(carry, _):
+            cache, counts, tokens, positions, index, step = carry
+            counts = counts.at[rows, tokens].add(1.0)
+            cands, info, cache = self._step_fn(weights, lora, cache, counts, tokens, positions,
+                                               index, controls, keys, step)
+            return (cache, counts, cands[:, 0], positions + 1, index + 1, step + 1), (cands, info)
+
+        (cache, counts, *_), (cands, info) = jax.lax.scan(
+            body, (cache, counts, tokens, positions, index, step), None, length=n)
+        return cands, info, cache, counts
+
+    # -- the engine's programs (t5x_like/serving/engine.py) -----------------------------------
+
+    def _prefill_chunk_fn(self, weights, lora, row_cache, tokens, positions, segments, index,
+                          next_tokens, want, *, cache_len):
+        """One chunk [1, T] of a left-padded prompt into a one-row cache of cache_len slots
+        (made here when row_cache is None: the first chunk), at slot `index`.
+
+        Returns the last position's logits [1, V], the prompt log-probabilities (of each
+        position's next token `next_tokens` [1, T] and the PROMPT_TOP_LOGPROBS most likely,
+        under the model's own distribution; zeros unless `want`) and the row cache."""
+        params, layers = weights
+        net = model.bind(self.graphdef, params)
+        if row_cache is None:
+            row_cache = model.init_cache(self.cfg, 1, cache_len, per_layer=layers is not None)
+        logits, row_cache = net.decode(tokens, positions, segments, row_cache, index, lora=lora,
+                                       layers=layers)
+
+        def info():
+            lp = jax.nn.log_softmax(self._vocab_only(logits), axis=-1)
+            own = jnp.take_along_axis(lp, next_tokens[..., None], axis=-1)[..., 0]
+            top_lp, top_ids = jax.lax.top_k(lp, PROMPT_TOP_LOGPROBS)
+            return own, top_ids, top_lp
+
+        def none():
+            T = tokens.shape[1]
+            return (jnp.zeros((1, T), jnp.float32), jnp.zeros((1, T, PROMPT_TOP_LOGPROBS),
+                                                              jnp.int32),
+                    jnp.zeros((1, T, PROMPT_TOP_LOGPROBS), jnp.float32))
+
+        return logits[:, -1], jax.lax.cond(want, info, none), row_cache
+
+    def _vocab_only(self, logits):
+        """Logits with the vocabulary's padding rows (no token) masked, as sampling sees them."""
+        V = logits.shape[-1]
+        return jnp.where(jnp.arange(V) < self.tokenizer.vocab_size, logits.astype(jnp.float32),
+                         _NEG)
+
+    def _choose_fn(self, logits, controls, keys):
+        """The first token of new rows from their prompt's last logits [R, V] (step 0, nothing
+        to penalize yet)."""
+        return self._choose(logits, controls, keys, 0, jnp.zeros_like(logits))
+
+    def _insert_fn(self, cache, row_cache, row, slot):
+        """A one-row cache (all its slots) into row `row` of `cache` at slots [slot, slot +
+        its length); the row's other slots are marked empty (segment 0)."""
+        K = self.cfg.num_kv_heads
+
+        def put(big, small, axis):
+            start = [0] * big.ndim
+            start[0 if big.ndim == 3 else 1] = row * K if big.ndim == 3 else row
+            start[axis] = slot
+            return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), start)
+
+        segments = jax.lax.dynamic_update_slice(
+            jnp.zeros_like(cache["segments"][:1]), row_cache["segments"], (0, slot))
+        return {"k": jax.tree.map(lambda b, s: put(b, s, b.ndim - 2), cache["k"], row_cache["k"]),
+                "v": jax.tree.map(lambda b, s: put(b, s, b.ndim - 1), cache["v"], row_cache["v"]),
+                "segments": jax.lax.dynamic_update_slice(cache["segments"], segments, (row, 0))}
+
+    def _shift_fn(self, cache, shift):
+        """Every row's slots moved by `shift` (negative: toward 0), wrapping around."""
+        return _map_slots(cache, lambda a, axis: jnp.roll(a, shift, axis=axis))
+
+    def _window_steps_fn(self, weights, lora, cache, counts, tokens, positions, index, start,
+                         controls, keys, step, *, n, window):
+        """_steps_fn over the cache's slots [start, start + window) only: the attention reads
+        what the live rows hold instead of the whole cache."""
+        part = _map_slots(cache, lambda a, axis: jax.lax.dynamic_slice_in_dim(
+            a, start, window, axis=axis))
+        cands, info, part, counts = self._steps_fn(weights, lora, part, counts, tokens,
+                                                   positions, index - start, controls, keys,
+                                                   step, n=n)
+        cache = jax.tree.map(
+            lambda a, p, axis: jax.lax.dynamic_update_slice_in_dim(a, p, start, axis=axis),
+            cache, part, _slot_axes(cache))
+        return cands, info, cache, counts
+
+    def _new_cache_fn(self, *, batch, length):
+        cache = model.init_cache(self.cfg, batch, length, per_layer=self._weights[1] is not None)
+        return cache, jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
+
+    def new_cache(self, batch: int, length: int):
+        """An empty cache and penalty counts, placed as the programs return them (so passing
+        them in compiles nothing new)."""
+        with _maybe_mesh(self.mesh):
+            return self._new_cache(batch=batch, length=length)
 
     # -- host loop ---------------------------------------------------------------------------
 
@@ -203,22 +344,26 @@ class Decoder:
             segments[i, P - len(p):] = 1
         positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
         rows = [_Row(self.tokenizer, s, len(p)) for s, p in zip(sampling, prompts)]
-        controls = self._controls(sampling, B)
+        controls = Controls(B, self.cfg.vocab_size, self.tokenizer.vocab_size)
+        for i, s in enumerate(sampling):
+            controls.set(i, s)
+        controls = controls.device()
         # One key per row from its seed, folded with the step inside the jitted functions (no
         # per-step host dispatches).
-        keys = jax.random.wrap_key_data(np.stack(
-            [jax.random.key_data(jax.random.key(s.seed)) for s in sampling]
-            + [jax.random.key_data(jax.random.key(0))] * (B - n)))
+        keys = np.stack([key_data(s.seed) for s in sampling] + [key_data(0)] * (B - n))
+        penalized = any(s.presence_penalty or s.frequency_penalty for s in sampling)
 
         with _maybe_mesh(self.mesh):
-            candidates, cache = self._prefill(self._weights, self.lora, tokens, positions,
-                                              segments, controls, keys, cache_len=S)
-            ahead = [np.asarray(candidates)]  # [B, C] candidates of this step and the next ones
+            candidates, info, cache, counts = self._prefill(
+                self._weights, self.lora, tokens, positions, segments, controls, keys,
+                cache_len=S)
+            ahead = _steps_on_host(candidates, info, rows, steps=False)
             for step in range(max_new):
                 chosen = np.zeros(B, np.int32)
-                cands = ahead.pop(0)
+                cands, info = ahead.pop(0)
                 for i, row in enumerate(rows):
-                    chosen[i] = row.take(cands[i]) if not row.done else self.tokenizer.eos_id
+                    chosen[i] = row.take(cands[i], _row_info(info, i)) if not row.done \
+                        else self.tokenizer.eos_id
                 yield [row.completion() for row in rows]
                 if all(row.done for row in rows) or step == max_new - 1:
                     break
@@ -226,27 +371,107 @@ class Decoder:
                 # that took another ends them (a finished row's input no longer matters).
                 if not ahead or any(chosen[i] != cands[i, 0] for i, row in enumerate(rows)
                                     if not row.done):
+                    if ahead and penalized:  # the device counted the run-ahead's tokens
+                        counts = penalty_counts(rows, B, self.cfg.vocab_size)
                     n = min(self.steps_per_call, _bucket(max_new - step - 1))
-                    block, cache = self._steps(self._weights, self.lora, cache, chosen,
-                                               positions[:, -1] + 1 + step, np.int32(P + step),
-                                               controls, keys, np.int32(step + 1), n=n)
-                    ahead = list(np.asarray(block))
+                    block, info, cache, counts = self._steps(
+                        self._weights, self.lora, cache, counts, chosen,
+                        positions[:, -1] + 1 + step, np.int32(P + step), controls, keys,
+                        np.int32(step + 1), n=n)
+                    ahead = _steps_on_host(block, info, rows)
         for row in rows:
             row.finish("length")
         yield [row.completion() for row in rows]
 
-    def _controls(self, sampling: Sequence[Sampling], B: int):
-        V = self.cfg.vocab_size
-        pad = B - len(sampling)
-        temperature = np.array([s.temperature for s in sampling] + [0.0] * pad, np.float32)
-        top_k = np.array([s.top_k for s in sampling] + [0] * pad, np.int32)
-        top_p = np.array([s.top_p for s in sampling] + [1.0] * pad, np.float32)
-        bias = np.zeros((B, V), np.float32)
-        bias[:, self.tokenizer.vocab_size:] = _NEG  # vocab padding rows are not tokens
-        for i, s in enumerate(sampling):
-            for token, value in s.logit_bias:
-                bias[i, token] = max(value, _NEG)
-        return tuple(jnp.asarray(x) for x in (temperature, top_k, top_p, bias))
+
+def _logprob_info(used, cands):
+    lp = jax.nn.log_softmax(used, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(lp, min(TOP_LOGPROBS, used.shape[-1]))
+    return jnp.take_along_axis(lp, cands, axis=-1), top_ids, top_lp
+
+
+def _no_logprob_info(used, cands):
+    B, K = used.shape[0], min(TOP_LOGPROBS, used.shape[-1])
+    return (jnp.zeros(cands.shape, jnp.float32), jnp.zeros((B, K), jnp.int32),
+            jnp.zeros((B, K), jnp.float32))
+
+
+def _slot_axes(cache):
+    """The slot axis of each cache array (init_cache's layouts: keys [.., S, D], values
+    [.., D, S], segments [B, S])."""
+    return {"k": jax.tree.map(lambda a: a.ndim - 2, cache["k"]),
+            "v": jax.tree.map(lambda a: a.ndim - 1, cache["v"]), "segments": 1}
+
+
+def _map_slots(cache, fn):
+    return jax.tree.map(fn, cache, _slot_axes(cache))
+
+
+def _steps_on_host(cands, info, rows, steps: bool = True) -> list:
+    """A device call's [n, B, C] candidates (and their info, fetched only when a row reports
+    log-probabilities) as one (candidates [B, C], info) per step; steps=False: one step's."""
+    cands = np.asarray(cands)
+    info = tuple(np.asarray(x) for x in info) if any(
+        r.s.logprobs >= 0 for r in rows if r is not None) else None
+    if not steps:
+        cands, info = cands[None], info and tuple(x[None] for x in info)
+    return [(cands[j], info and tuple(x[j] for x in info)) for j in range(cands.shape[0])]
+
+
+def _row_info(info, i):
+    return info and tuple(x[i] for x in info)
+
+
+def penalty_counts(rows, B: int, V: int) -> np.ndarray:
+    """[B, V] counts of each row's reply tokens but its latest (which the next device step
+    counts as it feeds it in): what the device holds after a step it did not run ahead of."""
+    counts = np.zeros((B, V), np.float32)
+    for i, row in enumerate(rows):
+        if row is not None and not row.done and row.tokens:
+            np.add.at(counts[i], row.tokens[:-1], 1.0)
+    return counts
+
+
+@functools.lru_cache(maxsize=4096)
+def key_data(seed: int) -> np.ndarray:
+    """The raw data of `jax.random.key(seed)` (the jitted functions wrap it)."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+class Controls:
+    """Each row's sampling settings as the device reads them: temperature, top-k, top-p, logit
+    bias [B, V], presence and frequency penalties, and whether it reports log-probabilities."""
+
+    def __init__(self, B: int, V: int, vocab_size: int):
+        self.temperature = np.zeros(B, np.float32)
+        self.top_k = np.zeros(B, np.int32)
+        self.top_p = np.ones(B, np.float32)
+        self.bias = np.zeros((B, V), np.float32)
+        self.bias[:, vocab_size:] = _NEG  # vocab padding rows are not tokens
+        self.presence = np.zeros(B, np.float32)
+        self.frequency = np.zeros(B, np.float32)
+        self.want = np.zeros(B, bool)
+        self.vocab_size = vocab_size
+        self._device = None
+
+    def set(self, i: int, s: Sampling) -> None:
+        self.temperature[i], self.top_k[i], self.top_p[i] = s.temperature, s.top_k, s.top_p
+        self.presence[i], self.frequency[i] = s.presence_penalty, s.frequency_penalty
+        self.want[i] = s.logprobs >= 0
+        self.bias[i, :self.vocab_size] = 0
+        for token, value in s.logit_bias:
+            self.bias[i, token] = max(value, _NEG)
+        self._device = None
+
+    def arrays(self, rows=slice(None)) -> tuple:
+        return (self.temperature[rows], self.top_k[rows], self.top_p[rows], self.bias[rows],
+                self.presence[rows], self.frequency[rows], self.want[rows])
+
+    def device(self) -> tuple:
+        """On the device; copied again only after a change."""
+        if self._device is None:
+            self._device = tuple(jnp.asarray(x) for x in self.arrays())
+        return self._device
 
 
 class _Row:
@@ -262,6 +487,9 @@ class _Row:
         self.tail = max([len(w) for w in self.words] + [len(x) for x in sampling.stop_strings]
                         + [1]) + 8
         self.text = ""
+        self.logprobs: list[float] | None = [] if sampling.logprobs >= 0 else None
+        self.top_logprobs: list[list[tuple[int, float]]] | None = (
+            [] if sampling.logprobs >= 0 else None)
 
     def _allowed(self, token: int) -> bool:
         for seq in self.s.banned_sequences:
@@ -274,8 +502,10 @@ class _Row:
                 return False
         return True
 
-    def take(self, candidates) -> int:
-        for token in (int(c) for c in candidates):
+    def take(self, candidates, info=None) -> int:
+        """The first allowed candidate (ids in sampled order); info: the device's
+        log-probabilities of the candidates and its top tokens (`_choose`), or None."""
+        for k, token in enumerate(int(c) for c in candidates):
             if self._allowed(token):
                 break
         else:  # every candidate breaks a constraint: end here rather than emit one
@@ -285,7 +515,12 @@ class _Row:
             self.finish("stop")
             return token
         self.tokens.append(token)
-        self.text = self.tok.decode(self.tokens)
+        if self.logprobs is not None:
+            cand_lp, top_ids, top_lp = info
+            self.logprobs.append(float(cand_lp[k]))
+            self.top_logprobs.append([(int(i), float(v)) for i, v in
+                                      zip(top_ids[:self.s.logprobs], top_lp[:self.s.logprobs])])
+        self.text = self._detokenize()
         for stop in self.s.stop_strings:
             if stop and stop in self.text:
                 self.text = self.text[:self.text.index(stop)]
@@ -295,6 +530,10 @@ class _Row:
             self.finish("length")
         return token
 
+    def _detokenize(self) -> str:
+        """The text of the tokens so far: the one place that turns the reply into text."""
+        return self.tok.decode(self.tokens)
+
     def finish(self, reason: str) -> None:
         if not self.done:
             self.done, self.reason = True, reason
@@ -303,7 +542,9 @@ class _Row:
         text = self.text
         if not self.done and text.endswith("\ufffd"):  # an unfinished multi-byte character
             text = text.rstrip("\ufffd")
-        return Completion(list(self.tokens), text, self.reason if self.done else "")
+        return Completion(list(self.tokens), text, self.reason if self.done else "",
+                          None if self.logprobs is None else list(self.logprobs),
+                          None if self.top_logprobs is None else list(self.top_logprobs))
 
 
 class _maybe_mesh:

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import math
 import os
 import queue
 import re
@@ -43,13 +44,16 @@ from typing import Any, Callable, Iterator, Sequence
 from absl import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from data_pipelines import chat_template
 from t5x_like.modeling import decoding
+from t5x_like.serving import engine as engine_lib
 from t5x_like.serving import feedback
+from t5x_like.serving import metrics as metrics_lib
 from t5x_like.serving import history, security  # webchat: history, retries, checks
 from t5x_like.core.errors import UserError
 
@@ -58,7 +62,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _FINISH = {"stop": "stop", "length": "length", "constraint": "stop"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 405: "invalid_request_error",
+                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                 413: "invalid_request_error", 503: "server_busy", 500: "server_error"}
 
 
@@ -71,6 +75,8 @@ class Limits:
     max_n: int = 4  # choices per request
     max_stop: int = 4  # stop strings per request (OpenAI's limit too)
     max_queue: int = 256  # requests waiting for the device before 503 "busy"
+    body_timeout_s: float = 10.0  # a body that stops arriving this long: 408
+    max_prompts: int = 16  # prompts in one /v1/completions request
 
 
 class ApiError(Exception):
@@ -117,12 +123,14 @@ def generate(decoder: decoding.Decoder,
 # -- the batching queue -------------------------------------------------------------------------
 
 
-class _Job:
-    """One request's rows (n choices of one prompt), and how its results reach its handler."""
+class _Job(engine_lib.Request):
+    """One request's rows (n choices of one prompt), and how its results reach its handler:
+    ("step", completions so far), then ("done", engine.Result) or ("error", message)."""
 
     def __init__(self, prompt: list[int], samplings: list[decoding.Sampling], stream: bool,
-                 finish: Callable[[list[decoding.Completion]], Any]):
-        self.prompt, self.samplings, self.stream, self.finish = prompt, samplings, stream, finish
+                 prompt_logprobs: int | None = None):
+        super().__init__(prompt, samplings, prompt_logprobs=prompt_logprobs)
+        self.stream = stream
         self.rows = len(samplings)
         self.max_new = max(s.max_new_tokens for s in samplings)
         self.loop = asyncio.get_running_loop()
@@ -137,7 +145,10 @@ class _Job:
 
 
 class Batcher:
-    """Gathers waiting requests into device batches; one worker thread decodes them in turn."""
+    """Static batching (--batching=static, and the path of a replaced `generate`): gathers
+    waiting requests into device batches; one worker thread decodes each batch to its end."""
+
+    state = "ready"  # compiles as shapes come
 
     def __init__(self, decoder: decoding.Decoder, *, wait_s: float = 0.005, max_queue: int = 256,
                  generate: Callable[[decoding.Decoder, Requests], Iterator] = generate):
@@ -163,6 +174,12 @@ class Batcher:
     def close(self, timeout: float = 10.0) -> None:
         self._queue.put(None)
         self._thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        return self._waiting - self.busy_requests
+
+    busy = busy_requests = 0  # rows / requests of the batch decoding now
 
     def _fits(self, batch: list[_Job], job: _Job) -> bool:
         jobs = batch + [job]
@@ -207,6 +224,7 @@ class Batcher:
         rows = sum(j.rows for j in batch)
         self.stats.update(batches=1, requests=len(batch), rows=rows)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
+        self.busy, self.busy_requests = rows, len(batch)
         try:
             last = None
             for last in self.generate(self.decoder, [(j.prompt, j.samplings) for j in batch]):
@@ -218,19 +236,65 @@ class Batcher:
             for j in batch:
                 j.post("error", "generation failed on the server; see its log.")
             return
+        finally:
+            self.busy = self.busy_requests = 0
         for j, mine in zip(batch, last):
-            try:
-                j.post("done", j.finish(mine))
-            except Exception:  # noqa: BLE001
-                logging.exception("storing a response failed")
-                j.post("error", "the response could not be stored; see the server log.")
+            j.post("done", engine_lib.Result(mine))
 
 
 # -- request parsing ----------------------------------------------------------------------------
 
 
-async def _read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object: 413 past `limit` bytes, 400 unless valid JSON."""
+class _NonFinite:
+    """A NaN or infinite number in a body (json accepts NaN/Infinity and 1e999): refused with
+    the field's name once the body is parsed."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _finite_float(text: str):
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+def _checked(value, path: str = "") -> None:
+    """400 for a non-finite number or a string that is not valid Unicode (a lone surrogate,
+    which JSON's \\ud800 escapes can carry), naming where it is."""
+    if isinstance(value, _NonFinite):
+        raise ApiError(400, f"'{path}' is {value.text}: numbers must be finite.", param=path)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"'{path or 'body'}' is not valid Unicode (a lone surrogate at "
+                           f"character {e.start}); send UTF-8 text.", param=path or None,
+                           code="invalid_unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _checked(key, path)
+            _checked(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _checked(item, f"{path}[{i}]")
+
+
+def parse_json(data: bytes) -> dict:
+    try:
+        body = json.loads(data, parse_float=_finite_float, parse_constant=_NonFinite)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise ApiError(400, f"the request body is not valid JSON ({e}).",
+                       code="malformed_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
+    _checked(body)
+    return body
+
+
+async def _read_json(request: Request, limit: int, timeout_s: float = 10.0) -> dict:
+    """The body as a JSON object: 413 past `limit` bytes, 408 when it stops arriving for
+    `timeout_s` (a Content-Length larger than what is sent), 400 when the client ends it
+    early or it is not valid JSON. Large bodies are parsed off the event loop."""
     too_large = ("the request body is {} bytes; this server takes at most "
                  f"{limit} (--max_request_bytes).")
     declared = request.headers.get("content-length")
@@ -240,19 +304,64 @@ async def _read_json(request: Request, limit: int) -> dict:
         if int(declared) > limit:
             raise ApiError(413, too_large.format(declared), code="request_too_large")
     data, size = [], 0
-    async for chunk in request.stream():
+    chunks = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            of = f" of the {declared} its Content-Length announced" if declared else ""
+            raise ApiError(408, f"the request body stopped arriving: {size} bytes{of} came, "
+                           f"then nothing for {timeout_s:g} s.", code="request_timeout") from None
+        except ClientDisconnect:
+            raise ApiError(400, f"the request body ended after {size} bytes, before its "
+                           "Content-Length.", code="incomplete_body") from None
         size += len(chunk)
         if size > limit:
             raise ApiError(413, too_large.format(f"more than {limit}"), code="request_too_large")
         data.append(chunk)
-    try:
-        body = json.loads(b"".join(data))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
-        raise ApiError(400, f"the request body is not valid JSON ({e}).",
-                       code="malformed_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object.")
-    return body
+    data = b"".join(data)
+    if len(data) < 65536:
+        return parse_json(data)
+    return await run_in_threadpool(parse_json, data)
+
+
+# OpenAI parameters this server does not implement: refused by name, never ignored (the values
+# in _HARMLESS ask for what the server does anyway).
+_UNSUPPORTED = {
+    "tools": "tool calling", "tool_choice": "tool calling", "parallel_tool_calls": "tool calling",
+    "functions": "function calling", "function_call": "function calling",
+    "response_format": "output formats other than text", "audio": "audio output",
+    "modalities": "output other than text", "prediction": "predicted outputs",
+    "web_search_options": "web search", "reasoning_effort": "reasoning settings",
+    "verbosity": "verbosity settings", "metadata": "stored-completion metadata",
+    "service_tier": "service tiers", "best_of": "server-side best-of (use --best_of)",
+    "suffix": "insertion (suffix)"}
+_HARMLESS = {("response_format", '{"type": "text"}'), ("modalities", '["text"]'),
+             ("tool_choice", '"none"'), ("service_tier", '"auto"'),
+             ("service_tier", '"default"'), ("best_of", "1")}
+_COMMON_PARAMS = {"model", "temperature", "top_p", "top_k", "n", "max_tokens", "seed", "stop",
+                  "logit_bias", "stream", "stream_options", "presence_penalty",
+                  "frequency_penalty", "logprobs", "user", "store"}
+_CHAT_PARAMS = _COMMON_PARAMS | {
+    "messages", "max_completion_tokens", "top_logprobs",
+    # extensions (the web page's): the conversation, the reply regenerated or continued
+    "conversation_id", "regenerate_of", "regenerate_of_index", "parent_id", "parent_index"}
+_COMPLETION_PARAMS = _COMMON_PARAMS | {"prompt", "echo"}
+
+
+def _refuse_unknown(body: dict, known: set[str]) -> None:
+    for name, value in body.items():
+        if value is None or (name, json.dumps(value)) in _HARMLESS:
+            continue
+        if name in _UNSUPPORTED:
+            raise ApiError(400, f"'{name}' is not supported: this server has no "
+                           f"{_UNSUPPORTED[name]}; leave it out.", param=name,
+                           code="unsupported_parameter")
+        if name not in known:
+            raise ApiError(400, f"unrecognized request argument '{name}'.", param=name,
+                           code="unknown_parameter")
 
 
 def _number(body: dict, name: str, default, lo, hi, *, integer: bool = False,
@@ -351,6 +460,67 @@ def _logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
 
 
 @dataclasses.dataclass
+class _Settings:
+    """The sampling fields chat and text completions share."""
+    temperature: float
+    top_p: float
+    top_k: int
+    n: int
+    seed: int
+    stops: tuple[str, ...]
+    bias: tuple[tuple[int, float], ...]
+    presence: float
+    frequency: float
+    stream: bool
+    include_usage: bool
+
+    def samplings(self, max_tokens: int, logprobs: int = -1,
+                  stop_tokens: tuple[int, ...] = ()) -> list[decoding.Sampling]:
+        return [decoding.Sampling(
+            max_new_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
+            top_p=self.top_p, seed=(self.seed + i) % 2 ** 31, stop_tokens=stop_tokens,
+            stop_strings=self.stops, logit_bias=self.bias, presence_penalty=self.presence,
+            frequency_penalty=self.frequency, logprobs=logprobs) for i in range(self.n)]
+
+    def record(self, max_tokens: int) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_tokens": max_tokens, "stop": list(self.stops), "n": self.n,
+                "seed": self.seed, "presence_penalty": self.presence,
+                "frequency_penalty": self.frequency,
+                "logit_bias": {str(t): (-100 if v == float("-inf") else v)
+                               for t, v in self.bias}}
+
+
+def _settings(body: dict, limits: Limits, tokenizer, max_batch: int,
+              default_temperature: float) -> _Settings:
+    _string(body, "model")
+    _string(body, "user")
+    temperature = float(_number(body, "temperature", default_temperature, 0.0, 2.0))
+    top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True))
+    top_k = _number(body, "top_k", 0, 0, tokenizer.vocab_size, integer=True)
+    n_limit = min(limits.max_n, max_batch)
+    n = _number(body, "n", 1, 1, n_limit, integer=True, limit_flag="--max_n")
+    seed = _number(body, "seed", None, -2 ** 63, 2 ** 63 - 1, integer=True)
+    # Without a seed every request samples differently; the seed used is stored, so any
+    # stored response can be reproduced.
+    seed = (secrets.randbelow(2 ** 31) if seed is None else seed) % 2 ** 31
+    presence = float(_number(body, "presence_penalty", 0.0, -2.0, 2.0))
+    frequency = float(_number(body, "frequency_penalty", 0.0, -2.0, 2.0))
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false.", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise ApiError(400, "'stream_options' must be an object with at most include_usage.",
+                       param="stream_options")
+    if body.get("store") not in (None, True, False):
+        raise ApiError(400, "'store' must be true or false.", param="store")
+    return _Settings(temperature, top_p, top_k, n, seed, _stops(body, limits),
+                     _logit_bias(body, tokenizer.vocab_size), presence, frequency, stream,
+                     bool(options.get("include_usage")))
+
+
+@dataclasses.dataclass
 class _Chat:
     messages: list[dict]
     prompt: list[int]
@@ -360,30 +530,26 @@ class _Chat:
     include_usage: bool
     conversation_id: str | None
     regenerate_of: tuple[str, int] | None
+    logprobs: bool = False
 
 
 def _parse_chat(body: dict, limits: Limits, tokenizer, context: int, max_batch: int,
                 default_temperature: float) -> _Chat:
+    """Checks a chat request and tokenizes its conversation (in a worker thread: a long
+    conversation takes a while)."""
+    _refuse_unknown(body, _CHAT_PARAMS)
     messages = _messages(body, limits)
-    _string(body, "model")
-    temperature = float(_number(body, "temperature", default_temperature, 0.0, 2.0))
-    top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True))
-    top_k = _number(body, "top_k", 0, 0, tokenizer.vocab_size, integer=True)
-    n_limit = min(limits.max_n, max_batch)
-    n = _number(body, "n", 1, 1, n_limit, integer=True, limit_flag="--max_n")
+    settings = _settings(body, limits, tokenizer, max_batch, default_temperature)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
     max_tokens = _number(body, name, None, 1, limits.max_tokens_limit, integer=True,
                          limit_flag="--max_tokens_limit")
-    seed = _number(body, "seed", None, -2 ** 63, 2 ** 63 - 1, integer=True)
-    stops = _stops(body, limits)
-    bias = _logit_bias(body, tokenizer.vocab_size)
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false.", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object.", param="stream_options")
+    logprobs = body.get("logprobs") or False
+    if not isinstance(logprobs, bool):
+        raise ApiError(400, "'logprobs' must be true or false.", param="logprobs")
+    top_logprobs = _number(body, "top_logprobs", None, 0, decoding.TOP_LOGPROBS, integer=True)
+    if top_logprobs is not None and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
     conversation_id = _string(body, "conversation_id", pattern=_ID_RE)
     regen = _string(body, "regenerate_of", pattern=_ID_RE)
     regen_index = _number(body, "regenerate_of_index", 0, 0, 1 << 20, integer=True)
@@ -397,21 +563,79 @@ def _parse_chat(body: dict, limits: Limits, tokenizer, context: int, max_batch: 
                        "lower max_tokens.", param="messages", code="context_length_exceeded")
     if max_tokens is None:
         max_tokens = min(limits.max_tokens_limit, room)
-    # Without a seed every request samples differently; the seed used is stored, so any
-    # stored response can be reproduced.
-    seed = (secrets.randbelow(2 ** 31) if seed is None else seed) % 2 ** 31
     # The reply ends at <|end|>; any other marker would start a turn the model must not write.
     stop_tokens = chat_template.reply_stop_ids(tokenizer)
-    samplings = [decoding.Sampling(max_new_tokens=max_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=(seed + i) % 2 ** 31,
-                                   stop_tokens=stop_tokens, stop_strings=stops, logit_bias=bias)
-                 for i in range(n)]
-    record = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-              "max_tokens": max_tokens, "stop": list(stops), "n": n, "seed": seed,
-              "logit_bias": {str(t): (-100 if v == float("-inf") else v) for t, v in bias}}
-    return _Chat(messages, prompt, samplings, record, stream,
-                 bool(options.get("include_usage")), conversation_id,
-                 (regen, regen_index) if regen else None)
+    samplings = settings.samplings(max_tokens, (top_logprobs or 0) if logprobs else -1,
+                                   stop_tokens)
+    return _Chat(messages, prompt, samplings, settings.record(max_tokens), settings.stream,
+                 settings.include_usage, conversation_id,
+                 (regen, regen_index) if regen else None, logprobs)
+
+
+@dataclasses.dataclass
+class _TextCompletion:
+    prompts: list[list[int]]
+    samplings: list[decoding.Sampling]  # one per choice, the same for every prompt
+    echo: bool
+    logprobs: int | None  # alternatives per token (0-5), or None: no log-probabilities
+    stream: bool
+    include_usage: bool
+
+
+def _prompts(body: dict, limits: Limits, tokenizer) -> list[list[int]]:
+    """`prompt`: a text, a list of texts, token ids, or a list of token id lists. A text is
+    continued as it is, after bos (as `sample` does); token ids are taken as they are."""
+    prompt = body.get("prompt")
+    vocab = tokenizer.vocab_size
+
+    def ids(x) -> bool:
+        return isinstance(x, list) and bool(x) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids(p)
+                                                     for p in prompt):
+        prompts = prompt
+    else:
+        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids "
+                       "or a list of such lists (none empty).", param="prompt")
+    if len(prompts) > limits.max_prompts:
+        raise ApiError(400, f"'prompt' has {len(prompts)} prompts; this server takes at most "
+                       f"{limits.max_prompts} per request.", param="prompt", code="over_limit")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            out.append([tokenizer.bos_id, *tokenizer.encode(p)])
+        elif min(p) < 0 or max(p) >= vocab:
+            raise ApiError(400, f"prompt[{i}] has a token id outside 0..{vocab - 1}.",
+                           param="prompt")
+        else:
+            out.append(list(p))
+    return out
+
+
+def _parse_completion(body: dict, limits: Limits, tokenizer, context: int, max_batch: int,
+                      default_temperature: float) -> _TextCompletion:
+    _refuse_unknown(body, _COMPLETION_PARAMS)
+    prompts = _prompts(body, limits, tokenizer)
+    settings = _settings(body, limits, tokenizer, max_batch, default_temperature)
+    max_tokens = _number(body, "max_tokens", 16, 0, limits.max_tokens_limit, integer=True,
+                         limit_flag="--max_tokens_limit")
+    echo = body.get("echo") or False
+    if not isinstance(echo, bool):
+        raise ApiError(400, "'echo' must be true or false.", param="echo")
+    logprobs = _number(body, "logprobs", None, 0, decoding.PROMPT_TOP_LOGPROBS, integer=True)
+    longest = max(len(p) for p in prompts)
+    if longest + max_tokens > context:
+        raise ApiError(400, f"a prompt is {longest} tokens and max_tokens is {max_tokens}: "
+                       f"more than the model's context of {context} tokens.", param="prompt",
+                       code="context_length_exceeded")
+    samplings = settings.samplings(max_tokens, -1 if logprobs is None else logprobs)
+    return _TextCompletion(prompts, samplings, echo, logprobs, settings.stream,
+                           settings.include_usage)
 
 
 def _visible(text: str, stops: tuple[str, ...]) -> str:
@@ -425,38 +649,187 @@ def _visible(text: str, stops: tuple[str, ...]) -> str:
     return text[:len(text) - hold]
 
 
+# -- answers ------------------------------------------------------------------------------------
+
+
+class _TokenText:
+    """Each token's bytes and text as the logprobs fields show them (OpenAI: `token`, `bytes`)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self._cache:
+            raw = self._bytes(token)
+            self._cache[token] = (raw.decode("utf-8", errors="backslashreplace"), list(raw))
+        return self._cache[token]
+
+    def _bytes(self, token: int) -> bytes:
+        tok = self.tok
+        if hasattr(tok, "id_to_bytes"):  # a backend that knows its tokens' bytes
+            return tok.id_to_bytes(token)
+        sp = getattr(tok, "sp", None)
+        if sp is None:
+            return tok.decode([token]).encode("utf-8")
+        if token in (tok.bos_id, tok.eos_id, tok.pad_id):
+            return b""
+        if sp.is_byte(token):  # byte fallback: "<0xE2>"
+            return bytes([int(sp.id_to_piece(token)[3:-1], 16)])
+        return sp.id_to_piece(token).replace("\u2581", " ").encode("utf-8")
+
+
+def _logprob(value: float) -> float:
+    """JSON has no -inf: a token the distribution excluded shows OpenAI's floor, -9999."""
+    return max(float(value), -9999.0)
+
+
+def _chat_logprobs(text_of: _TokenText, c: decoding.Completion, start: int = 0,
+                   end: int | None = None) -> dict | None:
+    """The chat API's choice.logprobs for tokens [start, end) of a completion."""
+    if c.logprobs is None:
+        return None
+
+    def entry(token, lp):
+        text, raw = text_of(token)
+        return {"token": text, "logprob": _logprob(lp), "bytes": raw}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
+                        for t, lp, top in zip(c.tokens[start:end], c.logprobs[start:end],
+                                              c.top_logprobs[start:end])],
+            "refusal": None}
+
+
+def _text_logprobs(text_of: _TokenText, tokens: list[int], logprobs: list, top: list,
+                   offset: int = 0) -> dict:
+    """The completions API's choice.logprobs: tokens, token_logprobs, top_logprobs (one
+    {token: logprob} per token) and text_offset."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, lp, alternatives in zip(tokens, logprobs, top):
+        text = text_of(token)[0]
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if lp is None else _logprob(lp))
+        out["top_logprobs"].append(None if alternatives is None else {
+            text_of(i)[0]: _logprob(v) for i, v in alternatives})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+class _Guard:
+    """Counts every response by route and status (/metrics), and answers an exception that
+    escapes a route with a JSON 500 without closing the connection: Starlette's own error
+    handler re-raises, and uvicorn then drops the connection, which a client's connection pool
+    sees as ECONNRESET on its next request."""
+
+    ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/feedback", "/v1/models",
+              "/v1/conversations", "/health", "/metrics")
+
+    def __init__(self, app, metrics: metrics_lib.ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [None]
+
+        async def sent(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        except ClientDisconnect:  # the client left; nobody to answer
+            status[0] = status[0] or 499
+        except Exception:  # noqa: BLE001 - logged with its traceback; the client gets none
+            logging.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if status[0] is None:
+                await _error(500, "internal server error; the details are in the server log."
+                             )(scope, receive, sent)
+        finally:
+            path = scope.get("path", "")
+            route = next((r for r in self.ROUTES if path.startswith(r)),
+                         "/" if path == "/" else "other")
+            self.metrics.requests.labels(route, str(status[0] or 500)).inc()
+
+
+async def _outcome(job: _Job, request: Request) -> engine_lib.Result:
+    """A request's result; if its client leaves first, its rows are freed."""
+    while True:
+        try:
+            kind, payload = await asyncio.wait_for(job.events.get(), 1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled = True
+                raise ClientDisconnect() from None
+            continue
+        if kind == "error":
+            raise ApiError(500, payload)
+        if kind == "done":
+            return payload
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _submit(scheduler, job: _Job) -> None:
+    try:
+        scheduler.submit(job)
+    except engine_lib.QueueFull as e:
+        raise ApiError(503, f"the server has {e.args[0]} requests waiting (limit --max_queue); "
+                       "retry shortly.", code="server_busy") from None
+
+
 # -- the app ------------------------------------------------------------------------------------
 
 
 def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits = Limits(),
                model_name: str = "t5x_like", max_batch: int = 16, batch_wait_s: float = 0.005,
                max_len: int | None = None, default_temperature: float = 0.7,
-               generate: Callable[[decoding.Decoder, Requests], Iterator] = generate,
-               policy: security.Policy = security.Policy()) -> FastAPI:
+               generate: Callable[[decoding.Decoder, Requests], Iterator] | None = None,
+               policy: security.Policy = security.Policy(), batching: str = "continuous",
+               prefill_chunk: int = 256) -> FastAPI:
     """The FastAPI app serving `run` (from `runs.load`); its decode worker starts now.
 
     `policy` says which hosts and origins may drive it (t5x_like/serving/security.py).
 
-    `generate` makes the replies of one device batch (see `generate` above).
+    batching="continuous": the engine (t5x_like/serving/engine.py) compiles every program in
+    its thread now (/health says "warming", then "ready"; requests wait meanwhile) and keeps
+    `max_batch` rows decoding, requests joining and leaving between steps. "static": batches
+    formed once and decoded to their end (the Batcher), which a replaced `generate` (one
+    device batch's replies, see `generate` above; e.g. best-of-N) always uses.
     Tests drive it with `fastapi.testclient.TestClient(app)` or a uvicorn server in a thread.
     """
+    if batching not in ("continuous", "static"):
+        raise UserError(f"--batching={batching!r}: use continuous or static.")
     decoder = decoding.Decoder.from_run(run, max_batch=max_batch, max_len=max_len)
     store = feedback.Store(db_path)
-    batcher = Batcher(decoder, wait_s=batch_wait_s, max_queue=limits.max_queue,
-                      generate=generate)
+    metrics = metrics_lib.ServerMetrics(slots=max_batch)
+    if batching == "static" or generate is not None:
+        scheduler = Batcher(decoder, wait_s=batch_wait_s, max_queue=limits.max_queue,
+                            **({"generate": generate} if generate else {}))
+    else:
+        scheduler = engine_lib.Engine(decoder, prefill_chunk=prefill_chunk,
+                                      max_queue=limits.max_queue, observer=metrics).start()
+    metrics.attach(scheduler)
+    engine = scheduler if isinstance(scheduler, engine_lib.Engine) else None
     tokenizer = run.tokenizer
+    text_of = _TokenText(tokenizer)
     fingerprint = f"{model_name}-step-{run.step}"
     started = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        batcher.close()
+        scheduler.close()
         store.close()
 
     app = FastAPI(title="t5x_like", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-    app.state.store, app.state.batcher, app.state.decoder = store, batcher, decoder
+    app.state.store, app.state.scheduler, app.state.decoder = store, scheduler, decoder
+    app.state.metrics = metrics
     app.add_middleware(security.Middleware, policy=policy)  # webchat: Host, Origin, JSON only
     retries = history.Retries(store)  # webchat: Idempotency-Key
 
@@ -472,10 +845,7 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
     async def _validation_error(request, e):
         return _error(400, "the request does not match this route's parameters.")
 
-    @app.exception_handler(Exception)
-    async def _internal_error(request, e):  # logged with its traceback; the client gets none
-        logging.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal server error; the details are in the server log.")
+    app.add_middleware(_Guard, metrics=metrics)  # 500s that keep the connection; counts
 
     def authorize(request: Request) -> None:
         if not api_key:
@@ -488,9 +858,20 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "step": run.step,
+        """"ready" (200) once every program is compiled; "warming" or "failed" (503) before."""
+        state = scheduler.state
+        body = {"status": state, "model": model_name, "step": run.step,
                 "context": decoder.max_len, "max_batch": decoder.max_batch,
-                **dict(batcher.stats)}
+                "batching": "continuous" if engine else "static",
+                "queued": scheduler.queued, "busy": scheduler.busy,
+                "compilations_since_ready": metrics.compilations_since_ready(),
+                **dict(scheduler.stats)}
+        return JSONResponse(body, status_code=200 if state == "ready" else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        data, content_type = metrics.exposition()
+        return Response(data, media_type=content_type)
 
     security.add_page_routes(app)  # webchat: / and /vendor/ with the page's CSP
     history.add_routes(app, store, authorize)  # webchat: /v1/conversations
@@ -514,9 +895,9 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        body = await _read_json(request, limits.max_request_bytes)
-        chat = _parse_chat(body, limits, tokenizer, decoder.max_len, decoder.max_batch,
-                           default_temperature)
+        body = await _read_json(request, limits.max_request_bytes, limits.body_timeout_s)
+        chat = await run_in_threadpool(_parse_chat, body, limits, tokenizer, decoder.max_len,
+                                       decoder.max_batch, default_temperature)
         # webchat: only ids this server issued; a retry with its Idempotency-Key is answered
         # from the database.
         await history.check_conversation(store, chat.conversation_id)
@@ -526,7 +907,7 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
             return history.replayed_completion(attempt.replay, stream=chat.stream,
                                                include_usage=chat.include_usage)
         try:
-            response = await _complete(chat, attempt, parent)
+            response = await _complete(request, chat, attempt, parent)
         except BaseException:
             attempt.end()
             raise
@@ -534,7 +915,8 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
             attempt.end()
         return response
 
-    async def _complete(chat: _Chat, attempt: history.Attempt, parent: tuple | None):
+    async def _complete(request: Request, chat: _Chat, attempt: history.Attempt,
+                        parent: tuple | None):
         conversation_id = chat.conversation_id
         if chat.regenerate_of is not None:
             try:
@@ -555,7 +937,7 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
         created = int(time.time())
 
         def finish(completions: list[decoding.Completion]) -> list[dict]:
-            """In the worker thread: store the choices before the client hears of them."""
+            """In a worker thread: store the choices before the client hears of them."""
             choices = [{"content": c.text, "finish_reason": _FINISH.get(c.finish_reason, "stop"),
                         "completion_tokens": len(c.tokens)} for c in completions]
             store.add_responses(response_id=response_id, conversation_id=conversation_id,
@@ -566,8 +948,15 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
                                 parent=parent)
             return choices
 
-        job = _Job(chat.prompt, chat.samplings, chat.stream, finish)
-        batcher.submit(job)
+        async def stored(result: engine_lib.Result) -> list[dict]:
+            try:
+                return await run_in_threadpool(finish, result.completions)
+            except Exception:  # noqa: BLE001 - logged; the client hears only that it failed
+                logging.exception("storing a response failed")
+                raise ApiError(500, "the response could not be stored; see the server log.")
+
+        job = _Job(chat.prompt, chat.samplings, chat.stream)
+        _submit(scheduler, job)
         head = {"id": response_id, "created": created, "model": model_name,
                 "system_fingerprint": fingerprint, "conversation_id": conversation_id}
 
@@ -577,16 +966,12 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
                     "total_tokens": len(chat.prompt) + completion}
 
         if not chat.stream:
-            while True:
-                kind, payload = await job.events.get()
-                if kind == "error":
-                    raise ApiError(500, payload)
-                if kind == "done":
-                    break
-            return {**head, "object": "chat.completion", "usage": usage(payload), "choices": [
+            result = await _outcome(job, request)
+            choices = await stored(result)
+            return {**head, "object": "chat.completion", "usage": usage(choices), "choices": [
                 {"index": i, "message": {"role": "assistant", "content": c["content"]},
-                 "logprobs": None, "finish_reason": c["finish_reason"]}
-                for i, c in enumerate(payload)]}
+                 "logprobs": _chat_logprobs(text_of, done), "finish_reason": c["finish_reason"]}
+                for i, (c, done) in enumerate(zip(choices, result.completions))]}
 
         stops = chat.samplings[0].stop_strings
 
@@ -594,19 +979,28 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
             chunk = {**head, "object": "chat.completion.chunk", "choices": choices, **extra}
             return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-        def delta(i: int, content: str | None = None, finish_reason=None, **more) -> dict:
+        def delta(i: int, content: str | None = None, finish_reason=None, logprobs=None,
+                  **more) -> dict:
             d = {**more, **({"content": content} if content is not None else {})}
-            return {"index": i, "delta": d, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": i, "delta": d, "logprobs": logprobs, "finish_reason": finish_reason}
 
         async def events():
             try:
                 async for chunk in _events():
                     yield chunk
-            finally:
+            finally:  # also when the client leaves mid-stream: its rows are freed
+                job.cancelled = True
                 attempt.end()
 
         async def _events():
             sent = [""] * len(chat.samplings)
+            told = [0] * len(chat.samplings)  # tokens whose logprobs were sent
+
+            def news(i, c: decoding.Completion):
+                lp = _chat_logprobs(text_of, c, told[i]) if chat.logprobs else None
+                told[i] = len(c.tokens)
+                return lp
+
             yield event([delta(i, "", role="assistant") for i in range(len(sent))])
             while True:
                 kind, payload = await job.events.get()
@@ -619,19 +1013,144 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
                     for i, c in enumerate(payload):
                         text = _visible(c.text, stops)
                         if len(text) > len(sent[i]) and text.startswith(sent[i]):
-                            yield event([delta(i, text[len(sent[i]):])])
+                            yield event([delta(i, text[len(sent[i]):], logprobs=news(i, c))])
                             sent[i] = text
                     continue
-                for i, c in enumerate(payload):  # done: what is left, then why it ended
-                    final = c["content"]
+                try:
+                    choices = await stored(payload)
+                except ApiError as e:
+                    error = {"message": e.message, "type": "server_error", "param": None,
+                             "code": None}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
+                for i, (c, done) in enumerate(zip(choices, payload.completions)):
+                    final = c["content"]  # what is left, then why it ended
                     rest = final[len(sent[i]):] if final.startswith(sent[i]) else ""
-                    if rest:
-                        yield event([delta(i, rest)])
+                    lp = news(i, done)
+                    if rest or (lp and lp["content"]):
+                        yield event([delta(i, rest, logprobs=lp)])
                     yield event([delta(i, finish_reason=c["finish_reason"])])
                 if chat.include_usage:
-                    yield event([], usage=usage(payload))
+                    yield event([], usage=usage(choices))
                 yield "data: [DONE]\n\n"
                 return
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request):
+        """Text continued as is (no chat template), with the prompt's log-probabilities when
+        asked (`echo` + `logprobs`, `max_tokens` 0): what evaluation harnesses score with.
+        Not stored in the feedback database (there is no conversation to rate)."""
+        authorize(request)
+        body = await _read_json(request, limits.max_request_bytes, limits.body_timeout_s)
+        req = await run_in_threadpool(_parse_completion, body, limits, tokenizer,
+                                      decoder.max_len, decoder.max_batch, default_temperature)
+        prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
+        if engine is None and (prompt_lp is not None or req.samplings[0].max_new_tokens == 0):
+            raise ApiError(400, "echo with logprobs and max_tokens 0 need the continuous "
+                           "batching engine (--batching=continuous).", param="echo")
+        jobs = [_Job(p, req.samplings, req.stream, prompt_logprobs=prompt_lp)
+                for p in req.prompts]
+        try:
+            for job in jobs:
+                _submit(scheduler, job)
+        except ApiError:
+            for job in jobs:
+                job.cancelled = True
+            raise
+        n = len(req.samplings)
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+                "created": int(time.time()), "model": model_name,
+                "system_fingerprint": fingerprint}
+        prompt_texts = [tokenizer.decode(p) for p in req.prompts] if req.echo else None
+
+        def choice(k: int, result: engine_lib.Result, j: int) -> dict:
+            c = result.completions[j]
+            prompt = req.prompts[k]
+            text = (prompt_texts[k] if req.echo else "") + c.text
+            logprobs = None
+            if req.logprobs is not None:
+                tokens, lps, top = list(c.tokens), list(c.logprobs), list(c.top_logprobs)
+                if req.echo:
+                    tokens = prompt + tokens
+                    lps = result.prompt_logprobs + lps
+                    top = [None if t is None else t[:req.logprobs]
+                           for t in result.prompt_top_logprobs] + top
+                logprobs = _text_logprobs(text_of, tokens, lps, top)
+            reason = _FINISH.get(c.finish_reason, "stop")
+            return {"index": k * n + j, "text": text, "logprobs": logprobs,
+                    "finish_reason": reason}
+
+        def usage(results):
+            prompt = sum(len(p) * n for p in req.prompts)
+            completion = sum(len(c.tokens) for r in results for c in r.completions)
+            return {"prompt_tokens": prompt, "completion_tokens": completion,
+                    "total_tokens": prompt + completion}
+
+        if not req.stream:
+            results = []
+            try:
+                for job in jobs:
+                    results.append(await _outcome(job, request))
+            finally:
+                for job in jobs:
+                    job.cancelled = True  # a finished one ignores it; the others leave
+            return {**head, "choices": [choice(k, r, j) for k, r in enumerate(results)
+                                        for j in range(n)], "usage": usage(results)}
+
+        async def events():
+            queue_ = asyncio.Queue()
+
+            async def forward(k, job):
+                while True:
+                    kind, payload = await job.events.get()
+                    await queue_.put((k, kind, payload))
+                    if kind in ("done", "error"):
+                        return
+
+            tasks = [asyncio.create_task(forward(k, job)) for k, job in enumerate(jobs)]
+            sent = {(k, j): 0 for k in range(len(jobs)) for j in range(n)}
+            results, left = [None] * len(jobs), len(jobs)
+            try:
+                if req.echo:
+                    for k in range(len(jobs)):
+                        for j in range(n):
+                            yield _sse({**head, "choices": [{
+                                "index": k * n + j, "text": prompt_texts[k], "logprobs": None,
+                                "finish_reason": None}]})
+                while left:
+                    k, kind, payload = await queue_.get()
+                    if kind == "error":
+                        error = {"message": payload, "type": "server_error", "param": None,
+                                 "code": None}
+                        yield _sse({"error": error})
+                        return
+                    completions = payload if kind == "step" else payload.completions
+                    for j, c in enumerate(completions):
+                        text = _visible(c.text, req.samplings[j].stop_strings) \
+                            if kind == "step" else c.text
+                        if len(text) > sent[k, j]:
+                            yield _sse({**head, "choices": [{
+                                "index": k * n + j, "text": text[sent[k, j]:],
+                                "logprobs": None, "finish_reason": None}]})
+                            sent[k, j] = len(text)
+                        if kind == "done":
+                            yield _sse({**head, "choices": [{
+                                "index": k * n + j, "text": "", "logprobs": None,
+                                "finish_reason": _FINISH.get(c.finish_reason, "stop")}]})
+                    if kind == "done":
+                        results[k], left = payload, left - 1
+                if req.include_usage:
+                    yield _sse({**head, "choices": [], "usage": usage(results)})
+                yield "data: [DONE]\n\n"
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for job in jobs:
+                    job.cancelled = True
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
@@ -640,7 +1159,7 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
     @app.post("/v1/feedback")
     async def post_feedback(request: Request):
         authorize(request)
-        body = await _read_json(request, limits.max_request_bytes)
+        body = await _read_json(request, limits.max_request_bytes, limits.body_timeout_s)
         response_id = _string(body, "response_id", pattern=_ID_RE)
         if response_id is None:
             raise ApiError(400, "'response_id' is required: the id of the completion "
@@ -674,6 +1193,32 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
     return app
 
 
+def use_compilation_cache(path: str) -> str | None:
+    """JAX's persistent compilation cache in `path` ("" = the user cache dir; "off"), unless
+    $JAX_COMPILATION_CACHE_DIR or the config already names one: a restarted server loads its
+    programs instead of compiling them. Returns the directory used."""
+    import jax
+
+    if path == "off":
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if current and not path:
+        return current
+    if not path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                 ".cache")
+        path = os.path.join(base, "t5x_like", "jax")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        logging.warning("no compilation cache (%s): every start compiles anew.", e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Small programs too: a server's decode programs each compile in under a second on a GPU.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return path
+
+
 def main(argv):
     import uvicorn
     from absl import flags
@@ -690,7 +1235,9 @@ def main(argv):
     run = runs.load(f.workdir, step=f.step)
     name = f.model_name or os.path.basename(os.path.normpath(f.workdir))
     limits = Limits(max_request_bytes=f.max_request_bytes, max_messages=f.max_messages,
-                    max_tokens_limit=f.max_tokens_limit, max_n=f.max_n, max_queue=f.max_queue)
+                    max_tokens_limit=f.max_tokens_limit, max_n=f.max_n, max_queue=f.max_queue,
+                    body_timeout_s=f.body_timeout_s)
+    cache = use_compilation_cache(f.compilation_cache)
     db = f.db or os.path.join(f.workdir, feedback.DB_NAME)
     extra = {}
     if f.best_of > 1 or f.reward_model:
@@ -705,9 +1252,10 @@ def main(argv):
     app = create_app(run, db_path=db, api_key=api_key, limits=limits, model_name=name,
                      max_batch=f.max_batch, batch_wait_s=f.batch_wait_ms / 1000,
                      max_len=f.max_len or None, default_temperature=f.temperature,
-                     policy=policy, **extra)
+                     policy=policy, batching=f.batching, prefill_chunk=f.prefill_chunk, **extra)
     print(f"serving {name} (step {run.step}) on http://{f.host}:{f.port}/  API key: "
-          f"{'required' if api_key else 'off'}; feedback -> {db}", flush=True)
+          f"{'required' if api_key else 'off'}; feedback -> {db}; compilation cache: "
+          f"{cache or 'off'}; /health says ready once compiled", flush=True)
     try:
         uvicorn.run(app, host=f.host, port=f.port, log_level="warning")
     except KeyboardInterrupt:  # uvicorn shuts down cleanly, then re-raises Ctrl-C: not an error
