@@ -55,17 +55,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks import common, decode, train_step  # noqa: E402
-from data_pipelines import chat_template  # noqa: E402 (no grain: templates and token ids only)
-from t5x_like.core import config as config_lib  # noqa: E402
-from t5x_like.training.tasks import lm  # noqa: E402
+from benchmarks import common, decode, train_step
+from data_pipelines import chat_template  # (no grain: templates and token ids only)
+from t5x_like.core import config as config_lib
+from t5x_like.training.tasks import lm
 from t5x_like.modeling import decoding
 from t5x_like.modeling import flops
 from t5x_like.modeling import model
-from t5x_like.training import optimizer as optimizer_lib  # noqa: E402
+from t5x_like.training import optimizer as optimizer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = "configs/llama_1b.py"
 # Tolerances against the CPU reference, relative to the largest reference logit (or to the loss
@@ -626,7 +625,8 @@ def main(argv=None) -> dict:
                   else [cfg.model.remat] + ([] if args.tiny else ["full", "none"]))
         report.data["training"] = {"config": CONFIG, "dtype": "bfloat16", "points": [],
                                    "flops": "causal attention halved (MaxText since mid-2025);"
-                                            " *_palm: PaLM's full count (t5x_like/modeling/flops.py)"}
+                                            " *_palm: PaLM's full count"
+                                            " (t5x_like/modeling/flops.py)"}
         sweep = Sweep(cfg, args, budget, report, report.data["device"]["matmul_tflops_bf16"],
                       info["peak_tflops"])
         with _section(report, "training"):

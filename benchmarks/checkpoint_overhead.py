@@ -11,23 +11,21 @@ import argparse
 import os
 import runpy
 import shutil
-import sys
 import tempfile
 import time
 
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks import common  # noqa: E402
-from t5x_like.training import batches as batches_lib  # noqa: E402
-from t5x_like.training import state as state_lib  # noqa: E402
-from t5x_like.training.tasks import lm  # noqa: E402
+from benchmarks import common
+from t5x_like.training import batches as batches_lib
+from t5x_like.training import state as state_lib
+from t5x_like.training.tasks import lm
 from t5x_like.training import checkpoints
 from t5x_like.core import config as config_lib
 from t5x_like.modeling import partitioning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def synthetic_batch(cfg, rng):

@@ -14,13 +14,12 @@ import time
 
 import jax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks import common, train_step  # noqa: E402
-from t5x_like.training import state as state_lib  # noqa: E402
-from t5x_like.training.tasks import lm  # noqa: E402
+from benchmarks import common, train_step
+from t5x_like.training import state as state_lib
+from t5x_like.training.tasks import lm
 from t5x_like.modeling import partitioning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def compile_seconds(cfg) -> float:

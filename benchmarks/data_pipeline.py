@@ -17,14 +17,13 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks import common
+from configs import base
+from data_pipelines import pipeline
+from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like.training import trainer
 
-from benchmarks import common  # noqa: E402
-from configs import base  # noqa: E402
-from data_pipelines import pipeline  # noqa: E402
-from data_pipelines import tokenizer as tokenizer_lib  # noqa: E402
-from t5x_like.training import trainer  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None):

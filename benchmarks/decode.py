@@ -28,15 +28,14 @@ import time
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks import common  # noqa: E402
-from data_pipelines import chat_template, synthetic  # noqa: E402
-from data_pipelines import tokenizer as tokenizer_lib  # noqa: E402
-from t5x_like.modeling import model  # noqa: E402
+from benchmarks import common
+from data_pipelines import chat_template, synthetic
+from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like.modeling import model
 from t5x_like.core import config as config_lib
 from t5x_like.modeling import decoding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_CONFIGS = "configs/pretrain_tiny.py,configs/llama_125m.py"
 

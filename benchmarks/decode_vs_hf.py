@@ -17,12 +17,11 @@ import sys
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks import common, train_step  # noqa: E402
-from t5x_like.modeling import model  # noqa: E402
+from benchmarks import common, train_step
+from t5x_like.modeling import model
 from t5x_like.modeling import decoding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _NoTextTokenizer:

@@ -12,17 +12,15 @@ the numbers move with whatever else runs on the cores.
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import jax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks import common
+from t5x_like import evaluate
 
-from benchmarks import common  # noqa: E402
-from t5x_like import evaluate  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:

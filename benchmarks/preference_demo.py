@@ -13,16 +13,14 @@ benchmarks/results/preference_demo.json.
 
 import argparse
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks import common  # noqa: E402
-from data_pipelines import chat_template, synthetic  # noqa: E402
-from t5x_like.core import runs  # noqa: E402
+from benchmarks import common
+from data_pipelines import chat_template, synthetic
+from t5x_like.core import runs
 from t5x_like.modeling import decoding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def exact_match(workdir: str, n: int) -> tuple[float, list[str]]:

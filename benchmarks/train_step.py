@@ -24,15 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks import common  # noqa: E402
-from t5x_like.training import batches as batches_lib  # noqa: E402
-from t5x_like.training import state as state_lib  # noqa: E402
-from t5x_like.training.tasks import lm  # noqa: E402
+from benchmarks import common
+from t5x_like.training import batches as batches_lib
+from t5x_like.training import state as state_lib
+from t5x_like.training.tasks import lm
 from t5x_like.modeling import flops
 from t5x_like.modeling import partitioning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The comparison shapes: (hidden, layers, heads, mlp, seq, batch).
 SHAPES = {"S": (256, 4, 4, 704, 256, 16), "M": (512, 8, 8, 1408, 512, 8),

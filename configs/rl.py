@@ -7,8 +7,8 @@
 Each step takes data.batch_size prompts (the user questions of a chat source), samples
 rl.group_size replies to each with the KV-cache decoder, scores them (rl.reward: the demo's
 exact answer, or a trained reward model) and applies a group-relative policy gradient with a
-KL penalty to the frozen reference (t5x_like/training/rl.py). Validation decodes rl.eval_prompts held-out
-prompts greedily and reports their mean reward and exact-answer accuracy.
+KL penalty to the frozen reference (t5x_like/training/rl.py). Validation decodes rl.eval_prompts
+held-out prompts greedily and reports their mean reward and exact-answer accuracy.
 
 Recipe, and why:
 - 8 prompts x 8 replies: with 0/1 rewards a group teaches something only when some replies are

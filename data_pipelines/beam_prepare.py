@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from data_pipelines import clean, dedup, prepare, readers, sources, tfds_builder
+from data_pipelines import clean, dedup, readers, sources, stages, tfds_builder
 from data_pipelines import records as records_lib
 from t5x_like.core.errors import UserError
 
@@ -113,7 +113,7 @@ def _finish(element, opts, repeated):
         yield element
         return
     name, kind = element["name"], element["kind"]
-    result = prepare.finish_records(kind, opts, [element.pop("cleaned")],
+    result = stages.finish_records(kind, opts, [element.pop("cleaned")],
                                     _SourceKeys(repeated, element["s"]))[0]
     changed, reason, pieces, split_key, removed = result
     for stage in changed:
@@ -235,7 +235,7 @@ def make_transform(named: dict, data_cfg, opts: dict, fields: tuple[str, ...]):
                       for i, p in enumerate(readers.source_files(source))]
 
     two_pass = frozenset(s_index for s_index, (_, (source, _)) in enumerate(named.items())
-                         if prepare._two_passes(source, sources.record_kind(source), opts))
+                         if stages.two_passes(source, sources.record_kind(source), opts))
     opts = dict(opts, validation_fraction=data_cfg.validation_fraction)
 
     class Prepare(beam.PTransform):
@@ -308,7 +308,7 @@ def run(named: dict, data_cfg, opts: dict, tmp: str, fields: tuple[str, ...], re
                         "filters need a tokenizer before the pipeline runs; set data.tokenizer "
                         "(e.g. one prepared from a sample) or use data.runner=local.")
     names = list(named)
-    split_names = [f"{n}-{s}" for n in names for s in prepare.SPLITS]
+    split_names = [f"{n}-{s}" for n in names for s in stages.SPLITS]
     counters: dict[str, int] = {}
 
     def on_result(result):
@@ -374,16 +374,16 @@ def run(named: dict, data_cfg, opts: dict, tmp: str, fields: tuple[str, ...], re
         for rec in decoded(name, "train"):
             yield records_lib.text_view(rec, kinds[name])
 
-    tok, origin = train_tokenizer(prepare._round_robin([train_texts(n) for n in names]))
+    tok, origin = train_tokenizer(stages.round_robin([train_texts(n) for n in names]))
     timing["tokenizer_train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     stats = stats_lib.Stats(kinds, tok.vocab_size, tok.id_to_piece)
     for name in names:
-        for split in prepare.SPLITS:
+        for split in stages.SPLITS:
             count = 0
-            for batch in prepare._batches(decoded(name, split)):
+            for batch in stages.batches(decoded(name, split)):
                 start_tok = time.perf_counter()
-                encoded = prepare._encode(tok, batch, kinds[name])
+                encoded = stages.encode(tok, batch, kinds[name])
                 timing["tokenize_s"] += time.perf_counter() - start_tok
                 for rec, (ids, parts) in zip(batch, encoded):
                     stats.add(name, split, rec, ids, parts)

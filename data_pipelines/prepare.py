@@ -45,12 +45,9 @@ lines, and a document holding a large share of a source's tokens.
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
-import errno
 import functools
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -68,7 +65,9 @@ from absl import logging
 # tfds_builder (TFDS) is imported where used: worker processes import this module for
 # _process_batch and should not pay seconds of TFDS import each.
 from data_pipelines import clean, dedup, readers, sources, synthetic
+from data_pipelines.interrupts import Interrupted, raise_if_interrupted, stop_on_signals
 from data_pipelines import records as records_lib
+from data_pipelines import stages
 from data_pipelines import stats as stats_lib
 from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.core import errors
@@ -76,7 +75,6 @@ from t5x_like.core.errors import UserError
 
 FORMAT_VERSION = 2
 TEXT_FIELD = "text"
-SPLITS = ("train", "validation")
 # Stages that drop records, in order (the report's funnel columns).
 STAGE_ORDER = ("bad", "empty", "repeated_lines", "chosen_is_rejected", "min_chars", "max_chars",
                "dup_lines", "dup_ngrams", "exact", "near", "contaminated", "min_tokens", "max_tokens")
@@ -130,7 +128,7 @@ class Prepared:
         missing = [n for n in names if split not in self.datasets[n].tfds_splits]
         if missing:
             raise UserError(f"split {split!r} does not exist for source {missing[0]} (splits are "
-                            f"{', '.join(SPLITS)}); set data.train_split / data.eval_split.")
+                            f"{', '.join(stages.SPLITS)}); set data.train_split / data.eval_split.")
         from data_pipelines import tfds_builder
 
         all_splits = tfds_builder.data_sources(self.dataset_dir)
@@ -310,9 +308,8 @@ def write_sources(named: dict[str, tuple[sources.Source, float]], data_cfg, out:
         try:
             report = _build(named, data_cfg, tmp, description)
         except OSError as e:
-            ours = str(e.filename or "").startswith(tmp) or e.errno in (errno.ENOSPC,
-                                                                          errno.EDQUOT)
-            if e.errno not in _ENVIRONMENT_ERRNOS or not ours:
+            ours = str(e.filename or "").startswith(tmp) or e.errno in errors.DISK_FULL_ERRNOS
+            if e.errno not in errors.ENVIRONMENT_ERRNOS or not ours:
                 raise
             raise _EnvironmentFailure(
                 f"cannot write {e.filename or tmp} ({e.strerror}); free some space or choose a "
@@ -338,8 +335,6 @@ def write_sources(named: dict[str, tuple[sources.Source, float]], data_cfg, out:
     return report
 
 
-# Writing failures that are the machine's, not the recipe's: one sentence, exit status 1.
-_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 _EnvironmentFailure = getattr(errors, "EnvironmentFailure", UserError)
 
 
@@ -431,62 +426,6 @@ def remove_stale(out: str) -> list[str]:
         logging.info("Removed %d temporary folder(s) of interrupted preparations: %s",
                      len(removed), ", ".join(removed))
     return removed
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT during a preparation (a BaseException, like KeyboardInterrupt, so no
-    `except Exception` on the way turns it into something else)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-_pending_signal: list[int] = []  # the signal received inside stop_on_signals, if any
-
-
-def raise_if_interrupted() -> None:
-    """Raises Interrupted if a signal arrived but its exception was lost on the way."""
-    if _pending_signal:
-        raise Interrupted(_pending_signal[0])
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM and SIGINT raise Interrupted inside the block, so the `finally` clauses of the
-    preparation remove its temporary folder; later signals are ignored until the block exits,
-    so that cleanup finishes. Only in the main thread (where Python delivers signals).
-
-    Python runs a handler between any two bytecodes, also inside a garbage-collection callback
-    or a __del__, where a raised exception is dropped (and printed as a traceback, which
-    sys.unraisablehook is set to keep quiet). So the signal is recorded too, and the record is
-    checked at every batch and before the commit (raise_if_interrupted)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signums = (signal.SIGTERM, signal.SIGINT)
-
-    def handler(signum, frame):
-        del frame
-        for s in signums:
-            signal.signal(s, signal.SIG_IGN)
-        _pending_signal.append(signum)
-        raise Interrupted(signum)
-
-    def unraisable(info):
-        if not isinstance(info.exc_value, Interrupted):
-            previous_hook(info)
-
-    previous = {s: signal.signal(s, handler) for s in signums}
-    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
-    try:
-        yield
-        raise_if_interrupted()
-    finally:
-        _pending_signal.clear()
-        sys.unraisablehook = previous_hook
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def load(folder: str, mixture: str = "") -> Prepared:
@@ -597,49 +536,8 @@ def _finish_batch(kind: str, opts: dict, batch: list, repeated_path: str) -> lis
     split key (the whole document's exact key when it was split, so its pieces share a split),
     removed lines [(hash, line)]).
     """
-    return finish_records(kind, opts, batch,
+    return stages.finish_records(kind, opts, batch,
                           _load_keys(repeated_path) if kind == "text" else frozenset())
-
-
-def finish_records(kind: str, opts: dict, batch: list, repeated) -> list:
-    """_finish_batch with the repeated-line hashes given (any container: the Beam path's come
-    as a side input)."""
-    out, texts = [], []
-    for record in batch:
-        changed, removed = [], []
-        if repeated and kind == "text":
-            text, removed = clean.remove_lines(record["text"], repeated)
-            if removed:
-                changed.append("repeated_lines")
-                record = {"text": clean.normalize_whitespace(text) if opts["whitespace"] else text}
-                if not record["text"].strip():
-                    out.append((changed, "repeated_lines", [], None, removed))
-                    continue
-        reason = clean.judge(record, kind, opts)
-        if reason:
-            out.append((changed, reason, [], None, removed))
-            continue
-        text = records_lib.text_view(record, kind)
-        parts = clean.split_long(text, opts["max_doc_chars"]) if kind == "text" else [text]
-        split_key = None
-        if len(parts) > 1:
-            changed.append("split_long")
-            split_key = dedup.exact_key(text)
-        pieces = []
-        for part in parts:
-            normalized = dedup.normalize(part)
-            stored = records_lib.encode({"text": part} if len(parts) > 1 else record, kind)
-            pieces.append((stored, dedup.exact_key(part, normalized), None))
-            if normalized:
-                texts.append((len(out), len(pieces) - 1, normalized))
-        out.append((changed, "", pieces, split_key, removed))
-    if texts and (opts["near"] or opts["decontaminate"]):
-        sigs = dedup.signatures([t for _, _, t in texts], num_perm=opts["num_perm"],
-                                seed=opts["seed"], ngram=opts["ngram"])
-        for (i, j, _), sig in zip(texts, sigs):
-            stored, ekey, _ = out[i][2][j]
-            out[i][2][j] = (stored, ekey, sig)
-    return out
 
 
 class _Workers:
@@ -694,21 +592,12 @@ def _mapped(workers: "_Workers", fn, items: Iterator, args) -> Iterator[tuple]:
     in_flight: collections.deque = collections.deque()
 
     def work():
-        for batch in _batches(items):
+        for batch in stages.batches(items):
             in_flight.append(batch)
             yield args(batch)
 
     for results in workers.map(fn, work()):
         yield from zip(in_flight.popleft(), results)
-
-
-def _batches(item_iter, size: int = 256):
-    while True:
-        raise_if_interrupted()
-        batch = list(itertools.islice(item_iter, size))
-        if not batch:
-            return
-        yield batch
 
 
 def _spool_path(spool: str, name: str, split: str) -> str:
@@ -719,11 +608,6 @@ class _Cleaned(collections.namedtuple("_Cleaned", "key where record")):
     """A record between the two passes (readers.Item's fields that _take reads)."""
 
     error, split = "", ""
-
-
-def _two_passes(source: sources.Source, kind: str, opts: dict) -> bool:
-    """Repeated-line removal needs every document's lines counted before any is finished."""
-    return kind == "text" and source.kind != "synthetic" and opts["repeated_line_fraction"] < 1
 
 
 def _run_local(named: dict, data_cfg, opts: dict, spool: str, report: dict) -> None:
@@ -740,7 +624,7 @@ def _run_local(named: dict, data_cfg, opts: dict, spool: str, report: dict) -> N
             read_counts: dict = {}
             stream = readers.items(source, data_cfg, read_counts)
             files = {split: open(_spool_path(spool, name, split), "w", encoding="utf-8")
-                     for split in SPLITS}
+                     for split in stages.SPLITS}
 
             def take(item, result, s_index=s_index, info=info, files=files):
                 changed, reason, pieces, split_key, removed = result
@@ -754,7 +638,7 @@ def _run_local(named: dict, data_cfg, opts: dict, spool: str, report: dict) -> N
                 _take(item, pieces, split_key, s_index, names, deduper, data_cfg, info, files)
 
             try:
-                if _two_passes(source, kind, opts):
+                if stages.two_passes(source, kind, opts):
                     repeated_path = _first_pass(workers, stream, kind, opts, spool, name, info,
                                                 take)
                     cleaned = _spooled_cleaned(spool, name, kind)
@@ -908,29 +792,6 @@ def _spooled_texts(spool: str, name: str, kind: str) -> Iterator[str]:
 # Shared by both paths: tokenizer, writing with token filters and statistics, the report.
 
 
-def _round_robin(iterators: list[Iterator]) -> Iterator:
-    """Interleaves sources so the tokenizer's character budget is shared among them."""
-    active = list(iterators)
-    while active:
-        for it in list(active):
-            value = next(it, None)
-            if value is None:
-                active.remove(it)
-            else:
-                yield value
-
-
-def _encode(tok, recs: list[dict], kind: str) -> list[tuple[list[int], dict]]:
-    """Token ids of each record's text view (+ chosen/rejected token counts)."""
-    texts = [records_lib.text_view(r, kind) for r in recs]
-    ids = tok.encode_batch(texts)
-    if kind != "preference":
-        return [(i, {}) for i in ids]
-    replies = tok.encode_batch([x for r in recs for x in (r["chosen"], r["rejected"])])
-    return [(i, {"chosen": len(replies[2 * j]), "rejected": len(replies[2 * j + 1])})
-            for j, i in enumerate(ids)]
-
-
 class _Writer:
     """Per split: token-length filter, statistics, and the stored record with all fields."""
 
@@ -941,10 +802,10 @@ class _Writer:
 
     def records(self, name: str, kind: str, split: str, entries: Iterator[tuple[int, dict]]):
         info = self.report["sources"][name]
-        for batch in _batches(entries):
+        for batch in stages.batches(entries):
             recs = [records_lib.decode(stored, kind) for _, stored, _ in batch]
             start = time.perf_counter()
-            encoded = _encode(self.tok, recs, kind)
+            encoded = stages.encode(self.tok, recs, kind)
             self.timing["tokenize_s"] += time.perf_counter() - start
             for (key, stored, where), rec, (ids, parts) in zip(batch, recs, encoded):
                 n, lo, hi = len(ids), self.opts["min_tokens"], self.opts["max_tokens"]
@@ -1015,7 +876,7 @@ def _build(named: dict, data_cfg, tmp: str, description: str) -> dict:
         _check_counts(named, report, spooled=spool)
         timing["clean_dedup_s"] = time.perf_counter() - start
         t = time.perf_counter()
-        tok, origin = _train_tokenizer(named, data_cfg, _round_robin([
+        tok, origin = _train_tokenizer(named, data_cfg, stages.round_robin([
             _spooled_texts(spool, n, kinds[n]) for n in named]), tok_path)
         timing["tokenizer_train_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -1023,7 +884,7 @@ def _build(named: dict, data_cfg, tmp: str, description: str) -> dict:
         writer = _Writer(tok, stats, opts, fields, report, timing)
         splits = {f"{n}-{split}": (lambda n=n, split=split: writer.records(
                       n, kinds[n], split, _spooled(spool, n, split)))
-                  for n in named for split in SPLITS}
+                  for n in named for split in stages.SPLITS}
         try:
             from data_pipelines import tfds_builder
 
@@ -1069,7 +930,7 @@ def _build(named: dict, data_cfg, tmp: str, description: str) -> dict:
                                 for n in named if kinds[n] == "text"), collections.Counter())),
             "datasets": {n: {"kind": kinds[n], "source": named[n][0].spec, "weight": named[n][1],
                              "splits": report["sources"][n]["splits"],
-                             "tfds_splits": {s: f"{n}-{s}" for s in SPLITS}}
+                             "tfds_splits": {s: f"{n}-{s}" for s in stages.SPLITS}}
                          for n in named}}
     with open(os.path.join(tmp, "prepare.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
@@ -1158,11 +1019,11 @@ def _check_counts(named: dict, report: dict, spooled: str = "") -> None:
         info = report["sources"][name]
         if spooled:
             counts = {}
-            for split in SPLITS:
+            for split in stages.SPLITS:
                 with open(_spool_path(spooled, name, split), encoding="utf-8") as f:
                     counts[split] = sum(1 for _ in f)
         else:
-            counts = {split: info["splits"].get(split, 0) for split in SPLITS}
+            counts = {split: info["splits"].get(split, 0) for split in stages.SPLITS}
         funnel = info["funnel"]
         where = f"config key 'data.source': {source.spec}" if len(named) == 1 else (
             f"config key 'data.sources.{name}': {source.spec}")

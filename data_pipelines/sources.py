@@ -23,11 +23,11 @@ import dataclasses
 import glob
 import gzip
 import io
-import json
 import os
 import re
 from typing import Iterator
 
+from t5x_like.core import files
 from t5x_like.core.errors import UserError
 
 KINDS = ("synthetic", "text", "jsonl", "json", "alpaca", "chat", "sgd", "preference", "tfds",
@@ -275,14 +275,7 @@ def _units(path: str, unit: str, utf8: str, counts: dict | None):
 def json_lines(path: str) -> Iterator[tuple[int, object]]:
     """(line number, parsed value) of each non-blank line of a JSON-lines file (.gz too);
     a line that is not JSON stops with file and line."""
-    for lineno, line in iter_lines(path):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column "
-                            f"{e.colno}); fix or remove the line.") from None
+    return files.iter_jsonl(path, iter_lines(path))
 
 
 def read_jsonl(paths: list[str], field: str) -> Iterator[str]:

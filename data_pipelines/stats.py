@@ -17,12 +17,13 @@ The accumulator is fed one kept record at a time (streaming: it holds a few numb
 record and one token-count vector per source), so the report costs no second pass.
 """
 
-import json
 import os
 
 import numpy as np
 
 from data_pipelines import records as records_lib
+from t5x_like.core import files, plots
+from t5x_like.core import markdown as markdown_lib
 
 PERCENTILES = (50, 90, 99)
 
@@ -121,13 +122,10 @@ class Stats:
 
 def write(out_dir: str, report: dict, stats: Stats | None) -> None:
     """report.json, report.md and plots/*.png under out_dir."""
-    plots = _plots(out_dir, report, stats) if stats is not None else []
-    report = dict(report, plots=plots)
-    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, sort_keys=True)
-        f.write("\n")
-    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(report))
+    written = _plots(out_dir, report, stats) if stats is not None else []
+    report = dict(report, plots=written)
+    files.atomic_write_json(os.path.join(out_dir, "report.json"), report, sort_keys=True)
+    files.atomic_write_text(os.path.join(out_dir, "report.md"), markdown(report))
 
 
 def _fmt(n) -> str:
@@ -135,9 +133,7 @@ def _fmt(n) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(markdown_lib.table(header, [[_fmt(c) for c in row] for row in rows])) + "\n"
 
 
 def markdown(report: dict) -> str:
@@ -290,11 +286,7 @@ def _blank_lines(text: str) -> str:
 
 
 def _plots(out_dir: str, report: dict, stats: Stats) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     src = report["sources"]
     names = list(src)
@@ -304,8 +296,7 @@ def _plots(out_dir: str, report: dict, stats: Stats) -> list[str]:
         path = os.path.join("plots", name)
         fig.tight_layout()
         # Fixed metadata: the same data gives the same PNG bytes.
-        fig.savefig(os.path.join(out_dir, path), dpi=90, metadata={"Software": None})
-        plt.close(fig)
+        plots.save(fig, os.path.join(out_dir, path), dpi=90, metadata={"Software": None})
         written.append(path)
 
     # Funnel: records left after each stage, per source.

@@ -15,12 +15,12 @@ used, and whether decoding gives the text back exactly. `--show` prints a few li
 tokenizer cuts them. `--out` keeps the trained models and writes results.json.
 """
 
-import json
 import os
 import tempfile
 from typing import Iterable
 
 from data_pipelines import tokenizer as tokenizer_lib
+from t5x_like.core import files, markdown
 from t5x_like.core.errors import UserError
 
 
@@ -53,15 +53,11 @@ def table(results: dict[str, dict]) -> str:
             ("byte fallback", "byte_fallback_share", "{:.3%}"), ("unk", "unk_share", "{:.3%}"),
             ("vocab used", "vocab_used_share", "{:.1%}"), ("round trip", "round_trip", "{}"),
             ("tokens", "tokens", "{:,}")]
-    out = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for label, key, fmt in rows:
-        out.append(f"| {label} | " + " | ".join(fmt.format(results[n][key]) for n in names)
-                   + " |")
+    cells = [[label, *(fmt.format(results[n][key]) for n in names)] for label, key, fmt in rows]
     if len(names) >= 2:
         base = results[names[0]]["tokens"]
-        out.append("| tokens vs first | " + " | ".join(
-            f"{results[n]['tokens'] / base:.1%}" for n in names) + " |")
-    return "\n".join(out)
+        cells.append(["tokens vs first", *(f"{results[n]['tokens'] / base:.1%}" for n in names)])
+    return "\n".join(markdown.table(["", *names], cells))
 
 
 def segmentation(tok, text: str) -> str:
@@ -141,8 +137,7 @@ def main(argv):
         for name, tok in tokenizers.items():
             print(f"  {name:>14}: {segmentation(tok, line)}")
     if f.out:
-        with open(os.path.join(f.out, "results.json"), "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
+        files.atomic_write_json(os.path.join(f.out, "results.json"), results)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The entry points (`python -m t5x_like.<job>`) are the modules at this level: tra
 sample, chat, serve, export, hf, score, feedback, plan, sweep, lifecycle, eval_trial. The library
 behind them is grouped by stage of the lifecycle:
 
-    core/         cli, config, errors, metrics.jsonl, opening a run
+    core/         cli, config defaults and checks, errors, metrics.jsonl, opening a run, files
     modeling/     the transformer, partitioning rules, LoRA, KV-cache decoding, FLOPs
     training/     the loop, tasks (LM, reward, DPO, RL), losses, optimizer, checkpoints
     evaluation/   suites, tasks, text metrics, human review, reward-model scoring, run reports

@@ -148,10 +148,8 @@ if __name__ == "__main__":  # flags are defined only when run as a program (modu
 
     flags.DEFINE_string("workdir", None, "Run or model directory to chat with.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-    flags.DEFINE_float("temperature", 0.7, "0 = greedy.")
-    flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this much probability.")
-    flags.DEFINE_integer("top_k", 0, "Sample only among the k likeliest tokens; 0 = all.")
-    flags.DEFINE_integer("max_new_tokens", 128, "Longest reply, in tokens.")
-    flags.DEFINE_integer("seed", 0, "Sampling seed of the first reply (then +1 per reply).")
+    cli.define_sampling_flags(max_new_tokens=128, temperature=0.7,
+                              max_new_tokens_help="Longest reply, in tokens.",
+                              seed_help="Sampling seed of the first reply (then +1 per reply).")
     flags.DEFINE_string("system", "", "System prompt to start with.")
     cli.run(main)

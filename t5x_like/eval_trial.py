@@ -25,6 +25,7 @@ def main(argv):
     try:
         from t5x_like import evaluate
         from t5x_like.evaluation import eval_suite
+        from t5x_like.evaluation import results as results_lib
     except ImportError as e:
         raise UserError(f"the evaluation suite is not in this checkout ({e}); sampling sweeps "
                         "need t5x_like/evaluate.py and eval_suite.py (branch eval).") from None
@@ -33,7 +34,7 @@ def main(argv):
     run = runs.load(f.run, step=step)
     logging.info("Evaluating %s step %d into %s", f.run, step, f.workdir)
     results = eval_suite.run_suite(run, f.config, f.workdir, checkpoint=f.checkpoint)
-    print(eval_suite.markdown(results), end="")
+    print(results_lib.markdown(results), end="")
 
 
 if __name__ == "__main__":  # flags are defined only when run as a program (modules import freely)

@@ -22,7 +22,6 @@ From Python (the SFT, preference tuning and lifecycle scripts report this number
 """
 
 import os
-import sys
 
 from absl import flags, logging
 
@@ -33,13 +32,12 @@ from t5x_like.evaluation import eval_suite
 from t5x_like.evaluation import eval_tasks
 from t5x_like.evaluation import human_eval
 from t5x_like.evaluation import report as report_lib
+from t5x_like.evaluation import results as results_lib
+from t5x_like.evaluation import suites
 from t5x_like.core import runs
 from t5x_like.core.config import load_json
 from t5x_like.core.errors import UserError
 from t5x_like.core.metrics import read_metrics
-
-COMMANDS = ("compare", "ratings", "report")
-
 
 def available_steps(workdir: str) -> list[int]:
     directory = checkpoints.checkpoint_dir(workdir)
@@ -97,15 +95,6 @@ def evaluate(workdir: str, suite, checkpoint: str = "latest") -> dict:
     return eval_suite.run_suite(run, suite, workdir, checkpoint=checkpoint)
 
 
-def _demo_suite():
-    """configs/eval/demo.py, also when called from outside the checkout (scripts, notebooks)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.append(root)
-    from configs.eval import demo
-    return demo.get_config()
-
-
 def demo_accuracy(run_dir: str, n: int = 200, *, checkpoint: str = "latest",
                   template: str = "chat", batch_size: int = 16) -> dict:
     """Held-out exact-match accuracy of the demo task: `n` held-out arithmetic questions
@@ -115,7 +104,7 @@ def demo_accuracy(run_dir: str, n: int = 200, *, checkpoint: str = "latest",
     Runs configs/eval/demo.py's "arithmetic" task, so the numbers, eval/<step>/results.json,
     arithmetic.jsonl and the metrics.jsonl line are the command line's. Returns the task's
     result with "exact_match", "correct" and "step" at the top level."""
-    suite = _demo_suite()
+    suite = suites.demo()  # configs/eval/demo.py's
     suite.only = "arithmetic"
     suite.batch_size = batch_size
     suite.tasks.arithmetic.n = n
@@ -155,26 +144,24 @@ def compare(a: str, b: str, prompts_path: str, out: str, sampling: decoding.Samp
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry points (one per command; flags are defined below, per command).
+# The command line: one main and one set of flags per command (cli.run_command).
 
 
 def main_evaluate(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; commands are {', '.join(COMMANDS)} "
-                        "(first), options look like --config.x=y.")
+    del argv
     f = flags.FLAGS
     results = evaluate(f.workdir, f.config, f.checkpoint)
-    print(eval_suite.markdown(results), end="")
+    print(results_lib.markdown(results), end="")
     print(f"written to {os.path.join(f.workdir, 'eval', str(results['step']))}/")
 
 
 def main_compare(argv):
     f = flags.FLAGS
-    if len(argv) != 4:
-        raise UserError("compare needs two runs: compare runs/a runs/b --prompts=FILE")
-    a, b = argv[2], argv[3]
+    a, b = argv[1], argv[2]
     out = f.out or os.path.join("human_eval", f"{os.path.basename(os.path.normpath(a))}-vs-"
                                               f"{os.path.basename(os.path.normpath(b))}")
+    cli.check_sampling_flags(temperature=f.temperature, top_p=f.top_p, top_k=f.top_k,
+                             max_new_tokens=f.max_new_tokens)
     sampling = decoding.Sampling(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
                                  top_k=f.top_k, top_p=f.top_p, seed=f.seed)
     key = compare(a, b, f.prompts, out, sampling, template=f.template,
@@ -185,50 +172,58 @@ def main_compare(argv):
 
 
 def main_ratings(argv):
-    if len(argv) != 3:
-        raise UserError("ratings needs the sheet folder: ratings DIR --ratings=FILE[,FILE]")
-    summary = human_eval.score_sheet(argv[2], flags.FLAGS.ratings)
+    summary = human_eval.score_sheet(argv[1], flags.FLAGS.ratings)
     print(human_eval.describe(summary))
-    print(f"wrote {argv[2]}/preferences.jsonl and {argv[2]}/ratings.json")
+    print(f"wrote {argv[1]}/preferences.jsonl and {argv[1]}/ratings.json")
 
 
 def main_report(argv):
-    if len(argv) < 3:
-        raise UserError("report needs at least one run: report runs/a runs/b ...")
-    text = report_lib.report(argv[2:], flags.FLAGS.out)
+    text = report_lib.report(argv[1:], flags.FLAGS.out)
     print(text, end="")
     print(f"written to {flags.FLAGS.out}/report.md and {flags.FLAGS.out}/learning_curves.png")
 
 
-MAINS = {"evaluate": main_evaluate, "compare": main_compare, "ratings": main_ratings,
-         "report": main_report}
+def _evaluate_flags():
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Evaluation suite (configs/eval/*.py).")
+    flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
+    flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+    flags.DEFINE_alias("step", "checkpoint")  # as sample, chat, serve and export call it
+
+
+def _compare_flags():
+    flags.DEFINE_string("prompts", None, ".jsonl of {\"prompt\": text or messages}, or a "
+                        "text file with one prompt per line.")
+    flags.DEFINE_string("out", "", "Folder for the sheet (default human_eval/<a>-vs-<b>).")
+    cli.define_sampling_flags(max_new_tokens=128, max_new_tokens_help="Tokens per reply.",
+                              seed_help="Sampling seed (prompt i uses seed + i).")
+    flags.DEFINE_integer("shuffle_seed", None, "Seed of the row order and sides "
+                         "(default: random, recorded in key.json).")
+    flags.DEFINE_enum("template", "chat", ["chat", "plain"], "Chat template or plain text.")
+    flags.DEFINE_integer("batch_size", 16, "Prompts per decoder batch.")
+
+
+def _ratings_flags():
+    flags.DEFINE_list("ratings", None, "Filled sheet.csv and/or downloaded ratings .json "
+                      "files (one per rater).")
+
+
+def _report_flags():
+    flags.DEFINE_string("out", "report", "Folder for report.md and learning_curves.png.")
+
+
+EVALUATE = cli.Command(main_evaluate, _evaluate_flags, required=("workdir",),
+                       usage="--workdir=RUN --config=SUITE [--checkpoint=latest|best|STEP]")
+COMMANDS = {
+    "compare": cli.Command(main_compare, _compare_flags, args=(2, 2), required=("prompts",),
+                           usage="RUN_A RUN_B --prompts=FILE [--out=DIR]"),
+    "ratings": cli.Command(main_ratings, _ratings_flags, args=(1, 1), required=("ratings",),
+                           usage="DIR --ratings=FILE[,FILE]"),
+    "report": cli.Command(main_report, _report_flags, args=(1, None),
+                          usage="RUN [RUN ...] [--out=DIR]"),
+}
 
 
 if __name__ == "__main__":  # flags are defined only when run as a program (modules import freely)
-    from ml_collections import config_flags
-
-    command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else "evaluate"
-    if command == "evaluate":
-        config_flags.DEFINE_config_file("config", None, "Evaluation suite (configs/eval/*.py).")
-        flags.DEFINE_string("workdir", None, "Run directory to evaluate.", required=True)
-        flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
-        flags.DEFINE_alias("step", "checkpoint")  # as sample, chat, serve and export call it
-    elif command == "compare":
-        flags.DEFINE_string("prompts", None, ".jsonl of {\"prompt\": text or messages}, or a "
-                            "text file with one prompt per line.", required=True)
-        flags.DEFINE_string("out", "", "Folder for the sheet (default human_eval/<a>-vs-<b>).")
-        flags.DEFINE_integer("max_new_tokens", 128, "Tokens per reply.")
-        flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-        flags.DEFINE_integer("top_k", 0, "0 = off.")
-        flags.DEFINE_float("top_p", 1.0, "1 = off.")
-        flags.DEFINE_integer("seed", 0, "Sampling seed (prompt i uses seed + i).")
-        flags.DEFINE_integer("shuffle_seed", None, "Seed of the row order and sides "
-                             "(default: random, recorded in key.json).")
-        flags.DEFINE_enum("template", "chat", ["chat", "plain"], "Chat template or plain text.")
-        flags.DEFINE_integer("batch_size", 16, "Prompts per decoder batch.")
-    elif command == "ratings":
-        flags.DEFINE_list("ratings", None, "Filled sheet.csv and/or downloaded ratings .json "
-                          "files (one per rater).", required=True)
-    else:
-        flags.DEFINE_string("out", "report", "Folder for report.md and learning_curves.png.")
-    cli.run(MAINS[command])
+    cli.run_command("t5x_like.evaluate", COMMANDS, default=EVALUATE)

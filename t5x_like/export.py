@@ -6,10 +6,10 @@ with its config files) and `checkpoints/<step>/params` (no optimizer state, no d
 `sample`, `evaluate`, `serve` and `--config.init_from` load. It is written under a temporary
 name and renamed when complete.
 
-A PEFT run (t5x_like/modeling/peft.py) exports with `--merge` as a whole model, its adapters folded into
-the base weights (for serving, init_from and `t5x_like.hf export`); without `--merge` as an
-adapter directory: the adapters and `base.json` naming the base, which `runs.load` reads with
-the base (checking it is the same one).
+A PEFT run (t5x_like/modeling/peft.py) exports with `--merge` as a whole model, its adapters
+folded into the base weights (for serving, init_from and `t5x_like.hf export`); without
+`--merge` as an adapter directory: the adapters and `base.json` naming the base, which
+`runs.load` reads with the base (checking it is the same one).
 """
 
 import os
@@ -24,6 +24,7 @@ from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.training import checkpoints
 from t5x_like.core import cli
 from t5x_like.core import config as config_lib
+from t5x_like.core import files
 from t5x_like.modeling import peft
 from t5x_like.core import runs
 from t5x_like.core.errors import UserError
@@ -45,18 +46,12 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
         cfg["model"]["param_dtype"] = dtype
         if "peft" in cfg:  # merged: a plain model from now on
             cfg["peft"].update(method="none", trainable="", trainable_layers=0)
-    tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
+    with files.atomic_dir(out) as tmp:
         config_lib.save_json(ml_collections.ConfigDict(cfg), os.path.join(tmp, "config.json"))
         tokenizer_lib.install(run.tokenizer.path, tmp)  # with its config files
         if adapters:
             shutil.copyfile(os.path.join(workdir, peft.REF_FILE), os.path.join(tmp, peft.REF_FILE))
         checkpoints.save_params(tmp, run.step, params)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -9,7 +9,6 @@ The entry point only: the job is t5x_like/interop/hf.py.
 
 if __name__ == "__main__":  # flags are defined only when run as a program (modules import freely)
     from t5x_like.core import cli
-    from t5x_like.interop.hf import define_flags, main
+    from t5x_like.interop.hf import COMMANDS
 
-    define_flags()
-    cli.run(main)
+    cli.run_command("t5x_like.hf", COMMANDS)

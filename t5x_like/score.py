@@ -13,7 +13,7 @@ import sys
 from absl import flags
 
 from t5x_like.core import cli
-from t5x_like.core import config as config_lib
+from t5x_like.core import files
 from t5x_like.evaluation import reward_model
 from t5x_like.core.errors import UserError
 
@@ -29,19 +29,12 @@ def _messages(prompt, where: str) -> list[dict]:
 
 def read_pairs(path: str) -> list[dict]:
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where} is not JSON ({e.msg}); write one object per line.")
-            if not isinstance(obj, dict) or not isinstance(obj.get("reply"), str) or (
-                    "prompt" not in obj):
-                raise UserError(f"{where}: needs \"prompt\" and a string \"reply\".")
-            pairs.append({**obj, "messages": _messages(obj["prompt"], where)})
+    for n, obj in files.iter_jsonl(path):
+        where = f"{path}, line {n}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("reply"), str) or (
+                "prompt" not in obj):
+            raise UserError(f"{where}: needs \"prompt\" and a string \"reply\".")
+        pairs.append({**obj, "messages": _messages(obj["prompt"], where)})
     return pairs
 
 
@@ -64,7 +57,7 @@ def main(argv):
                                 "score": round(float(s), 6)}) + "\n"
                     for p, s in zip(pairs, scores))
     if f.output:  # never a half-written file
-        config_lib.atomic_write_text(f.output, lines)
+        files.atomic_write_text(f.output, lines)
     else:
         sys.stdout.write(lines)
 

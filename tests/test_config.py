@@ -160,10 +160,10 @@ def test_every_recipe_loads_and_training_recipes_validate(path, monkeypatch):
 
         eval_suite.validate(cfg)
     elif path.startswith("configs/sweeps/"):
-        from t5x_like.experiments import sweep
+        from t5x_like.experiments import sweep_config
 
-        sweep.validate(cfg)
-        sweep.check_against_job(cfg)  # its fixed and swept keys exist in the job's recipe
+        sweep_config.validate(cfg)
+        sweep_config.check_against_job(cfg)  # its fixed and swept keys exist in the job's recipe
 
 
 def _saved(tiny_cfg, **changes):

@@ -446,9 +446,10 @@ def test_old_run_configs_read_with_the_original_model(tmp_path):
     cfg = config_lib.load_json(str(tmp_path / "config.json"))
     assert cfg.model.unpadded_vocab_size == 0 and cfg.model.rope_scaling == "none"
     assert not (cfg.model.attn_qkv_bias or cfg.model.attn_out_bias or cfg.model.mlp_bias)
-    from configs import base
-    defaults = base.get_config().model
-    assert {k: defaults[k] for k in config_lib.LATER_MODEL_KEYS} == config_lib.LATER_MODEL_KEYS
+    from t5x_like.core import defaults
+    model_defaults = defaults.get_config().model
+    assert ({k: model_defaults[k] for k in defaults.LATER_MODEL_KEYS}
+            == defaults.LATER_MODEL_KEYS)
 
 
 def _edit_config(folder, **changes):

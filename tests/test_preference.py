@@ -240,7 +240,7 @@ def test_reward_task_trains_a_scalar_head_and_scores(pretrained, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "What is 3 + 4?", "reply": "7"}) + "\n"
                     + json.dumps({"prompt": prompt, "reply": "8"}) + "\n{oops\n")
-    with pytest.raises(UserError, match="line 3 is not JSON"):
+    with pytest.raises(UserError, match="pairs.jsonl, line 3: not valid JSON"):
         score.read_pairs(str(path))
 
 

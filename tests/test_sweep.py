@@ -20,7 +20,7 @@ import optuna
 import pytest
 
 from configs.sweeps import common
-from t5x_like.experiments import sweep
+from t5x_like.experiments import sweep, sweep_config
 from t5x_like.core.errors import UserError
 
 from conftest import ROOT, TEST_XLA_FLAGS
@@ -257,8 +257,8 @@ def tiny_sweep(tiny_cfg, monkeypatch, **fixed):
 
     monkeypatch.setenv("XLA_FLAGS", TEST_XLA_FLAGS)  # not the tests' 8 fake devices
     monkeypatch.chdir(ROOT)
-    default = sweep.flatten(base.get_config())
-    flat = {k: v for k, v in sweep.flatten(tiny_cfg).items()
+    default = sweep_config.flatten(base.get_config())
+    flat = {k: v for k, v in sweep_config.flatten(tiny_cfg).items()
             if v != default.get(k) and k != "data.cache_dir"}  # the sweep prepares the data
     flat.update(fixed)
     nested: dict = {}
@@ -319,10 +319,10 @@ def test_a_nan_loss_fails_its_trial_with_the_trainers_reason(tiny_cfg, tmp_path,
 def test_recipes_name_keys_their_jobs_have(recipe, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = runpy.run_path(os.path.join(ROOT, "configs", "sweeps", f"{recipe}.py"))["get_config"]()
-    sweep.validate(cfg)
+    sweep_config.validate(cfg)
     if not os.path.exists(cfg.config):  # the sampling recipe's evaluation suite (branch eval)
         assert recipe == "generate_sampling"
         with pytest.raises(UserError, match="configs/eval/demo.py does not exist"):
-            sweep.check_against_job(cfg)
+            sweep_config.check_against_job(cfg)
         return
-    sweep.check_against_job(cfg)
+    sweep_config.check_against_job(cfg)

@@ -12,13 +12,8 @@ A pretrained (not chat) model answers the same questions as text continuation wi
 `--config.tasks.arithmetic.template=plain`.
 """
 
-from configs.eval import common
+from t5x_like.evaluation import suites
 
 
 def get_config():
-    cfg = common.suite()
-    cfg.tasks.arithmetic = common.task("generate", "synthetic:arithmetic", n=200,
-                                       max_new_tokens=8, stop_strings=("\n",))
-    cfg.tasks.arithmetic_chat = common.task("likelihood", "synthetic:arithmetic_chat", n=500,
-                                            max_len=128)
-    return cfg
+    return suites.demo()

@@ -10,9 +10,10 @@ evaluation suite (t5x_like.evaluate's eval_suite.run_suite) and writes the task'
 trial's metrics.jsonl under split "eval/<task>", the objective's split. Here: exact match on
 200 held-out arithmetic questions of configs/eval/demo.py (maximized).
 
-Needs the evaluation suite (t5x_like/evaluation/eval_suite.py and configs/eval/, branch `eval`); until it is
-merged the sweep stops before any trial, naming configs/eval/demo.py. Another suite or task:
-change `config`, the keys under `space.tasks.<task>` and `objective.split`/`metric`.
+Needs the evaluation suite (t5x_like/evaluation/eval_suite.py and configs/eval/, branch
+`eval`); until it is merged the sweep stops before any trial, naming configs/eval/demo.py.
+Another suite or task: change `config`, the keys under `space.tasks.<task>` and
+`objective.split`/`metric`.
 """
 
 import ml_collections

@@ -1,11 +1,12 @@
-"""What every entry point shares: flag parsing with readable errors, and `run(main)`.
+"""What every entry point shares: flag parsing with readable errors, `run(main)`, and
+`run_command` for the jobs with sub-commands (`evaluate compare`, `hf import`, `feedback export`).
 
 `run(main)` wraps `absl.app.run`: a bad `--config` file or override, or any `UserError` raised
 while the job runs, ends with one line on stderr and exit status 2, never a traceback.
 """
 
+import dataclasses
 import difflib
-import errno
 import logging as std_logging
 import os
 import runpy
@@ -16,10 +17,11 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from t5x_like.core import errors
 from t5x_like.core.errors import UserError
 
 
-def _put_config_package_on_path(argv: list[str]) -> None:
+def put_config_package_on_path(argv: list[str]) -> None:
     """Lets recipe files `from configs import base` wherever the job is started from."""
     for arg in argv:
         if arg.startswith("--config="):
@@ -114,7 +116,7 @@ def _bad_value(error: flags.Error) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flags parser turning config-loading failures into one UserError sentence."""
-    _put_config_package_on_path(argv)
+    put_config_package_on_path(argv)
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
@@ -138,6 +140,18 @@ def parse_flags(argv: list[str]) -> list[str]:
             raise UserError(f"cannot load --config={config_file}: "
                             f"{type(cause).__name__}: {cause}") from None
     return rest
+
+
+def define_sampling_flags(*, max_new_tokens: int, temperature: float = 0.0,
+                          max_new_tokens_help: str = "Tokens to generate.",
+                          seed_help: str = "Sampling seed.") -> None:
+    """--max_new_tokens, --temperature, --top_k, --top_p and --seed, as sample, chat and
+    `evaluate compare` take them (check_sampling_flags checks them)."""
+    flags.DEFINE_integer("max_new_tokens", max_new_tokens, max_new_tokens_help)
+    flags.DEFINE_float("temperature", temperature, "0 = greedy.")
+    flags.DEFINE_integer("top_k", 0, "Sample only among the k likeliest tokens; 0 = all.")
+    flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this much probability.")
+    flags.DEFINE_integer("seed", 0, seed_help)
 
 
 def check_sampling_flags(*, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
@@ -178,12 +192,10 @@ class _BackendProbeFilter(std_logging.Filter):
         return not str(record.msg).startswith("Unable to initialize backend")
 
 
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES}
 
-
-def run(main: Callable[[list[str]], None]) -> None:
+def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
     """`absl.app.run(main)` that reports UserError as one line and exits with status 2 (1 for
-    an EnvironmentFailure)."""
+    an EnvironmentFailure). `argv`: the command line (default sys.argv)."""
     std_logging.getLogger("absl").addFilter(_LibraryInfoFilter())
     std_logging.getLogger("jax._src.xla_bridge").addFilter(_BackendProbeFilter())
 
@@ -202,7 +214,7 @@ def run(main: Callable[[list[str]], None]) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)  # 2, or 1 for an EnvironmentFailure (a full disk...)
         except OSError as e:
-            if e.errno not in _ENVIRONMENT_ERRNOS:
+            if e.errno not in errors.ENVIRONMENT_ERRNOS:
                 raise
             # Any other write (metrics.jsonl, config.json, a report) on a full or read-only
             # disk: the command was right, the machine was not; one line, not a traceback.
@@ -212,4 +224,69 @@ def run(main: Callable[[list[str]], None]) -> None:
                   "folder's permissions) and rerun the same command.", file=sys.stderr)
             sys.exit(1)
 
-    app.run(guarded, flags_parser=flags_parser)
+    app.run(guarded, argv=argv, flags_parser=flags_parser)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One sub-command of an entry point: `python -m <module> <name> [args] --flags`.
+
+    main gets [program, *positional args] (the command's name taken out), as `run`'s does.
+    """
+
+    main: Callable[[list[str]], None]
+    define_flags: Callable[[], None] = lambda: None  # this command's flags, defined only for it
+    usage: str = ""  # what follows the name on the command line: "RUN_A RUN_B --prompts=FILE"
+    args: tuple[int, int | None] = (0, 0)  # positional arguments it takes: (min, max or None)
+    required: tuple[str, ...] = ()  # flags it cannot do without
+
+
+def run_command(module: str, commands: dict[str, Command], *, default: Command | None = None,
+                argv: list[str] | None = None) -> None:
+    """`python -m <module> <command> ...`: takes the command from the first argument (`default`
+    runs when the first argument is a flag or there is none), defines that command's flags
+    alone, checks its positional arguments and required flags, and runs it through `run`.
+
+    An unknown command, like every other mistake on the command line, is one `error:` line
+    naming what to type instead, and exit status 2.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    first = argv[1] if len(argv) > 1 else ""
+    lines = [f"python -m {module} {name} {c.usage}".rstrip() for name, c in commands.items()]
+    if default is not None:
+        lines.insert(0, f"python -m {module} {default.usage}".rstrip())
+    if first in commands:
+        name, command, argv = first, commands[first], [argv[0]] + argv[2:]
+    elif default is not None and not first[:1].isalnum():
+        name, command = "", default
+    else:
+        if first.startswith("-") and {"--help", "-h", "--helpshort"} & set(argv):
+            print("usage:\n  " + "\n  ".join(lines))
+            sys.exit(0)
+        what = f"unknown command {first}" if first and not first.startswith("-") else (
+            "no command given")
+        print(f"error: {what}; use one of {', '.join(commands)}: {' | '.join(lines)}",
+              file=sys.stderr)
+        sys.exit(2)
+    command.define_flags()
+    line = f"python -m {module} {name} {command.usage}".replace("  ", " ").rstrip()
+
+    def checked(args: list[str]) -> None:
+        low, high = command.args
+        given = len(args) - 1
+        if given < low or (high is not None and given > high):
+            got = f"{given} ({' '.join(args[1:])})" if given else "none"
+            raise UserError(f"{name or module} takes {_count(low, high)}, got {got}: {line}")
+        missing = [f"--{f}" for f in command.required if flags.FLAGS[f].value in (None, "")]
+        if missing:
+            raise UserError(f"{name or module} needs {' and '.join(missing)}: {line}")
+        command.main(args)
+
+    run(checked, argv)
+
+
+def _count(low: int, high: int | None) -> str:
+    """How many positional arguments, in words: "no positional arguments", "at least 1 ..."."""
+    many = "no" if high == 0 else (f"at least {low}" if high is None else
+                                   str(low) if low == high else f"{low} to {high}")
+    return f"{many} positional argument{'' if many.endswith(' 1') or many == '1' else 's'}"

@@ -10,7 +10,9 @@ from typing import Any
 
 import ml_collections
 
+from t5x_like.core import defaults, files
 from t5x_like.core.errors import UserError
+from t5x_like.modeling import peft_targets  # no JAX: config stays light
 
 TASKS = ("pretrain", "sft", "reward", "dpo", "rl")
 DTYPES = ("float32", "bfloat16")
@@ -20,20 +22,7 @@ TEXT_UNITS = ("line", "paragraph", "file")
 TOKENIZER_TYPES = ("bpe", "unigram")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
-# Model keys added after the first runs were written, with the values that give the original
-# model: a config.json without them (an older run) reads as these (load_json, model.Transformer).
-LATER_MODEL_KEYS = {
-    "unpadded_vocab_size": 0, "attn_qkv_bias": False, "attn_out_bias": False, "mlp_bias": False,
-    "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_low_freq_factor": 1.0,
-    "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192, "reward_head": False,
-    "attention_impl": "einsum", "attention_block": 128, "loss_chunk": 128,
-    "qk_norm": False, "post_norms": False, "norm_plus_one": False, "mlp_activation": "silu",
-    "embed_scale": False, "query_pre_attn_scalar": 0.0, "attn_logit_softcap": 0.0,
-    "final_logit_softcap": 0.0, "sliding_window": 0, "global_every": 0, "rope_local_theta": 0.0,
-}
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
-# The same for other sections: section -> {key: the value that gives the original behaviour}.
-LATER_KEYS = {"model": LATER_MODEL_KEYS, "dpo": {"rpo_alpha": 0.0}}
 EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 # Model keys that may differ between a checkpoint and the run loading it: they change how the
 # same parameters are computed with, not what the parameters are (reward_head: a reward model
@@ -203,9 +192,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _validate_peft(cfg) -> None:
-    """The peft section (t5x_like/modeling/peft.py); patterns are matched against the model later."""
-    from t5x_like.modeling import peft  # local: peft imports jax
-
+    """The peft section (t5x_like/modeling/peft.py); patterns are matched against the model
+    later."""
     p = cfg.peft
     _require(p.method in ("none", "lora"), "peft.method", f"is {p.method!r}; choose none or lora.")
     _require(p.rank >= 1, "peft.rank", f"is {p.rank}; it must be >= 1.")
@@ -216,7 +204,7 @@ def _validate_peft(cfg) -> None:
     _require(0 <= p.trainable_layers <= cfg.model.num_layers, "peft.trainable_layers",
              f"is {p.trainable_layers}; it must be between 0 and model.num_layers "
              f"({cfg.model.num_layers}).")
-    peft.lora_targets(p, cfg.model)  # raises UserError naming a target that matches nothing
+    peft_targets.lora_targets(p, cfg.model)  # raises UserError naming a target matching nothing
 
 
 def _validate_alignment(cfg) -> None:
@@ -403,16 +391,8 @@ def to_dict(cfg) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes via a temporary name and a rename, so readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def save_json(cfg, path: str) -> None:
-    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    files.atomic_write_json(path, to_dict(cfg), sort_keys=True)
 
 
 def load_json(path: str) -> ml_collections.FrozenConfigDict:
@@ -424,7 +404,7 @@ def load_json(path: str) -> ml_collections.FrozenConfigDict:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or start a new workdir.")
-    for section, later in LATER_KEYS.items():  # an older run had none of these
+    for section, later in defaults.LATER_KEYS.items():  # an older run had none of these
         if isinstance(data.get(section), dict):
             data[section] = {**later, **data[section]}
     return ml_collections.FrozenConfigDict(data)

@@ -5,6 +5,14 @@ to do; entry points print that sentence and exit with status 2 instead of a trac
 (`EnvironmentFailure`: status 1).
 """
 
+import errno
+
+# A failed write whose errno is one of these is the machine's doing, not the input's: one
+# sentence and exit status 1 (cli.run, checkpoints, data preparation). Disk full: free some
+# space; the others: fix the folder's permissions or choose another.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+ENVIRONMENT_ERRNOS = DISK_FULL_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM}
+
 
 class UserError(Exception):
     """Bad input (config, data, checkpoint, mesh) the user can fix; never a bug in this code."""

@@ -11,15 +11,13 @@ import os
 
 from absl import logging
 
-from t5x_like.core.config import atomic_write_text
+from t5x_like.core import files
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of `<workdir>/metrics.jsonl` as far as they are written (a line still being
+    appended, or torn by a killed run, is skipped); [] before the first."""
+    return files.read_jsonl_tolerant(os.path.join(workdir, "metrics.jsonl"))
 
 
 def _clean(value):
@@ -53,7 +51,7 @@ class MetricWriter:
         if not self.enabled or not os.path.isfile(self.path):
             return
         kept = [r for r in read_metrics(os.path.dirname(self.path)) if r.get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        files.atomic_write_jsonl(self.path, kept)
 
     def write(self, step: int, metrics: dict, split: str = "train") -> None:
         if not self.enabled:

@@ -21,7 +21,6 @@ and one line per task in `<workdir>/metrics.jsonl`: {"step", "split": "eval/<tas
 import collections
 import dataclasses
 import difflib
-import json
 import os
 import sys
 import time
@@ -34,13 +33,14 @@ from absl import logging
 
 from data_pipelines import chat_template, pipeline
 from t5x_like.core import config as config_lib
+from t5x_like.core import files
 from t5x_like.modeling import decoding
 from t5x_like.evaluation import eval_metrics
 from t5x_like.evaluation import eval_tasks
+from t5x_like.evaluation import results
 from t5x_like.modeling import partitioning
 from t5x_like.training.tasks import lm
 from t5x_like.core.errors import UserError
-from t5x_like.core.metrics import MetricWriter
 
 SUITE_KEYS = ("batch_size", "seed", "data_dir", "only", "tasks")
 TASK_KEYS = ("kind", "source", "n", "metrics", "template", "system", "max_new_tokens",
@@ -57,7 +57,7 @@ TEMPLATES = ("chat", "plain")
 def _unknown(key: str, where: str, known) -> UserError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return UserError(f"config key '{where}' is unknown.{hint} See configs/eval/common.py.")
+    return UserError(f"config key '{where}' is unknown.{hint} See t5x_like/evaluation/suites.py.")
 
 
 def validate(suite) -> list[str]:
@@ -68,7 +68,7 @@ def validate(suite) -> list[str]:
     for key in SUITE_KEYS:
         if key not in suite:
             raise UserError(f"config key '{key}' is missing; build suites with "
-                            "configs/eval/common.py suite().")
+                            "suites.suite() (configs/eval/common.py).")
     if suite.batch_size < 1:
         raise UserError(f"config key 'batch_size': {suite.batch_size} must be positive.")
     names = sorted(suite.tasks.keys())
@@ -93,7 +93,7 @@ def _validate_task(name: str, t) -> None:
     for key in TASK_KEYS:
         if key not in t:
             raise UserError(f"config key '{where}.{key}' is missing; build tasks with "
-                            "configs/eval/common.py task().")
+                            "suites.task() (configs/eval/common.py).")
 
     def require(ok: bool, key: str, message: str) -> None:
         if not ok:
@@ -151,12 +151,13 @@ def run_suite(run, suite, workdir: str, *, checkpoint: str = "") -> dict:
             result, rows = generation_task(run, t, batch_size=suite.batch_size, seed=suite.seed,
                                            data_dir=suite.data_dir)
             result["predictions"] = f"{name}.jsonl"
-            write_jsonl(os.path.join(out_dir, result["predictions"]), rows)
+            files.atomic_write_jsonl(os.path.join(out_dir, result["predictions"]), rows,
+                                     ensure_ascii=False)
         result["seconds"] = time.perf_counter() - start
         result["settings"] = config_lib.to_dict(t)
         tasks[name] = result
         logging.info("Task %s done in %.1f s: %s", name, result["seconds"], result["metrics"])
-    return write_results(workdir, run.step, tasks, checkpoint=checkpoint)
+    return results.write(workdir, run.step, tasks, checkpoint=checkpoint)
 
 
 def likelihood_task(run, t, *, batch_size: int, workdir: str) -> dict:
@@ -338,48 +339,3 @@ def generate(run, examples: list[eval_tasks.Example], sampling: decoding.Samplin
 
 # ---------------------------------------------------------------------------------------------
 # Writing.
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    config_lib.atomic_write_text(
-        path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def write_results(workdir: str, step: int, tasks: dict, *, checkpoint: str = "") -> dict:
-    """Merges `tasks` into eval/<step>/results.json, rewrites results.md, logs metric lines."""
-    out_dir = os.path.join(workdir, "eval", str(step))
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "results.json")
-    results = {"workdir": os.path.abspath(workdir), "step": step, "tasks": {}}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            results["tasks"] = json.load(f).get("tasks", {})
-    results["tasks"].update(tasks)
-    results["checkpoint"] = checkpoint or str(step)
-    results["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    config_lib.atomic_write_text(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    config_lib.atomic_write_text(os.path.join(out_dir, "results.md"), markdown(results))
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    try:
-        for name, r in tasks.items():
-            writer.write(step, {**r["metrics"], "examples": r["n"]}, split=f"eval/{name}")
-    finally:
-        writer.close()
-    return results
-
-
-def _format(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
-    return str(value)
-
-
-def markdown(results: dict) -> str:
-    lines = [f"Evaluation of {results['workdir']} at step {results['step']}", "",
-             "| task | kind | source | n | metric | value |", "|---|---|---|---|---|---|"]
-    for name in sorted(results["tasks"]):
-        r = results["tasks"][name]
-        for metric, value in r["metrics"].items():
-            lines.append(f"| {name} | {r['kind']} | {r['source']} | {r['n']} | {metric} | "
-                         f"{_format(value)} |")
-    return "\n".join(lines) + "\n"

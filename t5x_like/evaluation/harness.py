@@ -775,8 +775,8 @@ def save_raw(workdir: str, step: int, outcome: Outcome) -> str:
 
 def write(workdir: str, step: int, outcome: Outcome, *, checkpoint: str = "") -> dict:
     """save_raw, then our results.json / results.md / metrics.jsonl lines (one per task, split
-    "eval/harness:<task>") through eval_suite.write_results; returns results.json's content."""
-    from t5x_like.evaluation import eval_suite
+    "eval/harness:<task>") through results.write; returns results.json's content."""
+    from t5x_like.evaluation import results
 
     save_raw(workdir, step, outcome)
-    return eval_suite.write_results(workdir, step, outcome.tasks, checkpoint=checkpoint)
+    return results.write(workdir, step, outcome.tasks, checkpoint=checkpoint)

@@ -24,10 +24,9 @@ import json
 import os
 import random
 import secrets
-import shutil
 
 from data_pipelines import chat_template, sources
-from t5x_like.core.config import atomic_write_text
+from t5x_like.core import files
 from t5x_like.core.errors import UserError
 
 CHOICES = ("1", "2", "tie")
@@ -42,31 +41,26 @@ def read_prompts(path: str) -> list[list[dict]]:
     or any other file with one prompt per line."""
     if not os.path.isfile(path):
         raise UserError(f"--prompts={path} does not exist.")
-    prompts = []
-    jsonl = path.endswith((".jsonl", ".jsonl.gz"))
-    for lineno, line in sources.iter_lines(path):
-        if not line.strip():
-            continue
-        if not jsonl:
-            prompts.append([{"role": "user", "content": line}])
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column "
-                            f"{e.colno}); fix or remove the line.") from None
-        prompt = record.get("prompt", record.get("messages")) if isinstance(record, dict) else None
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        try:
-            chat_template.check(prompt if isinstance(prompt, list) else [])
-        except chat_template.TemplateError as e:
-            raise UserError(f"{path}, line {lineno}: needs 'prompt' (a string or a list of "
-                            f"{{\"role\", \"content\"}} messages): {e}.") from None
-        prompts.append(prompt)
+    if not path.endswith((".jsonl", ".jsonl.gz")):
+        prompts = [[{"role": "user", "content": line}] for _, line in sources.iter_lines(path)
+                   if line.strip()]
+    else:
+        prompts = [_prompt(record, path, lineno) for lineno, record in sources.json_lines(path)]
     if not prompts:
         raise UserError(f"--prompts={path} holds no prompts.")
     return prompts
+
+
+def _prompt(record, path: str, lineno: int) -> list[dict]:
+    prompt = record.get("prompt", record.get("messages")) if isinstance(record, dict) else None
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    try:
+        chat_template.check(prompt if isinstance(prompt, list) else [])
+    except chat_template.TemplateError as e:
+        raise UserError(f"{path}, line {lineno}: needs 'prompt' (a string or a list of "
+                        f"{{\"role\", \"content\"}} messages): {e}.") from None
+    return prompt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,16 +94,10 @@ def write_sheet(out_dir: str, prompts: list[list[dict]], replies_a: list[str],
                      "response_1_model": "A" if a_first else "B"})
     key = {"sheet_id": sheet_id, "seed": seed, "models": {"A": models[0], "B": models[1]},
            "rows": rows}
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    os.makedirs(tmp)
-    try:
-        atomic_write_text(os.path.join(tmp, "key.json"), json.dumps(key, indent=2,
-                                                                    ensure_ascii=False) + "\n")
-        atomic_write_text(os.path.join(tmp, "sheet.csv"), _csv(sheet_id, rows))
-        atomic_write_text(os.path.join(tmp, "sheet.html"), _html(sheet_id, rows))
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with files.atomic_dir(out_dir) as tmp:
+        files.atomic_write_json(os.path.join(tmp, "key.json"), key, ensure_ascii=False)
+        files.atomic_write_text(os.path.join(tmp, "sheet.csv"), _csv(sheet_id, rows))
+        files.atomic_write_text(os.path.join(tmp, "sheet.html"), _html(sheet_id, rows))
     return key
 
 
@@ -319,11 +307,10 @@ def score_sheet(sheet_dir: str, ratings_paths: list[str]) -> dict:
     if not summary["rated"]:
         raise UserError(f"{', '.join(ratings_paths)}: no row has a choice yet; fill in 1, 2 or "
                         "tie in the choice column (or on the page).")
-    atomic_write_text(os.path.join(sheet_dir, "preferences.jsonl"),
-                      "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    files.atomic_write_jsonl(os.path.join(sheet_dir, "preferences.jsonl"), pairs,
+                             ensure_ascii=False)
     summary["sources"] = [os.path.abspath(p) for p in ratings_paths]
-    atomic_write_text(os.path.join(sheet_dir, "ratings.json"),
-                      json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    files.atomic_write_json(os.path.join(sheet_dir, "ratings.json"), summary, ensure_ascii=False)
     return summary
 
 

@@ -14,7 +14,7 @@ import math
 import os
 
 from t5x_like.core import config as config_lib
-from t5x_like.core.config import atomic_write_text
+from t5x_like.core import files, markdown, plots
 from t5x_like.core.errors import UserError
 from t5x_like.core.metrics import read_metrics
 
@@ -76,7 +76,7 @@ def tables(runs: dict[str, dict]) -> str:
     """The markdown of report.md."""
     head = ["run", "steps", "train loss"] + [f"val {m}" for m in VALIDATION] + [
         "best val loss (step)", "source"]
-    lines = ["## Runs", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for label, run in runs.items():
         s = run["series"]
         steps = max((p[-1][0] for p in s.values() if p), default=None)
@@ -84,31 +84,27 @@ def tables(runs: dict[str, dict]) -> str:
         losses = s.get(("validation", "loss"), [])
         best = min(losses, key=lambda p: p[1]) if losses else None
         source = run["config"].get("data", {}).get("source", "-")
-        cells = [label, _fmt(steps), _fmt(_last(s.get(("train", "loss"), []))[1]),
-                 *map(_fmt, vals), f"{best[1]:.4g} ({best[0]})" if best else "-", source]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append([label, _fmt(steps), _fmt(_last(s.get(("train", "loss"), []))[1]),
+                     *map(_fmt, vals), f"{best[1]:.4g} ({best[0]})" if best else "-", source])
+    lines = ["## Runs", ""] + markdown.table(head, rows)
     evals = sorted({k for run in runs.values() for k in run["series"]
                     if k[0].startswith("eval/") and k[1] != "examples"})
     if evals:
-        lines += ["", "## Evaluation tasks (latest step evaluated)", "",
-                  "| task | metric | " + " | ".join(runs) + " |",
-                  "|---|---|" + "---|" * len(runs)]
+        rows = []
         for split, metric in evals:
-            cells = []
+            cells = [split[len("eval/"):], metric]
             for run in runs.values():
                 step, value = _last(run["series"].get((split, metric), []))
                 cells.append("-" if value is None else f"{value:.4g} (step {step})")
-            lines.append(f"| {split[len('eval/'):]} | {metric} | " + " | ".join(cells) + " |")
+            rows.append(cells)
+        lines += ["", "## Evaluation tasks (latest step evaluated)", ""] + markdown.table(
+            ["task", "metric", *runs], rows)
     return "\n".join(lines) + "\n"
 
 
 def plot(runs: dict[str, dict], path: str) -> list[tuple[str, str]]:
     """Learning curves, one panel per (split, metric); returns the panels drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     panels = [c for c in CURVES if any(run["series"].get(c) for run in runs.values())]
     panels += sorted({k for run in runs.values() for k, points in run["series"].items()
                       if k[0].startswith("eval/") and k[1] not in COUNTS and len(points) > 1})
@@ -131,10 +127,7 @@ def plot(runs: dict[str, dict], path: str) -> list[tuple[str, str]]:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    plots.save(fig, path, dpi=100)
     return panels
 
 
@@ -144,6 +137,6 @@ def report(workdirs: list[str], out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     text = tables(runs)
     plot(runs, os.path.join(out_dir, "learning_curves.png"))
-    atomic_write_text(os.path.join(out_dir, "report.md"),
-                      "# Run comparison\n\n" + text + "\n![learning curves](learning_curves.png)\n")
+    files.atomic_write_text(os.path.join(out_dir, "report.md"), "# Run comparison\n\n" + text
+                            + "\n![learning curves](learning_curves.png)\n")
     return text

@@ -1,3 +1,4 @@
-"""Experiments around the jobs: sizing a job before running it (plan), sweeps (sweep,
-sweep_report) and the whole lifecycle in one command (lifecycle, lifecycle_report).
+"""Experiments around the jobs: sizing a job before running it (plan), sweeps (sweep, its
+config's checks in sweep_config, its results in sweep_report) and the whole lifecycle in one
+command (lifecycle, lifecycle_report).
 """

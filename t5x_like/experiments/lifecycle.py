@@ -25,9 +25,9 @@ import time
 import urllib.error
 import urllib.request
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
+from t5x_like.core import files
 from t5x_like.core.errors import UserError
 
 KINDS = ("prepare", "train", "eval", "export", "feedback")
@@ -48,10 +48,7 @@ def load_state(workdir: str) -> dict:
 
 
 def save_state(workdir: str, state: dict) -> None:
-    path = os.path.join(workdir, STATE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
-    os.replace(path + ".tmp", path)
+    files.atomic_write_json(os.path.join(workdir, STATE), state)
 
 
 def stage_names(cfg) -> list[str]:
@@ -245,8 +242,7 @@ def simulated_conversations(source: str, n: int, data_root: str) -> list[list[di
     path = source.replace("{data}", os.path.abspath(data_root))
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    records = json.loads(text) if text.lstrip().startswith("[") else [
-        json.loads(line) for line in text.splitlines() if line.strip()]
+    records = json.loads(text) if text.lstrip().startswith("[") else files.read_jsonl(path)
     prompts = []
     for r in records:
         if "messages" in r:
@@ -347,13 +343,12 @@ def feedback_stage(cfg, name, st, workdir, record) -> None:
         from data_pipelines import synthetic
         pairs += [json.dumps(synthetic.answer_pair(i, "train", seed=11)) + "\n"
                   for i in range(replay)]
-    with open(os.path.join(out, "train_pairs.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(pairs)
+    files.atomic_write_text(os.path.join(out, "train_pairs.jsonl"), "".join(pairs))
     record["feedback"]["replayed_pairs"] = replay
 
 
-RUNNERS = {"prepare": prepare_stage, "train": train_stage, "eval": eval_stage, "export": export_stage,
-           "feedback": feedback_stage}
+RUNNERS = {"prepare": prepare_stage, "train": train_stage, "eval": eval_stage,
+           "export": export_stage, "feedback": feedback_stage}
 
 
 def run_lifecycle(cfg, workdir: str) -> dict:

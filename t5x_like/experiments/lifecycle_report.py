@@ -6,10 +6,12 @@ rerun of a finished lifecycle only refreshes the report.
 """
 
 import datetime
+import itertools
 import json
 import os
 import platform
 
+from t5x_like.core import files, markdown, plots
 from t5x_like.core import metrics as metrics_lib
 
 _HEADLINE = ("exact_match", "accuracy", "perplexity", "bits_per_byte", "bleu", "rougeL")
@@ -45,15 +47,11 @@ def _fmt(v) -> str:
 
 
 def plot_losses(workdir: str, train_stages: list[str], path: str) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = [(n, os.path.join(workdir, n)) for n in train_stages
             if os.path.exists(os.path.join(workdir, n, "metrics.jsonl"))]
     if not runs:
         return False
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3.0), squeeze=False)
+    fig, axes = plots.pyplot().subplots(1, len(runs), figsize=(3.6 * len(runs), 3.0), squeeze=False)
     for ax, (name, run) in zip(axes[0], runs):
         rows = metrics_lib.read_metrics(run)
         for split, style in (("train", "-"), ("validation", "o-")):
@@ -67,28 +65,22 @@ def plot_losses(workdir: str, train_stages: list[str], path: str) -> bool:
     axes[0][0].set_ylabel("loss")
     axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
     return True
 
 
 def plot_evals(evals: list[tuple[str, dict]], metric: str, path: str) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts = [(name, m[metric]) for name, m in evals if metric in m]
     if not pts:
         return False
-    fig, ax = plt.subplots(figsize=(1.4 * len(pts) + 2, 3.0))
+    fig, ax = plots.pyplot().subplots(figsize=(1.4 * len(pts) + 2, 3.0))
     ax.bar([p[0] for p in pts], [p[1] for p in pts], color="#4C72B0")
     for i, (_, v) in enumerate(pts):
         ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel(metric)
     ax.set_ylim(0, max(1.0, max(p[1] for p in pts) * 1.1))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
     return True
 
 
@@ -103,11 +95,8 @@ def _samples(record: dict, k: int = 3) -> list[dict]:
         path = os.path.join(results.get("workdir", ""), "eval", str(results.get("step")), pred)
         if not os.path.exists(path):
             continue
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if len(out) >= k:
-                    break
-                out.append({"task": task, **json.loads(line)})
+        for _, row in itertools.islice(files.iter_jsonl(path), max(0, k - len(out))):
+            out.append({"task": task, **row})
     return out
 
 
@@ -132,23 +121,20 @@ def write(cfg, workdir: str, state: dict, names: list[str]) -> str:
              if stages.get(n, {}).get("kind") == "eval" and stages[n].get("done")]
     if evals:
         keys = sorted({k for _, m in evals for k in m if k.split("/")[-1] in _HEADLINE})
-        lines += ["## Headline: evaluation after each stage", "",
-                  "| evaluation | of run | " + " | ".join(keys) + " |",
-                  "|---|---|" + "---|" * len(keys)]
-        for name, m in evals:
-            lines.append(f"| {name} | {cfg.stages[name].run} | "
-                         + " | ".join(_fmt(m.get(k, "")) for k in keys) + " |")
+        lines += ["## Headline: evaluation after each stage", ""]
+        lines += markdown.table(["evaluation", "of run", *keys],
+                                [[name, cfg.stages[name].run, *(_fmt(m.get(k, "")) for k in keys)]
+                                 for name, m in evals])
         lines.append("")
         metric = next((k for k in keys if k.endswith("exact_match")), keys[0] if keys else None)
         if metric and plot_evals(evals, metric, os.path.join(workdir, "report_eval.png")):
             lines += [f"![{metric} per evaluation](report_eval.png)", ""]
 
-    lines += ["## Stages", "", "| stage | kind | wall time | tokens | final metrics | command |",
-              "|---|---|---|---|---|---|"]
+    rows = []
     for n in names:
         rec = stages.get(n)
         if not rec:
-            lines.append(f"| {n} | {cfg.stages[n].kind} | not run | | | |")
+            rows.append([n, cfg.stages[n].kind, "not run", "", "", ""])
             continue
         metrics, tokens = "", ""
         if rec["kind"] == "train" and rec.get("run"):
@@ -163,8 +149,9 @@ def write(cfg, workdir: str, state: dict, names: list[str]) -> str:
                                 if not isinstance(v, dict))
         command = " ".join(rec.get("command", [])[1:]).replace(workdir + "/", "")
         wall = f"{rec['wall_s']:.0f} s" if "wall_s" in rec else "failed"
-        lines.append(f"| {n} | {rec['kind']} | {wall} | {tokens} | {metrics} | `{command}` |")
-    lines.append("")
+        rows.append([n, rec["kind"], wall, tokens, metrics, f"`{command}`"])
+    lines += ["## Stages", ""] + markdown.table(
+        ["stage", "kind", "wall time", "tokens", "final metrics", "command"], rows) + [""]
 
     train_stages = [n for n in names if cfg.stages[n].kind == "train" and n in stages]
     if plot_losses(workdir, train_stages, os.path.join(workdir, "report_losses.png")):
@@ -206,7 +193,5 @@ def write(cfg, workdir: str, state: dict, names: list[str]) -> str:
         lines += ["## Sample conversations, before and after each tuning stage", ""] + sample_lines
 
     path = os.path.join(workdir, "report.md")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    files.atomic_write_text(path, "\n".join(lines) + "\n")
     return path

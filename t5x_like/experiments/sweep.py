@@ -19,8 +19,8 @@ failed with the reason and the sweep goes on. While a trial runs its metrics.jso
 The study lives in `<workdir>/study.db` (SQLite) unless --storage names a database. Rerunning
 the same command resumes it: finished trials are never repeated, and a trial whose sweep process
 died (killed, Ctrl-C, a lost host) runs again in its own workdir, so training resumes from its
-last checkpoint. Results (t5x_like/experiments/sweep_report.py): results.csv, results.md, best_config.py and
-plots/ in the sweep workdir.
+last checkpoint. Results (sweep_report.py): results.csv, results.md, best_config.py and plots/
+in the sweep workdir. The sweep config's checks are in sweep_config.py.
 """
 
 import ctypes
@@ -28,7 +28,6 @@ import json
 import math
 import os
 import queue
-import runpy
 import shlex
 import signal
 import socket
@@ -39,18 +38,16 @@ import time
 import warnings
 from typing import Any
 
-import ml_collections
 import optuna
 from absl import flags, logging
 from optuna.trial import TrialState
 
-from t5x_like.core import cli
 from t5x_like.core import config as config_lib
+from t5x_like.core import files
+from t5x_like.core import metrics as metrics_lib
+from t5x_like.experiments import sweep_config, sweep_report
 from t5x_like.core.errors import UserError
 
-SAMPLERS = ("grid", "random", "tpe")
-PRUNERS = ("none", "median", "successive_halving")
-DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "integer")
 # Keys whose change makes old trials incomparable with new ones: a rerun must not mix them.
 STUDY_KEYS = ("program", "config", "args", "fixed", "space", "objective")
 LOG_TAIL_BYTES = 20_000
@@ -63,108 +60,7 @@ class TrialFailed(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# The sweep config.
-
-
-def flatten(node, prefix: str = "") -> dict[str, Any]:
-    """Nested ConfigDict -> {"optimizer.lr": leaf}; a search-space leaf is a ConfigDict holding
-    "distribution"."""
-    flat = {}
-    for key in node.keys():
-        value, name = node[key], f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict) and "distribution" not in value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def validate(cfg) -> None:
-    """Raises UserError naming the first bad key of a sweep config."""
-
-    def require(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise UserError(f"sweep config key '{key}': {message}")
-
-    o = cfg.objective
-    require(o.mode in ("min", "max"), "objective.mode", f"is {o.mode!r}; choose min or max.")
-    require(o.reduce in ("last", "best"), "objective.reduce",
-            f"is {o.reduce!r}; choose last or best.")
-    require(bool(o.metric) and bool(o.split), "objective", "needs a metric and a split.")
-    require(cfg.sampler in SAMPLERS, "sampler",
-            f"is {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-    require(cfg.pruner in PRUNERS, "pruner",
-            f"is {cfg.pruner!r}; choose one of {', '.join(PRUNERS)}.")
-    require(cfg.trials >= 0, "trials", "must be >= 0 (0 = the grid size).")
-    require(cfg.sampler == "grid" or cfg.trials > 0, "trials",
-            f"is 0; sampler {cfg.sampler} needs a trial budget (e.g. --config.trials=20).")
-    require(cfg.halving_rate >= 2, "halving_rate", "must be >= 2.")
-    require(cfg.poll_s > 0, "poll_s", "must be positive.")
-    require(cfg.gpus_per_trial >= 0, "gpus_per_trial", "must be >= 0 (0 = leave devices alone).")
-    space = flatten(cfg.space)
-    require(bool(space), "space", "is empty; add at least one swept key, e.g. "
-            "cfg.space = ConfigDict({'optimizer': {'lr': common.choice(1e-3, 3e-3)}}).")
-    for name, spec in space.items():
-        key = f"space.{name}"
-        require(isinstance(spec, ml_collections.ConfigDict), key,
-                "must be made by common.choice/uniform/log_uniform/integer.")
-        kind = spec.distribution
-        require(kind in DISTRIBUTIONS, f"{key}.distribution",
-                f"is {kind!r}; choose one of {', '.join(DISTRIBUTIONS)}.")
-        require(cfg.sampler != "grid" or kind == "choice", key,
-                f"is a {kind} range; a grid takes choice() values only (or use sampler "
-                "random or tpe).")
-        if kind == "choice":
-            require(len(spec["values"]) > 0, key, "choice() needs at least one value.")
-        else:
-            require(spec.low < spec.high, key,
-                    f"low ({spec.low}) must be below high ({spec.high}).")
-            require(spec.low > 0 or not (kind == "log_uniform" or spec.get("log")), key,
-                    f"low is {spec.low}; a log scale needs low > 0.")
-
-
-def load_job_config(path: str) -> ml_collections.ConfigDict:
-    """The job's config as its entry point would load it (recipes import `configs`)."""
-    if not os.path.isfile(path):
-        raise UserError(f"sweep config key 'config': {path} does not exist (paths are relative to "
-                        "the directory the sweep runs in).")
-    cli._put_config_package_on_path([f"--config={path}"])
-    return runpy.run_path(path)["get_config"]()
-
-
-def apply_overrides(job_cfg: ml_collections.ConfigDict, overrides: dict[str, Any], *,
-                    where: str, config_path: str) -> ml_collections.ConfigDict:
-    """Sets each "a.b" key, type-checked by ml_collections; an unknown key is a UserError."""
-    for name, value in overrides.items():
-        node, parts = job_cfg, name.split(".")
-        for part in parts[:-1]:
-            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                raise UserError(f"sweep config key '{where}.{name}': {config_path} has no config "
-                                f"key {name}.")
-            node = node[part]
-        if parts[-1] not in node:
-            raise UserError(f"sweep config key '{where}.{name}': {config_path} has no config key "
-                            f"{name}.")
-        try:
-            node[parts[-1]] = value
-        except TypeError as e:
-            raise UserError(f"sweep config key '{where}.{name}': {value!r} does not fit config "
-                            f"key {name} of {config_path} ({e}).") from None
-    return job_cfg
-
-
-def check_against_job(cfg) -> None:
-    """Every fixed and swept key exists in the job config and takes its values."""
-    import importlib.util
-
-    if importlib.util.find_spec(cfg.program) is None:
-        raise UserError(f"sweep config key 'program': no module {cfg.program!r} to run.")
-    job = load_job_config(cfg.config)
-    apply_overrides(job, flatten(cfg.fixed), where="fixed", config_path=cfg.config)
-    for name, spec in flatten(cfg.space).items():
-        samples = list(spec["values"]) if spec.distribution == "choice" else [spec.low, spec.high]
-        for value in samples:
-            apply_overrides(job, {name: value}, where="space", config_path=cfg.config)
+# What the trials run with.
 
 
 def share_data(cfg, workdir: str) -> dict[str, str]:
@@ -175,8 +71,9 @@ def share_data(cfg, workdir: str) -> dict[str, str]:
     with it), nor when the job config names its own data.cache_dir."""
     if cfg.program != "t5x_like.train":
         return {}
-    job = apply_overrides(load_job_config(cfg.config), flatten(cfg.fixed), where="fixed",
-                          config_path=cfg.config)
+    job = sweep_config.apply_overrides(sweep_config.load_job_config(cfg.config),
+                                       sweep_config.flatten(cfg.fixed), where="fixed",
+                                       config_path=cfg.config)
     if job.init_from or job.data.cache_dir:
         return {}
     from data_pipelines import prepare  # local: TFDS and SentencePiece load slowly
@@ -188,7 +85,7 @@ def share_data(cfg, workdir: str) -> dict[str, str]:
 
 
 def grid(cfg) -> dict[str, list]:
-    return {name: list(spec["values"]) for name, spec in flatten(cfg.space).items()}
+    return {name: list(spec["values"]) for name, spec in sweep_config.flatten(cfg.space).items()}
 
 
 def budget(cfg) -> int:
@@ -272,10 +169,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _retried(trials) -> set[int]:
-    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-
-
 def recover(study: optuna.Study) -> list[int]:
     """Trials interrupted on this host (their sweep process is gone, or was stopped) run again
     in their own workdir; returns their numbers."""
@@ -285,7 +178,7 @@ def recover(study: optuna.Study) -> list[int]:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
-    retried, again = _retried(trials), []
+    retried, again = sweep_report.retried(trials), []
     for t in trials:
         interrupted = t.state == TrialState.FAIL and t.user_attrs.get("interrupted")
         if interrupted and t.number not in retried:
@@ -303,22 +196,6 @@ def counted(study: optuna.Study) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # One trial.
-
-
-def _read_records(path: str) -> list[dict]:
-    """metrics.jsonl as far as it is written: a line still being appended is skipped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in text.split("\n")[:-1]:  # the part after the last newline may be half a line
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def _log_tail(path: str) -> str:
@@ -377,7 +254,8 @@ class _Objective:
 
     def __init__(self, cfg, workdir: str, shared: dict[str, Any], parallel: int):
         self.cfg, self.workdir = cfg, workdir
-        self.space, self.fixed = flatten(cfg.space), {**shared, **flatten(cfg.fixed)}
+        self.space = sweep_config.flatten(cfg.space)
+        self.fixed = {**shared, **sweep_config.flatten(cfg.fixed)}
         # Slots of the trials running at once on this worker: with gpus_per_trial, slot i gets
         # GPUs [i*k, (i+1)*k) of the host, so parallel trials never share an accelerator.
         self.slots: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -412,8 +290,8 @@ class _Objective:
         for key, value in record.items():
             trial.set_user_attr(key, value)
         os.makedirs(trial_dir, exist_ok=True)
-        config_lib.atomic_write_text(os.path.join(trial_dir, "trial.json"), json.dumps(
-            {"trial": trial.number, **record}, indent=2, sort_keys=True) + "\n")
+        files.atomic_write_json(os.path.join(trial_dir, "trial.json"),
+                                {"trial": trial.number, **record}, sort_keys=True)
         logging.info("Trial %d: %s", trial.number,
                      " ".join(override_arg(k, v)[len("--config."):] for k, v in params.items()))
         try:
@@ -445,7 +323,7 @@ class _Objective:
         try:
             while True:
                 exited = proc.poll() is not None  # read the metrics after this, never before
-                records = _read_records(os.path.join(trial_dir, "metrics.jsonl"))
+                records = metrics_lib.read_metrics(trial_dir)
                 for r in records:
                     if r.get("split") != o.split or o.metric not in r or r["step"] in values:
                         continue
@@ -512,15 +390,13 @@ def _check_unchanged(cfg, workdir: str) -> None:
                     json.loads(json.dumps(now.get(key))), sort_keys=True):
                 raise UserError(f"sweep config key '{key}' differs from the one {workdir} was "
                                 f"started with ({path}); use a new --workdir for a new study.")
-    config_lib.atomic_write_text(path, json.dumps(now, indent=2, sort_keys=True) + "\n")
+    files.atomic_write_json(path, now, sort_keys=True)
 
 
 def run_sweep(cfg, workdir: str, *, parallel: int = 1, storage: str = "") -> optuna.Study:
     """Runs (or resumes) the sweep until the budget is used, then writes the results."""
-    from t5x_like.experiments import sweep_report
-
-    validate(cfg)
-    check_against_job(cfg)
+    sweep_config.validate(cfg)
+    sweep_config.check_against_job(cfg)
     if parallel < 1:
         raise UserError(f"--parallel={parallel}: run at least 1 trial at a time.")
     os.makedirs(workdir, exist_ok=True)
@@ -556,9 +432,7 @@ def main(argv):
     f = flags.FLAGS
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are logged here, one line each
     if f.report_only:
-        from t5x_like.experiments import sweep_report
-
-        validate(f.config)
+        sweep_config.validate(f.config)
         if not f.storage and not os.path.isfile(os.path.join(f.workdir, "study.db")):
             raise UserError(f"{f.workdir} holds no study (study.db); run the sweep first, or "
                             "give --storage for a study in a database.")

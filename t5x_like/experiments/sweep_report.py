@@ -5,7 +5,6 @@ best first), best_config.py (the best trial's job config, runnable as is), and p
 
 import csv
 import io
-import json
 import math
 import os
 import pprint
@@ -14,7 +13,10 @@ import warnings
 from optuna.trial import TrialState
 
 from t5x_like.core import config as config_lib
-from t5x_like.experiments import sweep
+from t5x_like.core import files
+from t5x_like.core import markdown as markdown_lib
+from t5x_like.core import plots as plots_lib
+from t5x_like.experiments import sweep_config
 
 _STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
            TrialState.FAIL: "failed", TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
@@ -23,15 +25,20 @@ _ORDER = ("complete", "pruned", "running", "waiting", "failed")
 _COUNTS = ("tokens", "examples")
 
 
+def retried(trials) -> set[int]:
+    """Numbers of the interrupted trials that ran again (as other trials)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
 def rows(study, cfg) -> list[dict]:
     """One dict per trial, best first: complete by objective, then pruned by their last value,
     then running, waiting and failed ones. Interrupted trials that ran again are left out."""
     sign = 1.0 if cfg.objective.mode == "min" else -1.0
     trials = study.get_trials(deepcopy=False)
-    retried = sweep._retried(trials)
+    ran_again = retried(trials)
     out = []
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number in retried:
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number in ran_again:
             continue
         state = _STATES[t.state]
         if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
@@ -60,7 +67,7 @@ def rows(study, cfg) -> list[dict]:
 
 
 def _columns(table: list[dict], cfg) -> list[str]:
-    params = list(sweep.flatten(cfg.space))
+    params = list(sweep_config.flatten(cfg.space))
     finals = []
     for row in table:
         finals += [k for k in row if k.startswith("final ") and k not in finals]
@@ -97,10 +104,7 @@ def markdown(table: list[dict], cfg, study=None) -> str:
                      + (f"; wall time {wall:.1f} min." if wall is not None else "."))
         lines.append("")
     columns = _columns(table, cfg)
-    lines.append("| " + " | ".join(columns) + " |")
-    lines.append("|" + "---|" * len(columns))
-    for row in table:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    lines += markdown_lib.table(columns, [[_cell(row.get(c)) for c in columns] for row in table])
     return "\n".join(lines) + "\n"
 
 
@@ -120,9 +124,9 @@ def best_config(study, cfg) -> str | None:
     if not complete:
         return None
     best = study.best_trial
-    job = sweep.load_job_config(cfg.config)
-    overrides = {**sweep.flatten(cfg.fixed), **best.params}
-    sweep.apply_overrides(job, overrides, where="fixed", config_path=cfg.config)
+    job = sweep_config.load_job_config(cfg.config)
+    overrides = {**sweep_config.flatten(cfg.fixed), **best.params}
+    sweep_config.apply_overrides(job, overrides, where="fixed", config_path=cfg.config)
     swept = "\n".join(f"    {k} = {v!r}" for k, v in best.params.items())
     return (
         f'"""Best trial of sweep {study.study_name}: trial {best.number}, '
@@ -141,12 +145,9 @@ def plots(study, cfg, folder: str) -> list[str]:
     plots/learning_curves.png (the objective at each evaluation, every trial), by Optuna."""
     import logging as std_logging
 
-    import matplotlib
-
-    matplotlib.use("Agg")
+    plots_lib.pyplot()
     # matplotlib logs at INFO for every categorical axis of numbers (choice() values).
     std_logging.getLogger("matplotlib").setLevel(std_logging.WARNING)
-    import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ov
 
     os.makedirs(folder, exist_ok=True)
@@ -156,7 +157,8 @@ def plots(study, cfg, folder: str) -> list[str]:
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         figures = []
         if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            axes = ov.plot_slice(study, params=list(sweep.flatten(cfg.space)), target_name=label)
+            axes = ov.plot_slice(study, params=list(sweep_config.flatten(cfg.space)),
+                                 target_name=label)
             figures.append(("objective_vs_params.png", axes))
         if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
             axes = ov.plot_intermediate_values(study)
@@ -166,10 +168,8 @@ def plots(study, cfg, folder: str) -> list[str]:
             figures.append(("learning_curves.png", axes))
         for name, axes in figures:
             first = axes.flat[0] if hasattr(axes, "flat") else axes
-            path = os.path.join(folder, name)
-            first.figure.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(first.figure)
-            written.append(path)
+            written.append(plots_lib.save(first.figure, os.path.join(folder, name), dpi=100,
+                                          bbox_inches="tight"))
     return written
 
 
@@ -177,12 +177,11 @@ def write(study, cfg, workdir: str) -> str:
     """Writes every result file into `workdir`; returns the markdown table."""
     table = rows(study, cfg)
     text = markdown(table, cfg, study)
-    config_lib.atomic_write_text(os.path.join(workdir, "results.md"), text)
-    config_lib.atomic_write_text(os.path.join(workdir, "results.csv"), to_csv(table, cfg))
+    files.atomic_write_text(os.path.join(workdir, "results.md"), text)
+    files.atomic_write_text(os.path.join(workdir, "results.csv"), to_csv(table, cfg))
     best = best_config(study, cfg)
     if best is not None:
-        config_lib.atomic_write_text(os.path.join(workdir, "best_config.py"), best)
-        config_lib.atomic_write_text(os.path.join(workdir, "best_trial.json"), json.dumps(
-            table[0], indent=2, default=str) + "\n")
+        files.atomic_write_text(os.path.join(workdir, "best_config.py"), best)
+        files.atomic_write_json(os.path.join(workdir, "best_trial.json"), table[0], default=str)
     plots(study, cfg, os.path.join(workdir, "plots"))
     return text

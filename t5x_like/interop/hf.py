@@ -9,8 +9,8 @@ model.safetensors.index.json, tokenizer.model or tokenizer.json) and writes a *m
 the layout of a run's workdir with parameters only, which `runs.load` (sample, evaluate, serve)
 and `--config.init_from` read like any run:
 
-    <out>/config.json               a complete t5x_like config: configs/base.py defaults, with
-                                    the model section taken from the HF config
+    <out>/config.json               a complete t5x_like config: the defaults (core/defaults.py)
+                                    with the model section taken from the HF config
     <out>/tokenizer.model           the model's tokenizer, made chat-ready (below): SentencePiece,
       or tokenizer.json             or Hugging Face tokenizers (Llama 3, Qwen: tokenizer.json only)
     <out>/tokenizer_config.json ... the release's tokenizer_config.json (chat template, special
@@ -55,10 +55,10 @@ The vocabulary. The new pieces' ids follow the tokenizer's own; their embedding 
 start as the mean of the existing rows: a neutral input, and logits that neither favour nor rule
 out the new tokens until fine-tuning teaches them. (Where the HF embedding has more rows than
 the tokenizer has pieces, no piece maps to those rows, and the new pieces take the first of
-them.) Every other HF row is kept exactly; the embedding is padded to model.vocab_multiple as in every
-t5x_like model, and model.unpadded_vocab_size masks the padding rows' logits, so they are never
-predicted or sampled. Export slices the padding off again: to unpadded_vocab_size, or to the
-tokenizer's size for a model trained here.
+them.) Every other HF row is kept exactly; the embedding is padded to model.vocab_multiple as
+in every t5x_like model, and model.unpadded_vocab_size masks the padding rows' logits, so they
+are never predicted or sampled. Export slices the padding off again: to unpadded_vocab_size, or
+to the tokenizer's size for a model trained here.
 
 Export writes config.json and model.safetensors in the layout of the transformers class that
 computes the model (`hf_family`: the class it was imported from; LlamaForCausalLM for a model
@@ -79,7 +79,6 @@ import inspect
 import json
 import math
 import os
-import runpy
 import shutil
 import struct
 import sys
@@ -99,6 +98,7 @@ from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.training import checkpoints
 from t5x_like.core import cli
 from t5x_like.core import config as config_lib
+from t5x_like.core import defaults, files
 from t5x_like.modeling import model
 from t5x_like.modeling import partitioning
 from t5x_like.modeling import peft
@@ -423,19 +423,6 @@ def hf_config(m, vocab: int, tok: tokenizer_lib.Tokenizer, dtype: str,
     return out
 
 
-def _base_config() -> ml_collections.ConfigDict:
-    """configs/base.py's defaults: the project's one place for them."""
-    try:
-        from configs import base
-        return base.get_config()
-    except ImportError:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "configs", "base.py")
-        if not os.path.isfile(path):
-            raise UserError(f"{path} is missing; run t5x_like.hf from a t5x_like checkout.")
-        return runpy.run_path(path)["get_config"]()
-
-
 # ---------------------------------------------------------------------------------------------
 # The tokenizer: appending what fine-tuning needs to a SentencePiece model.
 
@@ -737,33 +724,19 @@ def _init_rows_of(kind, ours: np.ndarray, first: int, last: int, known: int) -> 
         ours[:, first:last] = ours[:, :known].mean(axis=1, keepdims=True)
 
 
-class _Staging:
-    """Writes a folder under a temporary name and renames it into place only when complete."""
-
-    def __init__(self, out: str):
-        self.out = os.path.abspath(out)
-        if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
-            raise UserError(f"--out={out} already exists and is not empty; choose a new folder "
-                            "or delete it.")
-        self.tmp = f"{self.out}.tmp{os.getpid()}"
-
-    def __enter__(self) -> str:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            if os.path.isdir(self.out):
-                os.rmdir(self.out)  # empty, checked above
-            os.replace(self.tmp, self.out)
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+def _check_out(out: str) -> str:
+    """`out` as an absolute path, refused before the (long) work if it holds anything: the
+    folder is written under a temporary name and renamed into place when complete."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UserError(f"--out={out} already exists and is not empty; choose a new folder "
+                        "or delete it.")
+    return path
 
 
 def import_model(hf_dir: str, out: str, *, tokenizer: str = "", max_len: int = 0) -> str:
     """HF model folder -> t5x_like model directory `out` (see the module docstring)."""
-    staging = _Staging(out)  # checks --out before the (long) read
+    out = _check_out(out)
     if not os.path.isdir(hf_dir):
         raise UserError(f"--hf_dir={hf_dir} is not a folder; give the folder holding the HF "
                         "model's config.json and *.safetensors.")
@@ -799,7 +772,7 @@ def import_model(hf_dir: str, out: str, *, tokenizer: str = "", max_len: int = 0
                         "--tokenizer.")
     used = max(hf_vocab, pieces_before + len(added))
 
-    cfg = _base_config()
+    cfg = defaults.get_config()
     cfg.model.update(model_keys)
     cfg.model.vocab_size = config_lib.padded_vocab_size(used, cfg.model.vocab_multiple)
     cfg.model.unpadded_vocab_size = used
@@ -812,7 +785,7 @@ def import_model(hf_dir: str, out: str, *, tokenizer: str = "", max_len: int = 0
     if added:
         logging.info("Adding tokenizer pieces %s as ids %d..%d", added, pieces_before,
                      pieces_before + len(added) - 1)
-    with staging as tmp:
+    with files.atomic_dir(out) as tmp:
         if tokenizer_lib.is_json(tok_path):
             if tok_json is None:
                 shutil.copyfile(tok_path, os.path.join(tmp, tokenizer_lib.HF_FILE))
@@ -860,8 +833,9 @@ _ST_DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", jax.numpy.bfl
 def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], Callable]],
                       dtype: str) -> None:
     """Writes (name, shape, make_value) tensors to a .safetensors file, each value made only
-    when it is written, whole or (a generator) in blocks of leading rows (the format: an 8-byte little-endian header length, a JSON header of
-    dtypes, shapes and byte offsets, then the raw data)."""
+    when it is written, whole or (a generator) in blocks of leading rows (the format: an 8-byte
+    little-endian header length, a JSON header of dtypes, shapes and byte offsets, then the raw
+    data)."""
     code, np_dtype = _ST_DTYPES[dtype]
     itemsize = np.dtype(np_dtype).itemsize
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -995,7 +969,7 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
     """t5x_like run or model directory -> HF folder `out` (see the module docstring)."""
     if dtype not in _ST_DTYPES:
         raise UserError(f"--dtype={dtype} is not supported; choose {' or '.join(_ST_DTYPES)}.")
-    staging = _Staging(out)  # checks --out before the (long) read
+    out = _check_out(out)
     if peft.read_ref(workdir) is not None:  # adapters and their base: merged in host memory
         host = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
         run = runs.load(workdir, step=step,
@@ -1028,11 +1002,10 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
     logging.info("Exporting %s step %d (%d tensors, vocab %d) to %s", workdir, at_step,
                  len(tensors), vocab, out)
     template, stop_ids = _shipped_template(workdir, cfg, tok)
-    with staging as tmp:
+    with files.atomic_dir(out) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, dtype)
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_config(m, vocab, tok, dtype, kind), f, indent=2)
-            f.write("\n")
+        files.atomic_write_json(os.path.join(tmp, "config.json"),
+                                hf_config(m, vocab, tok, dtype, kind))
         # The tokenizer as imported (tokenizer.json or tokenizer.model, with any pieces the
         # import added), its config with the chat template, generation_config.json.
         tokenizer_lib.export_files(tok, tmp, max_len=m.max_len, template=template,
@@ -1043,41 +1016,48 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
 # ---------------------------------------------------------------------------------------------
 # Entry point.
 
-_USAGE = ("usage: python -m t5x_like.hf import --hf_dir=<dir> --out=<dir> | "
-          "python -m t5x_like.hf export --workdir=<dir> --out=<dir> [--step=N]")
+# Flags are defined per command, and only when this module's commands run (cli.run_command):
+# tests import it beside other entry points whose flags share these names (--workdir, --out).
 
 
-def define_flags() -> None:
-    """The command line's flags, defined only when this module runs as the entry point: tests
-    import it beside other entry points whose flags share these names (--workdir, --out)."""
-    flags.DEFINE_string("hf_dir", None, "import: HF model folder (config.json, *.safetensors, "
-                        "tokenizer.model or tokenizer.json).")
-    flags.DEFINE_string("out", None, "The folder to write (must not exist or be empty).")
-    flags.DEFINE_string("tokenizer", "", "import: the tokenizer to use, a SentencePiece .model "
-                        "or a tokenizer.json (default: <hf_dir>/tokenizer.model, else "
-                        "<hf_dir>/tokenizer.json).")
-    flags.DEFINE_integer("max_len", 0, "import: model.max_len (default: the model's "
-                         f"max_position_embeddings, at most {DEFAULT_MAX_LEN}).")
-    flags.DEFINE_string("workdir", None, "export: the run or model directory.")
-    flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest).")
-    flags.DEFINE_string("dtype", "float32", "export: float32 or bfloat16 weights.")
-
-
-def main(argv):
+def main_import(argv):
+    del argv
     f = flags.FLAGS
-    if len(argv) != 2 or argv[1] not in ("import", "export"):
-        raise UserError(f"expected one command, import or export, got {argv[1:]}; {_USAGE}")
-    if not f.out:
-        raise UserError(f"--out is required; {_USAGE}")
-    if argv[1] == "import":
-        if not f.hf_dir:
-            raise UserError(f"import needs --hf_dir; {_USAGE}")
-        path = import_model(f.hf_dir, f.out, tokenizer=f.tokenizer, max_len=f.max_len)
-        print(f"imported {f.hf_dir} -> {path}\nfine-tune it with: python -m t5x_like.train "
-              f"--config=<recipe> --workdir=<run> --config.init_from={path} "
-              + " ".join(model_flags(path)))
-    else:
-        if not f.workdir:
-            raise UserError(f"export needs --workdir; {_USAGE}")
-        path = export_model(f.workdir, f.out, step=f.step, dtype=f.dtype)
-        print(f"exported {f.workdir} -> {path}")
+    path = import_model(f.hf_dir, f.out, tokenizer=f.tokenizer, max_len=f.max_len)
+    print(f"imported {f.hf_dir} -> {path}\nfine-tune it with: python -m t5x_like.train "
+          f"--config=<recipe> --workdir=<run> --config.init_from={path} "
+          + " ".join(model_flags(path)))
+
+
+def main_export(argv):
+    del argv
+    f = flags.FLAGS
+    path = export_model(f.workdir, f.out, step=f.step, dtype=f.dtype)
+    print(f"exported {f.workdir} -> {path}")
+
+
+def _import_flags() -> None:
+    flags.DEFINE_string("hf_dir", None, "HF model folder (config.json, *.safetensors, "
+                        "tokenizer.model or tokenizer.json).")
+    flags.DEFINE_string("out", None, "The model directory to write (must not exist or be "
+                        "empty).")
+    flags.DEFINE_string("tokenizer", "", "The tokenizer to use: a SentencePiece .model or a "
+                        "tokenizer.json (default: <hf_dir>/tokenizer.model, else "
+                        "<hf_dir>/tokenizer.json).")
+    flags.DEFINE_integer("max_len", 0, "model.max_len (default: the model's "
+                         f"max_position_embeddings, at most {DEFAULT_MAX_LEN}).")
+
+
+def _export_flags() -> None:
+    flags.DEFINE_string("workdir", None, "The run or model directory.")
+    flags.DEFINE_string("out", None, "The HF folder to write (must not exist or be empty).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_string("dtype", "float32", "float32 or bfloat16 weights.")
+
+
+COMMANDS = {
+    "import": cli.Command(main_import, _import_flags, required=("hf_dir", "out"),
+                          usage="--hf_dir=DIR --out=DIR [--tokenizer=FILE] [--max_len=N]"),
+    "export": cli.Command(main_export, _export_flags, required=("workdir", "out"),
+                          usage="--workdir=DIR --out=DIR [--step=N] [--dtype=bfloat16]"),
+}

@@ -78,7 +78,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from t5x_like.core import config as config_lib
+from t5x_like.core import defaults
 from t5x_like.modeling import partitioning
 
 _MASK_VALUE = -1e9  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
@@ -169,7 +169,7 @@ class Transformer(nnx.Module):
         # Frozen: hashable, so the graphdef can be a static jit argument. Keys added to the model
         # config later get their defaults (the original model) when a config predates them.
         self.cfg = cfg = ml_collections.FrozenConfigDict(
-            {**config_lib.LATER_MODEL_KEYS, **config_lib.to_dict(cfg)})
+            {**defaults.LATER_MODEL_KEYS, **cfg})
         d, V, dtype = cfg.hidden_dim, cfg.vocab_size, jnp.dtype(cfg.param_dtype)
         embed_std = d ** -0.5 if cfg.tie_embeddings else 1.0
         self.embed = _param(rngs.params(), (V, d), embed_std, ("vocab", "embed"), dtype)

@@ -39,15 +39,12 @@ import numpy as np
 
 from t5x_like.training import checkpoints
 from t5x_like.core import config as config_lib
+from t5x_like.core import files
 from t5x_like.modeling import model
 from t5x_like.modeling import partitioning
+from t5x_like.modeling import peft_targets
 from t5x_like.core.errors import UserError
 
-# Short target names -> model parameters; groups of them.
-TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up",
-           "down": "w_down", "embed": "embed", "head": "lm_head"}
-GROUPS = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"),
-          "all": ("q", "k", "v", "o", "gate", "up", "down")}
 # Leading input dimensions each weight contracts (after the "layers" axis); the embedding's is
 # its row index.
 _IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1,
@@ -59,30 +56,6 @@ def active(peft_cfg) -> bool:
     """True when the run fine-tunes part of a frozen base (LoRA or peft.trainable)."""
     return peft_cfg is not None and (peft_cfg.method == "lora" or bool(peft_cfg.trainable)
                                      or peft_cfg.trainable_layers > 0)
-
-
-def lora_targets(peft_cfg, model_cfg) -> tuple[str, ...]:
-    """peft.targets ("q,v", "attention,head", "w_*", ...) -> model parameter names, in order."""
-    if peft_cfg.method != "lora":
-        return ()
-    chosen: list[str] = []
-    for entry in filter(None, (e.strip() for e in peft_cfg.targets.split(","))):
-        shorts = GROUPS.get(entry, (entry,) if entry in TARGETS else ())
-        names = [TARGETS[s] for s in shorts] or [
-            p for s, p in TARGETS.items() if fnmatch.fnmatchcase(s, entry)
-            or fnmatch.fnmatchcase(p, entry)]
-        if not names:
-            raise UserError(f"config key 'peft.targets': {entry!r} names no projection; use "
-                            f"{', '.join(TARGETS)}, a group ({', '.join(GROUPS)}) or a pattern "
-                            "over them (e.g. 'w_*').")
-        chosen += [n for n in names if n not in chosen]
-    if not chosen:
-        raise UserError("config key 'peft.targets' is empty; name the projections LoRA adapts "
-                        "(e.g. 'attention' or 'q,v').")
-    if "lm_head" in chosen and model_cfg.tie_embeddings:
-        raise UserError("config key 'peft.targets': 'head' with model.tie_embeddings, where the "
-                        "output projection is the embedding; target 'embed' instead.")
-    return tuple(n for n in TARGETS.values() if n in chosen)
 
 
 def _path(keys) -> str:
@@ -126,7 +99,7 @@ def build(cfg, abstract_params: dict, names: dict) -> Peft | None:
     p = cfg.get("peft")
     if not active(p):
         return None
-    targets = lora_targets(p, cfg.model)
+    targets = peft_targets.lora_targets(p, cfg.model)
     base_dtype = jnp.dtype(p.base_dtype or cfg.model.param_dtype)
     paths = [_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]]
     tuned: dict[str, int] = {}
@@ -319,8 +292,7 @@ def read_ref(workdir: str) -> dict | None:
 
 def write_ref(workdir: str, ref: dict) -> None:
     if jax.process_index() == 0:
-        config_lib.atomic_write_text(os.path.join(workdir, REF_FILE),
-                                     json.dumps(ref, indent=2) + "\n")
+        files.atomic_write_json(os.path.join(workdir, REF_FILE), ref)
 
 
 def _has_checkpoints(workdir: str) -> bool:

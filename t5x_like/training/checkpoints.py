@@ -31,7 +31,6 @@ run's workdir with parameters only: `config.json`, `tokenizer.model`, `checkpoin
 """
 
 import contextlib
-import errno
 import json
 import logging as std_logging
 import mmap
@@ -49,6 +48,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from t5x_like.core import errors
+from t5x_like.core import files as files_lib
 from t5x_like.core.errors import EnvironmentFailure, UserError
 
 MANIFEST = "integrity.json"
@@ -137,7 +138,7 @@ class Checkpointer:
             self._failed = True
             self.manager.reload()  # a failed save dropped its predecessors from memory only
             kept, code = self.manager.latest_step(), getattr(e, "errno", None)
-            fix = "free some space" if code in _DISK_FULL else "fix that"
+            fix = "free some space" if code in errors.DISK_FULL_ERRNOS else "fix that"
             after = (f"the last good checkpoint, {os.path.join(self.directory, str(kept))}, is "
                      f"intact; {fix} and rerun the same command to resume from it."
                      if kept is not None else f"no checkpoint was kept; {fix} and rerun the "
@@ -221,8 +222,6 @@ def _quarantine(directory: str, step: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Failed writes.
 
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
 
 def _os_error(error: BaseException) -> int | None:
     """The errno of a failed write: an OSError's, or the one TensorStore puts in its message
@@ -288,7 +287,7 @@ def _writing(directory: str, step: int | None):
         if code is None:
             raise  # not the disk's doing: the traceback is the useful report
         path = directory if step is None else os.path.join(directory, str(step))
-        full = " (disk full?)" if code in _DISK_FULL else ""
+        full = " (disk full?)" if code in errors.DISK_FULL_ERRNOS else ""
         raise _failure(f"cannot write checkpoint {path}: {os.strerror(code)}{full}",
                        code) from None
 
@@ -350,14 +349,8 @@ def seal(directory: str, step: int) -> None:
         return
     files = {f: {"bytes": os.path.getsize(os.path.join(step_dir, f)),
                  "xxh3_128": _hash(os.path.join(step_dir, f))} for f in _files(step_dir)}
-    path = os.path.join(step_dir, MANIFEST)
-    try:
-        with open(path + ".tmp", "w") as out:
-            json.dump({"format": 1, "files": files}, out, indent=1)
-        os.replace(path + ".tmp", path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + ".tmp")
+    files_lib.atomic_write_json(os.path.join(step_dir, MANIFEST), {"format": 1, "files": files},
+                                indent=1)
 
 
 def _problem(step_dir: str, items: tuple[str, ...] | None) -> str | None:
