@@ -50,12 +50,21 @@ def hbm_tbps(device_kind: str) -> float | None:
 
 
 def matmul_params(model_cfg) -> int:
-    """Parameters that take part in matmuls per token (the output projection included)."""
+    """Parameters that take part in matmuls per token (the output projection included). A MoE
+    layer counts what one token uses: the router, its k experts and the shared ones (the
+    active parameters), not all E experts."""
+    from t5x_like.modeling import model  # local: keeps this module's import light
+
     d, L, F, V = model_cfg.hidden_dim, model_cfg.num_layers, model_cfg.mlp_dim, model_cfg.vocab_size
     H, K = model_cfg.num_heads, model_cfg.num_kv_heads
     D = model_cfg.head_dim or d // H
-    per_layer = d * H * D + 2 * d * K * D + H * D * d + 3 * d * F
-    return L * per_layer + d * V
+    attention = d * H * D + 2 * d * K * D + H * D * d
+    n_moe = int(model.moe_layers(model_cfg).sum())
+    moe = 0
+    if n_moe:
+        moe = (d * model_cfg.num_experts + 3 * d * model_cfg.experts_per_token
+               * model.moe_mlp_dim(model_cfg) + 3 * d * model.shared_mlp_dim(model_cfg))
+    return L * attention + (L - n_moe) * 3 * d * F + n_moe * moe + d * V
 
 
 def train_flops_per_token(model_cfg, seq_len: int, causal: bool = False) -> float:

@@ -56,6 +56,46 @@ Architecture switches of imported families (all off by default; t5x_like/interop
 Which layers are local is data ([L] flags scanned with the weights), so alternating local and
 global layers still compile one layer body.
 
+Mixture of experts (model.num_experts = E > 0; Mixtral, Qwen3-MoE, DeepSeek-style). A MoE
+layer's MLP is E SwiGLU experts of width Fe = model.moe_mlp_dim (0 = mlp_dim); a router sends
+each token to its model.experts_per_token = k best experts (softmax, top k, renormalized over
+the k when model.router_norm_topk) and sums their outputs weighted by those probabilities;
+model.num_shared_experts S > 0 adds one always-on SwiGLU of width S * Fe (DeepSeek's shared
+experts). Layer i is MoE when (i + 1) % model.moe_every == 0 and i is not in
+model.dense_layers (comma-separated indices, e.g. DeepSeek's first dense layers); the others
+keep the dense MLP. Dense and MoE MLP weights are stacked over their own layers, so a model
+with both has [L_dense, ...] and [L_moe, ...] stacks beside the [L, ...] attention stacks:
+
+    layers.router        [Lm, d, E]        (layers, embed, None)                 1/sqrt(d)
+    layers.we_gate, we_up [Lm, E, d, Fe]   (layers, experts, embed, expert_mlp)  1/sqrt(d)
+    layers.we_down       [Lm, E, Fe, d]    (layers, experts, expert_mlp, embed)  1/sqrt(Fe)/sqrt(2L)
+    layers.ws_gate, ws_up [Lm, d, S*Fe]    (layers, embed, mlp)                  1/sqrt(d)
+    layers.ws_down       [Lm, S*Fe, d]     (layers, mlp, embed)                  1/sqrt(S*Fe)/sqrt(2L)
+
+Dispatch is dropless by default: the token copies are sorted by expert and multiplied with
+`jax.lax.ragged_dot` (a grouped matmul), so no token is ever dropped; with
+model.moe_capacity_factor c > 0 each expert instead takes at most c * tokens * k / E copies of
+a device's tokens (GShard), the rest are dropped (counted: the metric moe_dropped) and the
+expert axis exchanges fixed-size buffers with all-to-all. Expert parallelism (mesh.expert):
+each device holds E / expert of the experts; dropless, the tokens of the expert group are
+all-gathered, each device computes its experts' share and the results are reduce-scattered
+back (moe_dispatch). The router's load-balancing loss (Switch Transformer: E * sum_e f_e P_e
+over the batch's tokens, 1.0 when perfectly balanced) and z-loss (mean logsumexp(logits)^2)
+are returned with `with_aux=True`, averaged over the MoE layers; training adds them with the
+weights model.moe_aux_loss_weight and model.router_z_loss_weight and logs them
+(moe_load_balance, moe_router_z).
+
+Context parallelism (mesh.sequence > 1): activations are split along the sequence, and each
+layer's attention runs in shard_map (context_attention): keys, values and segment ids are
+all-gathered over the sequence axis, each device attends its own queries (global positions
+from its shard index, so causal masking, packed documents and sliding windows are exact
+across shard boundaries; RoPE uses the positions fed in). KV-cache decoding does not split
+the sequence. model.attention_impl = "chunked" computes attention in tiles of
+model.attention_block queries x keys with an online softmax and a FlashAttention-style
+backward pass (chunked_attention), skipping the tiles the causal mask or a window removes whole:
+no [T, S] score matrix is ever kept, memory linear in the context, with or without the
+sequence axis.
+
 RoPE frequencies can be rescaled for long contexts as HF transformers does ("linear" and
 "llama3", `model.rope_scaling`). When `model.unpadded_vocab_size` is set (imported models), the
 logits of the padding rows at or above it are masked, so they are never predicted or sampled.
@@ -70,15 +110,16 @@ pure function of (seed, step): nothing random needs saving for an exact resume.
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from t5x_like.core import defaults
+from t5x_like.core import config as config_lib
 from t5x_like.modeling import partitioning
 
 _MASK_VALUE = -1e9  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
@@ -108,25 +149,78 @@ _LAYER_PARAMS: dict[str, tuple[tuple[str, ...], Any]] = {
     "k_norm": (("head_dim",), None),
     "attn_post_norm": (("norm",), None),
     "mlp_post_norm": (("norm",), None),
+    # MoE layers (F is the expert width Fe for we_*, the shared width S * Fe for ws_*).
+    "router": (("embed", None), lambda d, H, K, D, F, L: d ** -0.5),
+    "we_gate": (("experts", "embed", "expert_mlp"), lambda d, H, K, D, F, L: d ** -0.5),
+    "we_up": (("experts", "embed", "expert_mlp"), lambda d, H, K, D, F, L: d ** -0.5),
+    "we_down": (("experts", "expert_mlp", "embed"), lambda d, H, K, D, F, L: (F * 2 * L) ** -0.5),
+    "ws_gate": (("embed", "mlp"), lambda d, H, K, D, F, L: d ** -0.5),
+    "ws_up": (("embed", "mlp"), lambda d, H, K, D, F, L: d ** -0.5),
+    "ws_down": (("mlp", "embed"), lambda d, H, K, D, F, L: (F * 2 * L) ** -0.5),
 }
+# The MLP weights of dense layers and of MoE layers: each group stacked over its own layers.
+DENSE_MLP = ("w_gate", "w_up", "w_down", "gate_bias", "up_bias", "down_bias")
+MOE_MLP = ("router", "we_gate", "we_up", "we_down", "ws_gate", "ws_up", "ws_down")
 
 
 def _layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Per-layer shapes of the layer parameters (without the stacking axis, see stack_sizes)."""
     d, H, K, D, F = cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, _head_dim(cfg), cfg.mlp_dim
+    moe = moe_layers(cfg)
     shapes = {"attn_norm": (d,), "wq": (d, H, D), "wk": (d, K, D), "wv": (d, K, D),
-              "wo": (H, D, d), "mlp_norm": (d,), "w_gate": (d, F), "w_up": (d, F),
-              "w_down": (F, d)}
+              "wo": (H, D, d), "mlp_norm": (d,)}
+    if not moe.all():
+        shapes.update(w_gate=(d, F), w_up=(d, F), w_down=(F, d))
     if cfg.attn_qkv_bias:
         shapes.update(q_bias=(H, D), k_bias=(K, D), v_bias=(K, D))
     if cfg.attn_out_bias:
         shapes.update(o_bias=(d,))
-    if cfg.mlp_bias:
+    if cfg.mlp_bias and not moe.all():
         shapes.update(gate_bias=(F,), up_bias=(F,), down_bias=(d,))
     if cfg.get("qk_norm"):
         shapes.update(q_norm=(D,), k_norm=(D,))
     if cfg.get("post_norms"):
         shapes.update(attn_post_norm=(d,), mlp_post_norm=(d,))
+    if moe.any():
+        E, Fe, Fs = cfg.num_experts, moe_mlp_dim(cfg), shared_mlp_dim(cfg)
+        shapes.update(router=(d, E), we_gate=(E, d, Fe), we_up=(E, d, Fe), we_down=(E, Fe, d))
+        if Fs:
+            shapes.update(ws_gate=(d, Fs), ws_up=(d, Fs), ws_down=(Fs, d))
     return shapes
+
+
+def moe_layers(cfg) -> np.ndarray:
+    """[L] bool: the layers whose MLP is a mixture of experts (none when num_experts is 0)."""
+    L = cfg.num_layers
+    if not cfg.get("num_experts"):
+        return np.zeros(L, bool)
+    i = np.arange(L)
+    flags = (i + 1) % max(cfg.get("moe_every", 1), 1) == 0
+    flags[list(dense_layer_indices(cfg))] = False
+    return flags
+
+
+def dense_layer_indices(cfg) -> tuple[int, ...]:
+    """model.dense_layers ("0,1") as indices; config.validate checks the text."""
+    text = cfg.get("dense_layers", "") or ""
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def moe_mlp_dim(cfg) -> int:
+    return cfg.get("moe_mlp_dim", 0) or cfg.mlp_dim
+
+
+def shared_mlp_dim(cfg) -> int:
+    return cfg.get("num_shared_experts", 0) * moe_mlp_dim(cfg)
+
+
+def stack_sizes(cfg) -> dict[str, int]:
+    """Leading ("layers") size of each layer parameter: L, or the number of dense or MoE
+    layers for the MLP weights of each kind."""
+    moe = moe_layers(cfg)
+    counts = {name: int(moe.sum()) for name in MOE_MLP}
+    counts.update({name: int((~moe).sum()) for name in DENSE_MLP})
+    return {name: counts.get(name, cfg.num_layers) for name in _layer_shapes(cfg)}
 
 
 def _head_dim(cfg) -> int:
@@ -154,11 +248,15 @@ class Layers(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         L, dtype = cfg.num_layers, jnp.dtype(cfg.param_dtype)
-        dims = (cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, _head_dim(cfg), cfg.mlp_dim, L)
+        sizes = stack_sizes(cfg)
         for name, shape in _layer_shapes(cfg).items():
             names, std_fn = _LAYER_PARAMS[name]
+            F = (moe_mlp_dim(cfg) if name.startswith("we_") else
+                 shared_mlp_dim(cfg) if name.startswith("ws_") else cfg.mlp_dim)
+            dims = (cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, _head_dim(cfg), F, L)
             std = std_fn(*dims) if std_fn else _norm_init(cfg)
-            setattr(self, name, _param(rngs.params(), (L, *shape), std, ("layers", *names), dtype))
+            setattr(self, name, _param(rngs.params(), (sizes[name], *shape), std,
+                                       ("layers", *names), dtype))
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in _LAYER_PARAMS if hasattr(self, name)}
@@ -169,7 +267,7 @@ class Transformer(nnx.Module):
         # Frozen: hashable, so the graphdef can be a static jit argument. Keys added to the model
         # config later get their defaults (the original model) when a config predates them.
         self.cfg = cfg = ml_collections.FrozenConfigDict(
-            {**defaults.LATER_MODEL_KEYS, **cfg})
+            {**config_lib.LATER_MODEL_KEYS, **config_lib.to_dict(cfg)})
         d, V, dtype = cfg.hidden_dim, cfg.vocab_size, jnp.dtype(cfg.param_dtype)
         embed_std = d ** -0.5 if cfg.tie_embeddings else 1.0
         self.embed = _param(rngs.params(), (V, d), embed_std, ("vocab", "embed"), dtype)
@@ -181,17 +279,20 @@ class Transformer(nnx.Module):
             self.reward_head = _param(None, (d,), 0, ("embed",), dtype)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None, lora=None,
-                 lora_dropout=0.0):
-        """tokens [B, T] -> float32 logits [B, T, V].
+                 lora_dropout=0.0, with_aux=False):
+        """tokens [B, T] -> float32 logits [B, T, V] (with_aux: (logits, aux), see `hidden`).
 
         lora: LoRA adapters added to the weights they adapt (t5x_like/modeling/peft.py `combine`):
         {"layers": {"wq": {"a": [L, d, r], "b": [L, r, H, D]}, ...}, "embed": {"a", "b"},
         "lm_head": {"a", "b"}}, b already scaled by alpha / rank; lora_dropout applies to the
         adapters' inputs when dropout_rng is given.
         """
-        return self.logits(self.hidden(tokens, positions=positions, segment_ids=segment_ids,
-                                       dropout_rng=dropout_rng, lora=lora,
-                                       lora_dropout=lora_dropout), lora)
+        h = self.hidden(tokens, positions=positions, segment_ids=segment_ids,
+                        dropout_rng=dropout_rng, lora=lora, lora_dropout=lora_dropout,
+                        with_aux=with_aux)
+        if with_aux:
+            return self.logits(h[0], lora), h[1]
+        return self.logits(h, lora)
 
     def score(self, tokens, last, *, positions=None, segment_ids=None, dropout_rng=None,
               lora=None, lora_dropout=0.0):
@@ -203,11 +304,15 @@ class Transformer(nnx.Module):
         return h_last.astype(jnp.float32) @ self.reward_head[...].astype(jnp.float32)
 
     def hidden(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None, lora=None,
-               lora_dropout=0.0):
-        """tokens [B, T] -> final-normed hidden states [B, T, d] in the compute dtype."""
+               lora_dropout=0.0, with_aux=False):
+        """tokens [B, T] -> final-normed hidden states [B, T, d] in the compute dtype.
+
+        with_aux: (hidden, aux), aux the MoE router's statistics averaged over the MoE layers
+        ({} for a dense model): moe_load_balance, moe_router_z, moe_dropped (the share of token
+        copies dropped for capacity), and moe_aux_loss, their weighted sum that training adds.
+        """
         cfg = self.cfg
         lora = lora or {}
-        dtype = jnp.dtype(cfg.dtype)
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -222,23 +327,29 @@ class Transformer(nnx.Module):
         lora_rate = lora_dropout if dropout_rng is not None else 0.0
         lora_keys = (jax.random.split(jax.random.fold_in(dropout_rng, 1), cfg.num_layers)
                      if lora_rate else jnp.zeros((cfg.num_layers, 2), jnp.uint32))
-        context = layer_context(cfg, positions, attention_mask(segment_ids, segment_ids))
+        context = layer_context(cfg, positions, attention_mask(segment_ids, segment_ids),
+                                segment_ids=segment_ids)
+        stacks = _LayerStacks(cfg, self.layers.arrays())
 
         def body(x, xs):
-            params, key, adapters, lora_key, *local = xs
-            sin, cos, mask = context(*local)
-            return layer(params, x, sin, cos, mask, cfg, rate, key,
-                         lora=(adapters, lora_rate, lora_key))[0], None
+            params, key, adapters, lora_key, i, *local = xs
+            return layer(stacks.bind(params, i), x, context(*local), cfg, rate, key,
+                         lora=(adapters, lora_rate, lora_key))[::2]
 
         body = _remat(body, cfg.remat)
-        xs = (self.layers.arrays(), keys[:-1], lora.get("layers", {}), lora_keys,
-              *context.flags)
+        xs = (stacks.scanned, keys[:-1], lora.get("layers", {}), lora_keys,
+              jnp.arange(cfg.num_layers), *context.flags)
         if cfg.scan_layers:
-            x, _ = jax.lax.scan(body, x, xs)
+            x, aux = jax.lax.scan(body, x, xs)
         else:
+            outs = []
             for i in range(cfg.num_layers):
-                x, _ = body(x, jax.tree.map(lambda a: a[i], xs))
-        return rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_plus_one)
+                params = stacks.layer(i)
+                x, a = body(x, (params, *jax.tree.map(lambda a, i=i: a[i], xs[1:])))
+                outs.append(a)
+            aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        h = rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_plus_one)
+        return (h, moe_aux_summary(cfg, aux)) if with_aux else h
 
     def _embed_tokens(self, tokens, lora):
         """tokens [B, T] -> embeddings [B, T, d] in the compute dtype (scaled, if the model is)."""
@@ -263,6 +374,9 @@ class Transformer(nnx.Module):
         unrolled on their own buffers. A scan over stacked layers slices every layer's weights
         and cache out of the stacks each step, and XLA's CPU backend copies those slices:
         for one token of a small model that copy costs more than the matmuls.
+
+        The sequence is never split over the mesh's sequence axis here (decoding attends one
+        new token, or a prompt, to the cache on each device as a whole).
         """
         cfg = self.cfg
         lora = lora or {}
@@ -270,32 +384,33 @@ class Transformer(nnx.Module):
         segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))
         context = layer_context(cfg, positions, attention_mask(segment_ids, segments,
                                                               q_offset=index), q_offset=index)
+        stacks = _LayerStacks(cfg, self.layers.arrays())
 
         def body(x, xs):
-            params, k_cache, v_cache, adapters, *local = xs
-            sin, cos, mask = context(*local)
-            x, (k_cache, v_cache) = layer(params, x, sin, cos, mask, cfg, 0.0, None,
-                                          kv_cache=(k_cache, v_cache, index),
-                                          lora=(adapters, 0.0, None))
+            params, k_cache, v_cache, adapters, i, *local = xs
+            x, (k_cache, v_cache), _ = layer(stacks.bind(params, i), x, context(*local), cfg,
+                                             0.0, None, kv_cache=(k_cache, v_cache, index),
+                                             lora=(adapters, 0.0, None))
             return x, (k_cache, v_cache)
 
         if layers is not None:  # per-layer weights and cache: unrolled, nothing sliced
             outs = []
-            for i, params in enumerate(layers):
+            for i in range(cfg.num_layers):
                 adapters = jax.tree.map(lambda a, i=i: a[i], lora.get("layers", {}))
                 local = tuple(f[i] for f in context.flags)
-                x, kv = body(x, (params, cache["k"][i], cache["v"][i], adapters, *local))
+                x, kv = body(x, (unstacked_layer(layers, cfg, i), cache["k"][i], cache["v"][i],
+                                 adapters, i, *local))
                 outs.append(kv)
             k, v = (tuple(parts) for parts in zip(*outs))
         else:
-            xs = (self.layers.arrays(), cache["k"], cache["v"], lora.get("layers", {}),
-                  *context.flags)
+            xs = (stacks.scanned, cache["k"], cache["v"], lora.get("layers", {}),
+                  jnp.arange(cfg.num_layers), *context.flags)
             if cfg.scan_layers:
                 x, (k, v) = jax.lax.scan(body, x, xs)
             else:
                 outs = []
                 for i in range(cfg.num_layers):
-                    x, kv = body(x, jax.tree.map(lambda a, i=i: a[i], xs))
+                    x, kv = body(x, (stacks.layer(i), *jax.tree.map(lambda a, i=i: a[i], xs[1:])))
                     outs.append(kv)
                 k, v = (jnp.stack(parts) for parts in zip(*outs))
         h = rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_plus_one)
@@ -330,16 +445,19 @@ def output_logits(head, h, unpadded_vocab_size: int = 0, softcap: float = 0.0):
     return partitioning.constrain(out, ("act_batch", "act_len", "act_vocab"))
 
 
-def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None, lora=None):
+def layer(p, x, att: "AttnInputs", cfg, rate, key, kv_cache=None, lora=None):
     """One transformer layer on per-layer parameters `p` (dict of arrays without "layers").
 
-    With kv_cache=(k_cache, v_cache, index) the new keys/values are written into the caches at
-    slot `index` and attention reads the whole cache (mask [B, T, S]). lora=(adapters of this
-    layer, dropout rate, key) adds the low-rank updates. Returns (x, caches).
+    att: what it attends with (AttnInputs). With kv_cache=(k_cache, v_cache, index) the new
+    keys/values are written into the caches at slot `index` and attention reads the whole
+    cache (mask [B, T, S]). lora=(adapters of this layer, dropout rate, key) adds the low-rank
+    updates. Returns (x, caches, aux): aux the MoE router's statistics (moe_block), zeros for
+    a dense layer.
     """
     dtype = x.dtype
     k_attn, k_mlp = jax.random.split(key) if rate else (None, None)
     scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+    sin, cos = att.sin, att.cos
     h = _norm(x, p, "attn_norm", cfg)
     q = _bias(_proj(h, p, "wq", lora), p, "q_bias")
     k = _bias(_proj(h, p, "wk", lora), p, "k_bias")
@@ -371,16 +489,28 @@ def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None, lora=None):
             S = k_heads.shape[-2]
             k_bskd = k_heads.reshape(B, K, S, D).transpose(0, 2, 1, 3)
             v_bskd = v_heads.reshape(B, K, D, S).transpose(0, 3, 1, 2)
-            o = jax.nn.dot_product_attention(q, k_bskd, v_bskd, mask=mask[:, None],
+            o = jax.nn.dot_product_attention(q, k_bskd, v_bskd, mask=att.mask[:, None],
                                              scale=scale)
         else:
-            o = _attend_cache(q, k_heads, v_heads, mask, scale, cfg.attn_logit_softcap)
-    elif cfg.attention_impl == "dot_product_attention":
-        o = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask[:, None],
-                                         scale=scale)
-    else:  # blocks only in self-attention over whole sequences (training, scoring)
-        o = attention(q, k.astype(dtype), v.astype(dtype), mask, block=cfg.attention_block,
-                      scale=scale, softcap=cfg.attn_logit_softcap)
+            o = _attend_cache(q, k_heads, v_heads, att.mask, scale, cfg.attn_logit_softcap)
+    else:
+        k, v = repeat_kv(k, cfg), repeat_kv(v, cfg)
+        if partitioning.axis_size("act_len") > 1:  # the sequence is split over devices
+            o = context_attention(q, k.astype(dtype), v.astype(dtype), att, cfg, scale)
+        elif cfg.attention_impl == "dot_product_attention":
+            o = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype),
+                                             mask=att.mask[:, None], scale=scale)
+        elif cfg.attention_impl == "chunked":  # no [T, S] mask: built per block
+            T = q.shape[1]
+            seg = att.segments if att.segments is not None else jnp.ones(q.shape[:2], jnp.int32)
+            o = chunked_attention(q, k.astype(dtype), v.astype(dtype), jnp.arange(T),
+                                  jnp.arange(T), seg, seg, att.local, chunk=cfg.attention_block,
+                                  scale=scale, softcap=cfg.attn_logit_softcap,
+                                  window=cfg.sliding_window)
+        else:  # blocks only in self-attention over whole sequences (training, scoring)
+            o = attention(q, k.astype(dtype), v.astype(dtype), att.mask,
+                          block=cfg.attention_block, scale=scale,
+                          softcap=cfg.attn_logit_softcap)
     o = _bias(_proj(o, p, "wo", lora, n_in=2), p, "o_bias")
     if cfg.post_norms:
         o = _norm(o, p, "attn_post_norm", cfg)
@@ -388,16 +518,44 @@ def layer(p, x, sin, cos, mask, cfg, rate, key, kv_cache=None, lora=None):
     x = partitioning.constrain(x, ("act_batch", "act_len", "act_embed"))
 
     h = _norm(x, p, "mlp_norm", cfg)
-    gate = _bias(_proj(h, p, "w_gate", lora), p, "gate_bias")
-    up = _bias(_proj(h, p, "w_up", lora), p, "up_bias")
-    act = (jax.nn.gelu(gate, approximate=True) if cfg.mlp_activation == "gelu_tanh"
-           else jax.nn.silu(gate))
-    hidden = partitioning.constrain(act * up, ("act_batch", "act_len", "act_mlp"))
-    out = _bias(_proj(hidden, p, "w_down", lora), p, "down_bias")
+    out, aux = mlp_block(p, h, cfg, lora, att.segments)
     if cfg.post_norms:
         out = _norm(out, p, "mlp_post_norm", cfg)
     x = x + _dropout(out, rate, k_mlp)
-    return partitioning.constrain(x, ("act_batch", "act_len", "act_embed")), kv_cache
+    return partitioning.constrain(x, ("act_batch", "act_len", "act_embed")), kv_cache, aux
+
+
+def dense_mlp(p, h, cfg, lora=None):
+    """The gated MLP (SwiGLU or GeGLU) of a dense layer: h [B, T, d] -> [B, T, d]."""
+    gate = _bias(_proj(h, p, "w_gate", lora), p, "gate_bias")
+    up = _bias(_proj(h, p, "w_up", lora), p, "up_bias")
+    hidden = partitioning.constrain(_activation(gate, cfg) * up,
+                                    ("act_batch", "act_len", "act_mlp"))
+    return _bias(_proj(hidden, p, "w_down", lora), p, "down_bias")
+
+
+def _activation(gate, cfg):
+    return (jax.nn.gelu(gate, approximate=True) if cfg.mlp_activation == "gelu_tanh"
+            else jax.nn.silu(gate))
+
+
+def mlp_block(p, h, cfg, lora=None, segments=None):
+    """The layer's MLP, dense or MoE by the weights in `p` (or, in a scan over a model with
+    both kinds, by the layer's flag: p["_mixed"] from _LayerStacks.bind). Returns (out, aux)."""
+    if "_mixed" in p:
+        is_moe, index, stacks = p["_mixed"]
+        rest = {k: v for k, v in p.items() if k != "_mixed"}
+
+        def pick(names):
+            return {**rest, **{n: jax.lax.dynamic_index_in_dim(stacks[n], index, keepdims=False)
+                               for n in names if n in stacks}}
+        return jax.lax.cond(is_moe,
+                            lambda h: moe_block(pick(MOE_MLP), h, cfg, segments),
+                            lambda h: (dense_mlp(pick(DENSE_MLP), h, cfg, lora),
+                                       _no_moe_aux(h)), h)
+    if "router" in p:
+        return moe_block(p, h, cfg, segments)
+    return dense_mlp(p, h, cfg, lora), _no_moe_aux(h)
 
 
 def init_cache(cfg, batch: int, length: int, per_layer: bool = False) -> dict:
@@ -425,10 +583,468 @@ def init_cache(cfg, batch: int, length: int, per_layer: bool = False) -> dict:
 
 def unstack_layers(params) -> list[dict]:
     """The stacked layer parameters of `params` as one dict of arrays per layer (copies, made
-    once, for `Transformer.decode(layers=...)`)."""
+    once, for `Transformer.decode(layers=...)`). A model with both dense and MoE layers gets
+    a dict of each stack's rows instead (parameter name -> list), which decode resolves per
+    layer (unstacked_layer): which layer is which kind is in the model config, not here."""
     stacked = params["layers"]
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    return [jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers)]
+    num_layers = stacked["wq"].shape[0]
+    rows = {name: [a[i] for i in range(a.shape[0])] for name, a in stacked.items()}
+    if all(a.shape[0] == num_layers for a in stacked.values()):
+        return [{name: r[i] for name, r in rows.items()} for i in range(num_layers)]
+    return rows
+
+
+def unstacked_layer(layers, cfg, i: int) -> dict:
+    """Layer i's parameters from unstack_layers' result."""
+    if not isinstance(layers, dict):
+        return layers[i]
+    moe, index = moe_layers(cfg), _stack_index(cfg)
+    mine, other = (MOE_MLP, DENSE_MLP) if moe[i] else (DENSE_MLP, MOE_MLP)
+    return {name: rows[index[i] if name in mine else i]
+            for name, rows in layers.items() if name not in other}
+
+
+def _stack_index(cfg) -> np.ndarray:
+    """[L] int: each layer's row in the stack of its MLP kind (dense or MoE)."""
+    moe = moe_layers(cfg)
+    return np.where(moe, np.cumsum(moe) - 1, np.cumsum(~moe) - 1)
+
+
+class _LayerStacks:
+    """The layer loop's view of the stacked parameters. With one kind of MLP every stack has L
+    rows and is scanned as it is (`scanned`). With both kinds, only the [L] stacks are scanned;
+    the MLP stacks stay whole and `bind` gives each layer its row of the right one, chosen in
+    the layer by a cond on its flag (mlp_block), so one layer body still compiles."""
+
+    def __init__(self, cfg, arrays: dict):
+        self.cfg = cfg
+        moe = moe_layers(cfg)
+        self.mixed = bool(moe.any() and not moe.all())
+        mlp = set(DENSE_MLP + MOE_MLP) if self.mixed else set()
+        self.scanned = {k: v for k, v in arrays.items() if k not in mlp}
+        self.mlp = {k: v for k, v in arrays.items() if k in mlp}
+        self.flags, self.index = jnp.asarray(moe), jnp.asarray(_stack_index(cfg))
+        self._np_flags, self._np_index = moe, _stack_index(cfg)
+
+    def bind(self, params: dict, i) -> dict:
+        """A scanned layer's parameters plus what picks its MLP (nothing to add when the MLP
+        weights are already there: one kind of MLP, or an unrolled layer)."""
+        if not self.mixed or "w_gate" in params or "router" in params:
+            return params
+        return {**params, "_mixed": (self.flags[i], self.index[i], self.mlp)}
+
+    def layer(self, i: int) -> dict:
+        """Layer i's parameters, sliced statically (unrolled layers)."""
+        params = {k: v[i] for k, v in self.scanned.items()}
+        if self.mixed:
+            names = MOE_MLP if self._np_flags[i] else DENSE_MLP
+            params.update({k: v[self._np_index[i]] for k, v in self.mlp.items() if k in names})
+        return params
+
+
+def repeat_kv(k, cfg):
+    """k [B, T, K, D] -> [B, T, K * r, D]: each key/value head repeated r times when the
+    tensor axis is r times larger than K (partitioning.REPLICATE_IF_INDIVISIBLE), so that every
+    tensor shard has the one head its query heads use. Query head h reads head h // (H / K)
+    before and (h * r) // (H / K) after, the same head's copy."""
+    K = k.shape[2]
+    tp = partitioning.axis_size("act_kv_heads")
+    if tp <= K or tp % K or cfg.num_heads % tp:
+        return k
+    k = jnp.repeat(k, tp // K, axis=2)
+    return partitioning.constrain(k, ("act_batch", "act_len", "act_kv_heads", None))
+
+
+def context_attention(q, k, v, att: "AttnInputs", cfg, scale=None):
+    """Self-attention with the sequence split over the mesh's sequence axis (shard_map).
+
+    q [B, T, H, D], k/v [B, T, K, D], all split along T. Each device all-gathers the keys,
+    values and segment ids of the whole sequence and attends its own T / n queries to them:
+    query t of shard i has global index i * T / n + t, which the causal mask and the sliding
+    window compare with the key indices, and packed documents are told apart by the gathered
+    segment ids, so documents crossing shard boundaries are exact. The keys are K heads
+    (grouped-query attention keeps the gather small). Every device computes T / n x T scores
+    (the causal upper triangle masked), so the work is balanced across the axis. The local
+    attention is model.attention_impl's: whole (einsum, dot_product_attention) or chunked.
+    """
+    B, T, H, D = q.shape
+    seq = partitioning.mesh_axes("act_len")
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = lambda *names, shape: partitioning.logical_to_spec(  # noqa: E731
+        names, shape=shape, mesh=mesh)
+    q_spec = spec("act_batch", "act_len", "act_heads", None, shape=q.shape)
+    kv_spec = spec("act_batch", "act_len", "act_kv_heads", None, shape=k.shape)
+    seg_spec = spec("act_batch", "act_len", shape=(B, T))
+    n = partitioning.axis_size("act_len")
+    if T % n:
+        raise ValueError(f"sequence length {T} is not divisible by the sequence axis ({n})")
+    segments = att.segments if att.segments is not None else jnp.ones((B, T), jnp.int32)
+    window = cfg.get("sliding_window", 0)
+    local = jnp.asarray(False if att.local is None else att.local)
+
+    def local_attention(q, k, v, seg, local):
+        t = q.shape[1]
+        gather = lambda x: jax.lax.all_gather(x, seq, axis=1, tiled=True)  # noqa: E731
+        k_all, v_all, seg_all = gather(k), gather(v), gather(seg)
+        q_idx = jax.lax.axis_index(seq) * t + jnp.arange(t)
+        k_idx = jnp.arange(k_all.shape[1])
+        if cfg.attention_impl == "chunked":
+            return chunked_attention(q, k_all, v_all, q_idx, k_idx, seg, seg_all, local,
+                                     chunk=cfg.attention_block, scale=scale,
+                                     softcap=cfg.attn_logit_softcap, window=window)
+        mask = _flash_mask(q_idx, k_idx, seg, seg_all, local, window)
+        if cfg.attention_impl == "dot_product_attention":
+            return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask[:, None], scale=scale)
+        return _attend(q, k_all, v_all, mask, scale, cfg.attn_logit_softcap)
+
+    return jax.shard_map(local_attention, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, P()),
+                         out_specs=q_spec, check_vma=False)(q, k, v, segments, local)
+
+
+def chunked_attention(q, k, v, q_idx, k_idx, q_seg, k_seg, local=None, *, chunk: int,
+                      scale=None, softcap: float = 0.0, window: int = 0):
+    """Attention in tiles of `chunk` queries x `chunk` keys with an online softmax, as
+    FlashAttention does (Dao et al. 2022), in plain XLA ops: only [chunk, chunk] scores per head
+    exist at a time, tiles wholly above the causal diagonal (or, on a local layer, wholly
+    outside the window) are skipped, and the backward pass (a custom VJP) keeps only the output
+    and the softmax's log-normalizer, recomputing each tile's scores: memory linear in the
+    context, and half the score FLOPs of a full causal matrix.
+
+    q [B, T, H, D], k/v [B, S, K, D]; the mask is built per tile from the positions' indices
+    q_idx [T], k_idx [S] (increasing; causal: key index <= query index), segment ids q_seg
+    [B, T], k_seg [B, S] (packed documents apart) and, with `window` > 0, when `local` (a
+    bool; a layer flag) the sliding window. The same results as _attend for every row that
+    sees a key (a row that sees none, padding, averages the values of the tiles not skipped,
+    where _attend averages all: nothing reads those rows)."""
+    T, S = q.shape[1], k.shape[1]
+    if not chunk or S % chunk or T % chunk:
+        chunk = math.gcd(math.gcd(T, S), chunk or S)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    local = jnp.asarray(False if local is None else local)
+    return _flash(q, k, v, q_idx, k_idx, q_seg, k_seg, local, chunk, float(scale),
+                  float(softcap), int(window))
+
+
+def _flash_mask(q_idx, k_idx, q_seg, k_seg, local, window):
+    """[B, T, c] bool for queries at q_idx [T] and keys at k_idx [c]."""
+    m = (q_idx[:, None] >= k_idx[None, :])[None] & (q_seg[:, :, None] == k_seg[:, None, :])
+    if window:
+        m = m & ((q_idx[:, None] - k_idx[None, :] < window) | ~local)[None]
+    return m
+
+
+def _flash_tiles(q, q_idx, q_seg, k_idx, chunk, local, window):
+    """The query tiles as scan inputs ([n, B, c, K, G, D], [n, c], [n, B, c]) and a function
+    skip(query tile indices, key tile start) -> whether that tile is wholly masked."""
+    B, T, H, D = q.shape
+    n = T // chunk
+
+    def skip(qi, start):
+        first = jax.lax.dynamic_index_in_dim(k_idx, start, keepdims=False)
+        last = jax.lax.dynamic_index_in_dim(k_idx, start + chunk - 1, keepdims=False)
+        out = first > qi[-1]  # every key after every query
+        if window:
+            out = out | (local & (qi[0] - last >= window))  # every key before the window
+        return out
+
+    return (q.reshape(B, n, chunk, -1, D).swapaxes(0, 1), q_idx.reshape(n, chunk),
+            q_seg.reshape(B, n, chunk).swapaxes(0, 1)), skip
+
+
+def _flash_scores(qg, k, k_idx, k_seg, qi, qs, start, chunk, scale, softcap, local, window):
+    """One tile: raw scores [B, K, G, c, c] (scaled, before the softcap), the masked scores,
+    the mask, and the tile's keys."""
+    kc = jax.lax.dynamic_slice_in_dim(k, start, chunk, axis=1)
+    ic = jax.lax.dynamic_slice_in_dim(k_idx, start, chunk)
+    sc = jax.lax.dynamic_slice_in_dim(k_seg, start, chunk, axis=1)
+    raw = jnp.einsum("btkgd,bskd->bkgts", qg, kc, preferred_element_type=jnp.float32) * scale
+    mask = _flash_mask(qi, ic, qs, sc, local, window)[:, None, None]
+    return raw, jnp.where(mask, _softcap(raw, softcap), _MASK_VALUE), mask, kc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _flash(q, k, v, q_idx, k_idx, q_seg, k_seg, local, chunk, scale, softcap, window):
+    return _flash_fwd(q, k, v, q_idx, k_idx, q_seg, k_seg, local, chunk, scale, softcap,
+                      window)[0]
+
+
+def _flash_fwd(q, k, v, q_idx, k_idx, q_seg, k_seg, local, chunk, scale, softcap, window):
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    tiles, skip = _flash_tiles(q, q_idx, q_seg, k_idx, chunk, local, window)
+
+    def query_tile(_, xs):
+        qt, qi, qs = xs
+        qg = qt.reshape(B, chunk, K, G, D)
+
+        def key_tile(carry, start):
+            def attend(carry):
+                o, m, l = carry  # [B, K, G, c, D] float32, [B, K, G, c] twice
+                _, s, _, _ = _flash_scores(qg, k, k_idx, k_seg, qi, qs, start, chunk, scale,
+                                           softcap, local, window)
+                vc = jax.lax.dynamic_slice_in_dim(v, start, chunk, axis=1)
+                m_new = jnp.maximum(m, s.max(axis=-1))
+                p = jnp.exp(s - m_new[..., None])
+                corr = jnp.exp(m - m_new)
+                o = o * corr[..., None] + jnp.einsum(
+                    "bkgts,bskd->bkgtd", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
+                return o, m_new, l * corr + p.sum(axis=-1)
+            return jax.lax.cond(skip(qi, start), lambda c: c, attend, carry), None
+
+        init = (jnp.zeros((B, K, G, chunk, D), jnp.float32),
+                jnp.full((B, K, G, chunk), -jnp.inf), jnp.zeros((B, K, G, chunk), jnp.float32))
+        (o, m, l), _ = jax.lax.scan(key_tile, init, jnp.arange(0, S, chunk))
+        return None, ((o / l[..., None]).astype(q.dtype), m + jnp.log(l))
+
+    _, (o, lse) = jax.lax.scan(query_tile, None, tiles)  # [n, B, K, G, c, D], [n, B, K, G, c]
+    out = jnp.moveaxis(o, 0, 3).reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(
+        B, T, H, D)
+    return out, (q, k, v, q_idx, k_idx, q_seg, k_seg, local, out, lse)
+
+
+def _flash_bwd(chunk, scale, softcap, window, res, g):
+    q, k, v, q_idx, k_idx, q_seg, k_seg, local, out, lse = res
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    tiles, skip = _flash_tiles(q, q_idx, q_seg, k_idx, chunk, local, window)
+    f32 = jnp.float32
+    do = g.astype(f32).reshape(B, T, K, G, D)
+    delta = jnp.sum(do * out.astype(f32).reshape(B, T, K, G, D), axis=-1)  # rowsum(dO * O)
+    n = T // chunk
+    by_tile = lambda x: x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+
+    def query_tile(carry, xs):
+        qt, qi, qs, dot, dt, lt = xs  # dO tile [B, c, K, G, D], delta [B, c, K, G], lse
+        qg = qt.reshape(B, chunk, K, G, D)
+        do_t = dot.transpose(0, 2, 3, 1, 4)  # [B, K, G, c, D]
+        delta_t = dt.transpose(0, 2, 3, 1)
+
+        def key_tile(carry, start):
+            def grads(carry):
+                dq, dk, dv = carry
+                raw, s, mask, kc = _flash_scores(qg, k, k_idx, k_seg, qi, qs, start, chunk,
+                                                 scale, softcap, local, window)
+                vc = jax.lax.dynamic_slice_in_dim(v, start, chunk, axis=1).astype(f32)
+                p = jnp.exp(s - lt[..., None])
+                dp = jnp.einsum("bkgtd,bskd->bkgts", do_t, vc)
+                ds = p * (dp - delta_t[..., None])
+                if softcap:  # d(cap * tanh(x / cap)) / dx
+                    ds = ds * (1.0 - jnp.tanh(raw / softcap) ** 2)
+                ds = jnp.where(mask, ds, 0.0) * scale  # masked scores are constants
+                dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, kc.astype(f32))
+                update = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                    acc, jax.lax.dynamic_slice_in_dim(acc, start, chunk, axis=1) + x, start,
+                    axis=1)
+                dk = update(dk, jnp.einsum("bkgts,btkgd->bskd", ds, qg.astype(f32)))
+                dv = update(dv, jnp.einsum("bkgts,bkgtd->bskd", p, do_t))
+                return dq, dk, dv
+            return jax.lax.cond(skip(qi, start), lambda c: c, grads, carry), None
+
+        dk, dv = carry
+        (dq, dk, dv), _ = jax.lax.scan(
+            key_tile, (jnp.zeros((B, chunk, K, G, D), f32), dk, dv), jnp.arange(0, S, chunk))
+        return (dk, dv), dq
+
+    zeros = jnp.zeros((B, S, K, D), f32)
+    (dk, dv), dq = jax.lax.scan(
+        query_tile, (zeros, zeros),
+        (*tiles, by_tile(do), by_tile(delta), lse))
+    dq = jnp.moveaxis(dq, 0, 1).reshape(B, T, H, D)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
+            None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts.
+
+_MOE_AUX = ("moe_load_balance", "moe_router_z", "moe_dropped")
+
+
+def _no_moe_aux(h) -> dict:
+    del h
+    return {name: jnp.zeros((), jnp.float32) for name in _MOE_AUX}
+
+
+def moe_aux_summary(cfg, per_layer: dict) -> dict:
+    """Per-layer router statistics ([L] each, zeros on dense layers) -> their means over the
+    MoE layers, and moe_aux_loss = the weighted sum training adds to the loss ({} when the
+    model has no MoE layer)."""
+    count = int(moe_layers(cfg).sum())
+    if not count:
+        return {}
+    out = {name: per_layer[name].sum() / count for name in _MOE_AUX}
+    if not cfg.get("moe_capacity_factor"):
+        del out["moe_dropped"]  # dropless: always 0
+    out["moe_aux_loss"] = (cfg.get("moe_aux_loss_weight", 0.0) * out["moe_load_balance"]
+                           + cfg.get("router_z_loss_weight", 0.0) * out["moe_router_z"])
+    return out
+
+
+def moe_block(p, h, cfg, segments=None):
+    """A MoE layer's MLP: h [B, T, d] -> (out [B, T, d], router statistics).
+
+    The router (float32) gives each token a softmax over the E experts; its top k are chosen
+    and, with model.router_norm_topk, renormalized to sum to 1 (Mixtral; Qwen3-MoE's
+    norm_topk_prob). The statistics are over the real tokens (segment id > 0), so padding
+    counts for nothing: load balance E * sum_e f_e P_e, with f_e the share of the token copies
+    sent to expert e and P_e its mean probability (1.0 when perfectly balanced, gradient
+    through P only), and the router z-loss, the mean squared logsumexp of the logits.
+    """
+    E, k = cfg.num_experts, cfg.experts_per_token
+    logits = dense(h, p["router"].astype(h.dtype), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_p, top_i = jax.lax.top_k(probs, k)  # [B, T, k]
+    if cfg.router_norm_topk:
+        top_p = top_p / top_p.sum(axis=-1, keepdims=True)
+    real = (jnp.ones(h.shape[:2]) if segments is None else (segments > 0)).astype(jnp.float32)
+    n = jnp.maximum(real.sum(), 1.0)
+    sent = jax.nn.one_hot(top_i, E, dtype=jnp.float32).sum(axis=2)  # [B, T, E]
+    f = jnp.einsum("bt,bte->e", real, sent) / (n * k)
+    P = jnp.einsum("bt,bte->e", real, probs) / n
+    z = jnp.einsum("bt,bt->", real, jax.nn.logsumexp(logits, axis=-1) ** 2) / n
+    out, dropped = moe_dispatch(h, top_i, top_p.astype(h.dtype), p, cfg, real)
+    if "ws_gate" in p:  # shared experts: every token, no routing
+        shared = _activation(dense(h, p["ws_gate"].astype(h.dtype)), cfg) * dense(
+            h, p["ws_up"].astype(h.dtype))
+        shared = partitioning.constrain(shared, ("act_batch", "act_len", "act_mlp"))
+        out = out + dense(shared, p["ws_down"].astype(h.dtype))
+    aux = {"moe_load_balance": E * jnp.sum(jax.lax.stop_gradient(f) * P),
+           "moe_router_z": z, "moe_dropped": dropped}
+    return partitioning.constrain(out, ("act_batch", "act_len", "act_embed")), aux
+
+
+def moe_dispatch(h, top_i, top_w, p, cfg, real):
+    """sum_j top_w[.., j] * expert_{top_i[.., j]}(h) for every token: h [B, T, d], top_i/top_w
+    [B, T, k], real [B, T] (1 for real tokens). Returns (out [B, T, d], the share of the real
+    token copies dropped for capacity: 0 when dropless).
+
+    On a mesh it runs in shard_map over the tokens' shards (batch and sequence axes): each
+    device routes its own tokens; with an expert axis it holds only E / expert experts (see
+    _dispatch_dropless and _dispatch_capacity); the experts' hidden units are split over the
+    tensor axis, whose partial outputs are summed. Without a mesh it is the same function on
+    the whole batch.
+    """
+    B, T, d = h.shape
+    kernel = _dispatch_capacity if cfg.get("moe_capacity_factor") else _dispatch_dropless
+    weights = (p["we_gate"].astype(h.dtype), p["we_up"].astype(h.dtype),
+               p["we_down"].astype(h.dtype))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out, dropped, total = kernel(h.reshape(B * T, d), top_i.reshape(B * T, -1),
+                                     top_w.reshape(B * T, -1), real.reshape(-1), weights, cfg,
+                                     (), ())
+        return out.reshape(B, T, d), dropped / jnp.maximum(total, 1.0)
+    ep = partitioning.mesh_axes("experts")
+    tp = partitioning.mesh_axes("expert_mlp")
+    token_axes = partitioning.mesh_axes("act_batch") + partitioning.mesh_axes("act_len")
+    if not set(ep) <= set(token_axes):
+        raise ValueError(f"the experts' mesh axes {ep} must also split the batch (act_batch), "
+                         "so each device routes its own tokens; fix mesh.rules")
+    tok = partitioning.logical_to_spec(("act_batch", "act_len", None))
+    w_in = P(ep or None, None, tp or None)
+    w_out = P(ep or None, tp or None, None)
+
+    def local(h, top_i, top_w, real, wg, wu, wd):
+        b, t = h.shape[:2]
+        out, dropped, total = kernel(h.reshape(b * t, d), top_i.reshape(b * t, -1),
+                                     top_w.reshape(b * t, -1), real.reshape(-1), (wg, wu, wd),
+                                     cfg, ep, tp)
+        if tp:
+            out = jax.lax.psum(out, tp)
+        counts = jax.lax.psum(jnp.stack([dropped, total]), token_axes)
+        return out.reshape(b, t, d), counts
+
+    out, counts = jax.shard_map(
+        local, in_specs=(tok, tok, tok, P(*tok[:2]), w_in, w_in, w_out),
+        out_specs=(tok, P()), check_vma=False)(h, top_i, top_w, real, *weights)
+    return out, counts[0] / jnp.maximum(counts[1], 1.0)
+
+
+def _expert_mlp(x, weights, group_sizes, cfg):
+    """Rows x [M, d] sorted by expert, group_sizes [E_local] rows per expert (rows past their
+    sum give zeros) -> [M, d]: each row through its expert's SwiGLU (grouped matmuls)."""
+    wg, wu, wd = weights
+    gate = jax.lax.ragged_dot(x, wg, group_sizes)
+    up = jax.lax.ragged_dot(x, wu, group_sizes)
+    return jax.lax.ragged_dot(_activation(gate, cfg) * up, wd, group_sizes)
+
+
+def _dispatch_dropless(x, top_i, top_w, real, weights, cfg, ep, tp):
+    """Dropless dispatch of one device's tokens x [n, d] (sort-based, grouped matmuls).
+
+    With an expert axis (ep) the n tokens of every device in the expert group are all-gathered
+    first ([ep * n, d]); this device computes the copies routed to its own E / ep experts, and
+    the sums are reduce-scattered back, so each device ends with its own tokens' outputs.
+    Copies of other devices' experts sort last, past the group sizes, and give zeros.
+    Returns (out [n, d] partial over the tensor axis, 0 dropped, real copies)."""
+    del tp
+    k = top_i.shape[1]
+    E_local = weights[0].shape[0]
+    total = real.sum() * k
+    if ep:
+        gather = lambda a: jax.lax.all_gather(a, ep, axis=0, tiled=True)  # noqa: E731
+        x, top_i, top_w = gather(x), gather(top_i), gather(top_w)
+        first = jax.lax.axis_index(ep) * E_local
+    else:
+        first = 0
+    expert = top_i.reshape(-1) - first  # [n * k], token-major
+    mine = (expert >= 0) & (expert < E_local)
+    expert = jnp.where(mine, expert, E_local)
+    order = jnp.argsort(expert, stable=True)
+    token = order // k
+    group_sizes = jnp.zeros(E_local + 1, jnp.int32).at[expert].add(1)[:E_local]
+    y = _expert_mlp(x[token], weights, group_sizes, cfg)
+    w = jnp.where(mine, top_w.reshape(-1), 0)[order].astype(jnp.float32)
+    out = jnp.zeros((x.shape[0], x.shape[1]), jnp.float32).at[token].add(
+        y.astype(jnp.float32) * w[:, None])
+    if ep:
+        out = jax.lax.psum_scatter(out, ep, scatter_dimension=0, tiled=True)
+    return out.astype(x.dtype), jnp.zeros((), jnp.float32), total
+
+
+def _dispatch_capacity(x, top_i, top_w, real, weights, cfg, ep, tp):
+    """Capacity-based dispatch (GShard) of one device's tokens x [n, d].
+
+    Each expert takes at most C = ceil(capacity_factor * n * k / E) of the device's token
+    copies, first choices first (all tokens' first choices, then their second...), in token
+    order; the rest are dropped (they add nothing; the residual carries the token on). The
+    kept copies are written to a buffer [E, C, d]; with an expert axis an all-to-all sends
+    each device the slots of its own experts from every device ([ep, E / ep, C, d]) and a
+    second one sends the outputs back. Returns (out [n, d], dropped real copies, real copies).
+    """
+    del tp
+    n, d = x.shape
+    k = top_i.shape[1]
+    E = cfg.num_experts
+    C = max(1, math.ceil(cfg.moe_capacity_factor * n * k / E))
+    expert = top_i.T.reshape(-1)  # [k * n], choice-major: first choices get the first slots
+    onehot = jax.nn.one_hot(expert, E, dtype=jnp.int32)
+    slot = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)  # rank within its expert
+    keep = slot < C
+    token = jnp.tile(jnp.arange(n), k)
+    weight = top_w.T.reshape(-1)
+    real_copies = jnp.tile(real, k)
+    dropped = jnp.sum(real_copies * ~keep)
+    dest = jnp.where(keep, expert * C + slot, E * C)  # dropped copies go to a spare row
+    buffer = jnp.zeros((E * C + 1, d), x.dtype).at[dest].set(x[token])[:E * C]
+    buffer = buffer.reshape(E, C, d)
+    if ep:  # [E, C, d] -> [E_local, ep * C, d]: my experts' slots from every device
+        buffer = jax.lax.all_to_all(buffer, ep, 0, 1, tiled=True)
+    wg, wu, wd = weights
+    gate = jnp.einsum("ecd,edf->ecf", buffer, wg)
+    up = jnp.einsum("ecd,edf->ecf", buffer, wu)
+    y = jnp.einsum("ecf,efd->ecd", _activation(gate, cfg) * up, wd)
+    if ep:  # back: [E_local, ep * C, d] -> [E, C, d] in this device's own slots
+        y = jax.lax.all_to_all(y, ep, 1, 0, tiled=True)
+    y = jnp.concatenate([y.reshape(E * C, d), jnp.zeros((1, d), y.dtype)])[dest]
+    out = jnp.zeros((n, d), jnp.float32).at[token].add(
+        y.astype(jnp.float32) * (weight * keep)[:, None].astype(jnp.float32))
+    return out.astype(x.dtype), dropped.astype(jnp.float32), real.sum() * k
 
 
 # Projections LoRA can adapt, each with its own dropout stream (the index folded into the key).
@@ -566,14 +1182,26 @@ def local_layers(cfg) -> np.ndarray:
     return np.ones(cfg.num_layers, bool)
 
 
+class AttnInputs(NamedTuple):
+    """What one layer attends with (_LayerContext): RoPE tables, the mask [B, T, S], and for
+    context parallelism and the MoE router's statistics the segment ids [B, T] (None when
+    decoding) and whether the layer is local (a traced bool, or None: no window)."""
+    sin: jax.Array
+    cos: jax.Array
+    mask: jax.Array
+    segments: Any = None
+    local: Any = None
+
+
 class _LayerContext:
-    """What each layer attends with: (sin, cos, mask), chosen per layer by `flags` ([L] bool,
+    """What each layer attends with (AttnInputs), chosen per layer by `flags` ([L] bool,
     local or not; an empty tuple when every layer is alike), which the layer loop scans as data
     beside the weights."""
 
-    def __init__(self, cfg, positions, mask, q_offset):
+    def __init__(self, cfg, positions, mask, q_offset, segment_ids=None):
         self.sin, self.cos = rope_for(cfg, positions)
         self.mask = mask
+        self.segments = segment_ids
         self.flags: tuple = ()
         window = cfg.get("sliding_window", 0)
         if not window:
@@ -587,20 +1215,21 @@ class _LayerContext:
         if cfg.get("rope_local_theta"):
             self.local_rope = rope(positions, _head_dim(cfg), cfg.rope_local_theta)
 
-    def __call__(self, local=None):
+    def __call__(self, local=None) -> AttnInputs:
         if local is None:
-            return self.sin, self.cos, self.mask
+            return AttnInputs(self.sin, self.cos, self.mask, self.segments)
         mask = self.mask & (self.near | ~local)[None]
         if self.local_rope is None:
-            return self.sin, self.cos, mask
+            return AttnInputs(self.sin, self.cos, mask, self.segments, local)
         sin, cos = (jnp.where(local, a, b) for a, b in zip(self.local_rope, (self.sin, self.cos)))
-        return sin, cos, mask
+        return AttnInputs(sin, cos, mask, self.segments, local)
 
 
-def layer_context(cfg, positions, mask, q_offset=0) -> _LayerContext:
+def layer_context(cfg, positions, mask, q_offset=0, segment_ids=None) -> _LayerContext:
     """The per-layer attention inputs for positions [B, T] and mask [B, T, S] (see
-    _LayerContext); q_offset: the key index of the first query (the cache slot, decoding)."""
-    return _LayerContext(cfg, positions, mask, q_offset)
+    _LayerContext); q_offset: the key index of the first query (the cache slot, decoding);
+    segment_ids [B, T] of self-attention over whole sequences (training, scoring)."""
+    return _LayerContext(cfg, positions, mask, q_offset, segment_ids)
 
 
 def rope(positions, head_dim: int, theta: float, inv_freq=None):
@@ -713,15 +1342,32 @@ def apply(graphdef, params, tokens, **kwargs):
     return nnx.merge(graphdef, params)(tokens, **kwargs)
 
 
-def apply_hidden(graphdef, params, tokens, lora=None, **kwargs):
+def apply_hidden(graphdef, params, tokens, lora=None, with_aux=False, **kwargs):
     """Functional call without the output layer: (hidden [B, T, d], head, logits_fn) where
     logits_fn(head, h) = the logits of h (`output_logits`). The chunked loss
-    (losses.chunked_loss) takes them apart so that the full [B, T, V] logits never exist."""
+    (losses.chunked_loss) takes them apart so that the full [B, T, V] logits never exist.
+    with_aux: ((hidden, head, logits_fn), aux), aux as `Transformer.hidden` gives it."""
     m = nnx.merge(graphdef, params)
-    h = m.hidden(tokens, lora=lora, **kwargs)
-    return h, m.output_head(lora), functools.partial(
+    h = m.hidden(tokens, lora=lora, with_aux=with_aux, **kwargs)
+    h, aux = h if with_aux else (h, None)
+    out = (h, m.output_head(lora), functools.partial(
         output_logits, unpadded_vocab_size=m.cfg.unpadded_vocab_size,
-        softcap=m.cfg.final_logit_softcap)
+        softcap=m.cfg.final_logit_softcap))
+    return (out, aux) if with_aux else out
+
+
+def add_moe_aux(loss, stats: dict, aux: dict):
+    """A language-model loss (a sum over the `stats["weight_sum"]` targets) plus the MoE
+    router's losses (`hidden(with_aux=True)`), which are means: they enter the sum times the
+    weight, so the division by the batch's total weight leaves them as they are, micro-batches
+    weighted by their targets. Their values are added to `stats` as sums the same way
+    (moe_load_balance_sum, ...), for the step's metrics. A dense model's {} changes nothing."""
+    if not aux:
+        return loss, stats
+    weight = stats["weight_sum"]
+    stats = {**stats, **{f"{k}_sum": jax.lax.stop_gradient(v) * weight
+                         for k, v in aux.items() if k != "moe_aux_loss"}}
+    return loss + aux["moe_aux_loss"] * weight, stats
 
 
 def count_params(params) -> int:
