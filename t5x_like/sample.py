@@ -58,6 +58,8 @@ def main(argv):
     tok = run.tokenizer
     prompt, max_new = fit_prompt(tok.encode(f.prompt), tok.bos_id, run.cfg.model.max_len,
                                  f.max_new_tokens, truncate=f.truncate_prompt)
+    if not tok.add_bos:  # e.g. Qwen's tokenizer: its model never sees bos, transformers adds none
+        prompt = prompt[1:]
     decoder = decoding.Decoder.from_run(run, max_batch=f.num_samples,
                                         max_len=len(prompt) + max_new)
     sampling = [decoding.Sampling(max_new_tokens=max_new, temperature=f.temperature,
