@@ -193,7 +193,8 @@ def test_send_rate_report_regenerate_and_continue(server, page):
     reply.find_element(By.CSS_SELECTOR, ".thumb-up").click()
     [row] = wait_for_rows(db, "SELECT * FROM feedback WHERE response_id = ?", (response_id,))
     assert row["rating"] == "up" and row["conversation_id"] == stored["conversation_id"]
-    assert reply.find_element(By.CSS_SELECTOR, ".thumb-up").get_attribute("aria-pressed") == "true"
+    wait(page, lambda d: reply.find_element(By.CSS_SELECTOR, ".thumb-up")
+         .get_attribute("aria-pressed") == "true")  # once the page has the server's answer
 
     # The report form is hidden until asked for, and an empty report is refused on the page.
     form = reply.find_element(By.CSS_SELECTOR, ".report-form")
@@ -216,7 +217,7 @@ def test_send_rate_report_regenerate_and_continue(server, page):
                                 "NULL", (response_id,))
     assert [(r["problem_kind"], r["problem"], r["correction"]) for r in reports] == [
         ("error", "2 + 3 is not that", "5")]
-    assert not form.is_displayed() and "Report sent" in reply.text
+    wait(page, lambda d: not form.is_displayed() and "Report sent" in reply.text)
 
     # Regenerate: the alternative is stored, linked to the reply it replaces.
     reply.find_element(By.CSS_SELECTOR, ".regenerate").click()
@@ -239,6 +240,7 @@ def test_send_rate_report_regenerate_and_continue(server, page):
         {"role": "assistant", "content": alt["content"]}, {"role": "user", "content": "And 4 + 4?"}]
 
     # Edit and resend the last user turn: the exchange is replaced, not added.
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.user .edit"))  # once idle
     page.find_elements(By.CSS_SELECTOR, ".msg.user .edit")[-1].click()
     area = page.find_element(By.CSS_SELECTOR, ".edit-box textarea")
     area.clear()
@@ -293,12 +295,14 @@ def test_history_survives_a_reload_and_reopens_renames_deletes(server, page):
     name.send_keys("Sums", Keys.ENTER)
     wait(page, lambda d: "Sums" in [b.text for b in d.find_elements(
         By.CSS_SELECTOR, "#history .open-conversation")])
+    assert [r["title"] for r in rows(db, "SELECT title FROM conversations WHERE id = ?",
+                                     (row["conversation_id"],))] == ["Sums"]
     item = page.find_element(By.CSS_SELECTOR, "#history li.open")
     item.find_element(By.CSS_SELECTOR, ".delete").click()
     page.find_element(By.CSS_SELECTOR, "#history .confirm-delete").click()
-    wait(page, lambda d: "Sums" not in [b.text for b in d.find_elements(
-        By.CSS_SELECTOR, "#history .open-conversation")])
-    assert not page.find_elements(By.CSS_SELECTOR, ".msg")
+    wait(page, lambda d: not d.find_elements(By.CSS_SELECTOR, ".msg") and "history first" not in
+         [b.text for b in d.find_elements(By.CSS_SELECTOR, "#history .open-conversation")])
+    assert page.find_element(By.ID, "status").text == ""
     assert not rows(db, "SELECT * FROM conversations WHERE id = ?", (row["conversation_id"],))
 
 
@@ -421,6 +425,9 @@ def test_the_key_is_kept_for_the_tab_unless_remembered(server, page):
     stored = "return [sessionStorage.getItem('t5x_like_api_key'), " \
              "localStorage.getItem('t5x_like_api_key')]"
     assert page.execute_script(stored) == [KEY, None]
+    # The settings opened to ask for the key closed once it worked; open them again.
+    assert not page.find_element(By.ID, "settings").is_displayed()
+    page.find_element(By.ID, "toggle-settings").click()
     page.find_element(By.ID, "remember-key").click()
     assert page.execute_script(stored) == [None, KEY]
     page.find_element(By.ID, "remember-key").click()
