@@ -189,7 +189,6 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="/tmp/feedback_load")
     args = parser.parse_args()
-    sys.path.insert(0, ROOT)
     from t5x_like.serving import feedback
 
     os.makedirs(args.out, exist_ok=True)

@@ -71,6 +71,7 @@ from data_pipelines import stages
 from data_pipelines import stats as stats_lib
 from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.core import errors
+from t5x_like.core import files as files_lib
 from t5x_like.core.errors import UserError
 
 FORMAT_VERSION = 2
@@ -723,10 +724,8 @@ def _first_pass(workers, stream, kind: str, opts: dict, spool: str, name: str, i
 
 
 def _spooled_cleaned(spool: str, name: str, kind: str) -> Iterator[_Cleaned]:
-    with open(_spool_path(spool, name, "cleaned"), encoding="utf-8") as f:
-        for line in f:
-            entry = json.loads(line)
-            yield _Cleaned(entry["k"], entry["w"], {"text": entry["r"]})
+    for _, entry in files_lib.iter_jsonl(_spool_path(spool, name, "cleaned")):
+        yield _Cleaned(entry["k"], entry["w"], {"text": entry["r"]})
 
 
 def _take(item, pieces, split_key, s_index, names, deduper, data_cfg, info, files):
@@ -760,9 +759,8 @@ def _decontaminate(named: dict, deduper, spool: str, report: dict) -> None:
     for name in named:
         info = report["sources"][name]
         path = _spool_path(spool, name, "train")
-        with open(path, encoding="utf-8") as src, open(path + ".new", "w", encoding="utf-8") as dst:
-            for line in src:
-                entry = json.loads(line)
+        with files_lib.atomic_path(path) as new, open(new, "w", encoding="utf-8") as dst:
+            for _, entry in files_lib.iter_jsonl(path):
                 sig = (dedup.lean(np.asarray(entry.pop("s"), np.uint32), deduper.seed)
                        if "s" in entry else None)
                 other = deduper.contaminated(sig)
@@ -772,15 +770,12 @@ def _decontaminate(named: dict, deduper, spool: str, report: dict) -> None:
                     dup_of[names[other]] = dup_of.get(names[other], 0) + 1
                     continue
                 dst.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        os.replace(path + ".new", path)
 
 
 def _spooled(spool: str, name: str, split: str) -> Iterator[tuple[int, dict, str]]:
     """(key, stored record, where it was read) of each spooled record."""
-    with open(_spool_path(spool, name, split), encoding="utf-8") as f:
-        for line in f:
-            entry = json.loads(line)
-            yield entry["k"], entry["r"], entry.get("w", "")
+    for _, entry in files_lib.iter_jsonl(_spool_path(spool, name, split)):
+        yield entry["k"], entry["r"], entry.get("w", "")
 
 
 def _spooled_texts(spool: str, name: str, kind: str) -> Iterator[str]:

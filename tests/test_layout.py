@@ -4,7 +4,8 @@
   at module level or inside a function, as an edge of one directed graph;
 - no module uses another module's private names: `from x import _y`, nor `x._y` on a module
   imported as `x`;
-- no library module imports configs/: recipes build on the library, never the reverse.
+- no library module imports configs/: recipes build on the library, never the reverse;
+- no benchmark edits sys.path: each runs as `python -m benchmarks.<name>` from the root.
 """
 
 import ast
@@ -156,3 +157,18 @@ def test_the_library_never_imports_configs():
              for line, base, name, _ in _imports(module, path)
              if base.split(".")[0] == "configs"]
     assert not found, "library modules importing configs/:\n" + "\n".join(found)
+
+
+def test_benchmarks_run_as_modules_without_editing_sys_path():
+    """`python -m benchmarks.<name>` from the repository root finds the project by itself."""
+    found = []
+    folder = os.path.join(ROOT, "benchmarks")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        path = os.path.join(folder, name)
+        tree = ast.parse(open(path, encoding="utf-8").read(), path)
+        found += [f"{path}:{node.lineno}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and ast.unparse(node.func.value) == "sys.path"]
+    assert not found, "benchmarks editing sys.path:\n" + "\n".join(found)
