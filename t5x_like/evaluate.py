@@ -10,6 +10,11 @@
         reads filled-in ratings back: preference pairs and A's win rate with a 95% interval
     python -m t5x_like.evaluate report runs/a runs/b ... [--out=report]
         tables and learning curves of several runs from their metrics.jsonl; see report.py
+    python -m t5x_like.evaluate harness --workdir=runs/x --tasks=arc_easy,hellaswag
+            [--limit=N] [--num_fewshot=K] [--checkpoint=best] [--template=chat|plain]
+        lm-evaluation-harness tasks (the eval extra): lm-eval's results JSON in
+        runs/x/eval/<step>/harness/, rows in results.json / results.md and metrics.jsonl lines
+        (split "eval/harness:<task>"); local tasks need no network; see harness.py
 
 "best" is the checkpoint with the best validation metric in metrics.jsonl among the steps that
 still have a checkpoint: the run's checkpoint.keep_best_by and best_mode, else its
@@ -38,6 +43,7 @@ from t5x_like.core import runs
 from t5x_like.core.config import load_json
 from t5x_like.core.errors import UserError
 from t5x_like.core.metrics import read_metrics
+
 
 def available_steps(workdir: str) -> list[int]:
     directory = checkpoints.checkpoint_dir(workdir)
@@ -183,6 +189,20 @@ def main_report(argv):
     print(f"written to {flags.FLAGS.out}/report.md and {flags.FLAGS.out}/learning_curves.png")
 
 
+def main_harness(argv):
+    del argv
+    from t5x_like.evaluation import harness  # local: lm-eval (the eval extra) loads slowly
+
+    f = flags.FLAGS
+    step = checkpoint_step(f.workdir, f.checkpoint)
+    results = harness.evaluate(f.workdir, step, f.tasks, checkpoint=f.checkpoint, limit=f.limit,
+                               num_fewshot=f.num_fewshot, template=f.template, system=f.system,
+                               include_path=f.include_path, batch_size=f.batch_size,
+                               data_root=f.data)
+    print(results_lib.markdown(results), end="")
+    print(f"written to {os.path.join(f.workdir, 'eval', str(step))}/")
+
+
 def _evaluate_flags():
     from ml_collections import config_flags
 
@@ -213,6 +233,20 @@ def _report_flags():
     flags.DEFINE_string("out", "report", "Folder for report.md and learning_curves.png.")
 
 
+def _harness_flags():
+    flags.DEFINE_string("workdir", None, "Run or model directory to evaluate.")
+    flags.DEFINE_list("tasks", None, "lm-evaluation-harness tasks, e.g. arc_easy,hellaswag.")
+    flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+    flags.DEFINE_float("limit", 0, "Examples per task (0 = all; below 1: a fraction).")
+    flags.DEFINE_integer("num_fewshot", -1, "Few-shot examples (-1 = the task's default).")
+    flags.DEFINE_enum("template", "auto", ["auto", "chat", "plain"],
+                      "auto: chat for SFT, DPO and RL runs, plain otherwise.")
+    flags.DEFINE_string("system", "", "A system message before every chat prompt.")
+    flags.DEFINE_list("include_path", [], "Folders of task YAMLs besides the local tasks.")
+    flags.DEFINE_integer("batch_size", 16, "Sequences per batch.")
+    flags.DEFINE_string("data", "../shared/data", "Root of the local tasks' data.")
+
+
 EVALUATE = cli.Command(main_evaluate, _evaluate_flags, required=("workdir",),
                        usage="--workdir=RUN --config=SUITE [--checkpoint=latest|best|STEP]")
 COMMANDS = {
@@ -222,6 +256,9 @@ COMMANDS = {
                            usage="DIR --ratings=FILE[,FILE]"),
     "report": cli.Command(main_report, _report_flags, args=(1, None),
                           usage="RUN [RUN ...] [--out=DIR]"),
+    "harness": cli.Command(main_harness, _harness_flags, required=("workdir", "tasks"),
+                           usage="--workdir=RUN --tasks=TASK[,TASK] [--limit=N] "
+                                 "[--num_fewshot=K] [--checkpoint=best] [--template=chat|plain]"),
 }
 
 

@@ -374,3 +374,28 @@ def test_demo_multiple_choice_accuracy_rises_from_pretrained_to_sft(tmp_path):
         acc[name] = out.tasks[f"harness:{MC}"]["metrics"]["acc"]
     assert acc["sft"] > acc["pretrain"] + 0.1, acc
     assert math.isfinite(acc["pretrain"])
+
+
+def test_report_card_carries_harness_columns(tmp_path):
+    """The lifecycle's report card: a harness task's accuracy is a headline column, and the
+    card says which lm-eval task it was."""
+    from configs.lifecycle import demo
+    from t5x_like.experiments import lifecycle_report
+
+    cfg = demo.get_config()
+    assert cfg.stages.eval_sft.suite == "configs/eval/demo_harness.py"  # lm-eval is installed
+    assert "tasks.arithmetic_mc.template=plain" in cfg.stages.eval_pretrain_text.args
+    names = ["eval_pretrain", "eval_sft"]
+    cfg.order = ",".join(names)
+    stages = {}
+    for name, acc in zip(names, (0.55, 0.9)):
+        tasks = {"arithmetic": {"kind": "generate", "metrics": {"exact_match": acc - 0.1}},
+                 "arithmetic_mc": {"kind": "harness", "source": MC, "n": 200,
+                                   "lm_eval_version": "0.4.13",
+                                   "metrics": {"acc": acc, "acc_norm": acc}}}
+        stages[name] = {"kind": "eval", "done": True, "wall_s": 1.0, "command": ["python"],
+                        "results": {"tasks": tasks, "workdir": "", "step": 0}}
+    report = open(lifecycle_report.write(cfg, str(tmp_path), {"stages": stages}, names)).read()
+    headline = report.split("## Headline")[1].split("##")[0]
+    assert "arithmetic_mc/acc" in headline and "0.9 |" in headline and "acc_norm" not in headline
+    assert f"arithmetic_mc is its task {MC} (lm-eval 0.4.13)" in headline

@@ -74,6 +74,10 @@ def test_quick_lifecycle_runs_every_stage_and_writes_the_report(tmp_path, monkey
     assert "Feedback round" in report and "trained on by: dpo_feedback" in report
     assert "Exported without a review" in report
     assert "exact_match" in report
+    # The demo's questions through lm-evaluation-harness (the final evaluation under --quick).
+    mc = state["stages"]["eval_final"]["results"]["tasks"]["arithmetic_mc"]
+    assert mc["kind"] == "harness" and mc["n"] == 8 and 0.0 <= mc["metrics"]["acc"] <= 1.0
+    assert "arithmetic_mc/acc" in report and "Through lm-evaluation-harness" in report
 
     # A rerun finds every stage done and only rewrites the report.
     before = json.load(open(workdir / "lifecycle.json"))

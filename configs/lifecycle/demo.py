@@ -22,7 +22,14 @@ the replayed ones: feedback/train_pairs.jsonl).
 --quick; {data} is --data, {stage:NAME} a stage's directory.
 """
 
+import importlib.util
+
 import ml_collections
+
+# With lm-evaluation-harness installed (the eval extra), every evaluation also runs the demo's
+# multiple-choice questions through it (configs/eval/demo_harness.py): a harness column in the
+# report card.
+HARNESS = importlib.util.find_spec("lm_eval") is not None
 
 
 def stage(kind: str, **fields) -> ml_collections.ConfigDict:
@@ -32,10 +39,19 @@ def stage(kind: str, **fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(base)
 
 
-def demo_eval(run: str, checkpoint: str = "latest", args: str = "") -> ml_collections.ConfigDict:
-    """Held-out exact match (200 questions) and chat loss of `run` (configs/eval/demo.py)."""
-    return stage("eval", run=run, suite="configs/eval/demo.py", checkpoint=checkpoint,
-                 args=args, quick_args=f"{args} tasks.arithmetic.n=8 tasks.arithmetic_chat.n=8")
+def demo_eval(run: str, checkpoint: str = "latest", args: str = "", template: str = "chat",
+              quick_harness: bool = False) -> ml_collections.ConfigDict:
+    """Held-out exact match (200 questions) and chat loss of `run` (configs/eval/demo.py), and
+    with HARNESS the same questions as lm-eval multiple choice; `template`: of both. Under
+    --quick the harness task runs only where `quick_harness` (its start-up costs seconds)."""
+    args = f"{args} tasks.arithmetic.template={template}".strip()
+    quick = f"{args} tasks.arithmetic.n=8 tasks.arithmetic_chat.n=8"
+    if HARNESS:
+        args += f" tasks.arithmetic_mc.template={template}"
+        quick += (f" tasks.arithmetic_mc.template={template} tasks.arithmetic_mc.n=8"
+                  if quick_harness else " only=arithmetic,arithmetic_chat")
+    return stage("eval", run=run, checkpoint=checkpoint, args=args, quick_args=quick,
+                 suite="configs/eval/demo_harness.py" if HARNESS else "configs/eval/demo.py")
 
 
 def get_config():
@@ -63,7 +79,7 @@ def get_config():
     # The pretrained model asked in chat form (what SFT teaches), and as plain text (what it
     # already knows).
     s.eval_pretrain = demo_eval("pretrain")
-    s.eval_pretrain_text = demo_eval("pretrain", args="tasks.arithmetic.template=plain")
+    s.eval_pretrain_text = demo_eval("pretrain", template="plain")
     s.sft = stage("train", config="configs/sft_chat.py", init_from="pretrain")
     s.eval_sft = demo_eval("sft", checkpoint="best")
     s.dpo = stage("train", config="configs/dpo.py", init_from="sft")
@@ -81,5 +97,5 @@ def get_config():
     # A handful of feedback pairs plus 200 replayed ones: a short round.
     s.dpo_feedback = stage("train", config="configs/dpo.py", init_from="dpo",
                            data_from="feedback", args="steps=20")
-    s.eval_final = demo_eval("dpo_feedback")
+    s.eval_final = demo_eval("dpo_feedback", quick_harness=True)
     return cfg

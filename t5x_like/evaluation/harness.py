@@ -14,14 +14,15 @@ model directory, with the run's tokenizer and context length:
                            scored tokens are always the whole string's own tokenization.
     loglikelihood_rolling  a document's log-likelihood in lm-eval's rolling windows of the
                            run's model.max_len tokens, every token scored once after <bos>.
-    generate_until         greedy (or sampled) continuations by the KV-cache Decoder, cut at
-                           the task's stop strings; chat prompts also stop at the end of a turn.
-    apply_chat_template    the one chat template (data_pipelines/chat_template.py), when the
-                           harness is asked to template prompts (--template=chat).
+    generate_until         greedy (or sampled) continuations by the KV-cache Decoder, ending at
+                           the task's stop strings, eos or the template's end-of-turn token.
+    apply_chat_template    the run's chat template (data_pipelines/chat_template.py: the
+                           project's or an imported model's), when the harness is asked to
+                           template prompts (--template=chat).
 
-Every sequence starts with <bos>, as in training. `run_tasks` runs lm-eval's `simple_evaluate`
-and turns its results into our task results (metric names without lm-eval's ",none" filter
-suffix); `write` stores lm-eval's results JSON and per-example samples in
+Every sequence starts with <bos>, as in training (eos for a model without one). `run_tasks`
+runs lm-eval's `simple_evaluate` and turns its results into our task results (metric names
+without lm-eval's ",none" filter suffix); `write` stores lm-eval's results JSON and per-example samples in
 <workdir>/eval/<step>/harness/, and our results.json, results.md and metrics.jsonl lines.
 
 Local tasks (no dataset hub needed; `write_local_tasks` writes their YAMLs and data files):
@@ -45,7 +46,7 @@ import os
 import platform
 import re
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -655,6 +656,7 @@ def run_tasks(lm: RunLM, tasks: Sequence[str], *, include_path: Sequence[str] = 
             n = raw.get("n-samples", {}).get(sub, {}).get("effective")
             out[name] = {"kind": "harness", "source": sub, "n": n if n is not None else 0,
                          "metrics": metrics_of(raw["results"][sub]),
+                         "lm_eval_version": lm_eval.__version__,
                          "seconds": seconds, "settings": {
                              "limit": limit, "num_fewshot": raw.get("configs", {}).get(
                                  sub, {}).get("num_fewshot", num_fewshot),

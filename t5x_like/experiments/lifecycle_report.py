@@ -14,7 +14,8 @@ import platform
 from t5x_like.core import files, markdown, plots
 from t5x_like.core import metrics as metrics_lib
 
-_HEADLINE = ("exact_match", "accuracy", "perplexity", "bits_per_byte", "bleu", "rougeL")
+_HEADLINE = ("exact_match", "accuracy", "perplexity", "bits_per_byte", "bleu", "rougeL",
+             "acc")  # acc: lm-evaluation-harness's accuracy (harness tasks)
 
 
 def _final(run: str, split: str) -> dict:
@@ -38,6 +39,21 @@ def _eval_metrics(record: dict) -> dict[str, float]:
             if isinstance(v, (int, float)):
                 out[f"{task}/{k}"] = v
     return out
+
+
+def _harness_note(stages: dict, evals: list[str]) -> list[str]:
+    """Which columns came from lm-evaluation-harness, as which of its tasks."""
+    found = {}
+    for n in evals:
+        for task, r in stages[n].get("results", {}).get("tasks", {}).items():
+            if r.get("kind") == "harness":
+                found[task] = (r.get("source", ""), r.get("lm_eval_version", ""))
+    if not found:
+        return []
+    named = ", ".join(f"{t} is its task {src}" + (f" (lm-eval {v})" if v else "")
+                      for t, (src, v) in sorted(found.items()))
+    return [f"Through lm-evaluation-harness: {named}; its results JSON is in each run's "
+            "eval/<step>/harness/.", ""]
 
 
 def _fmt(v) -> str:
@@ -126,6 +142,7 @@ def write(cfg, workdir: str, state: dict, names: list[str]) -> str:
                                 [[name, cfg.stages[name].run, *(_fmt(m.get(k, "")) for k in keys)]
                                  for name, m in evals])
         lines.append("")
+        lines += _harness_note(stages, [n for n, _ in evals])
         metric = next((k for k in keys if k.endswith("exact_match")), keys[0] if keys else None)
         if metric and plot_evals(evals, metric, os.path.join(workdir, "report_eval.png")):
             lines += [f"![{metric} per evaluation](report_eval.png)", ""]
