@@ -9,6 +9,7 @@ trains a pretrained and an SFT model for the rise in multiple-choice accuracy.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -124,6 +125,31 @@ def test_loglikelihood_equals_our_likelihood_of_the_same_tokens(lm, run):
     (lp_greedy, is_greedy), (lp_other, is_other) = lm._loglikelihood_tokens(
         [(None, ctx, greedy), (None, ctx, other)])
     assert is_greedy and not is_other and lp_greedy > lp_other
+
+
+def test_either_tokenizer_backend_gives_the_same_numbers(model_dir, lm, tmp_path):
+    """The run's SentencePiece model as an equivalent tokenizer.json (the Hugging Face
+    backend): the same ids, so the same log-likelihoods, chat prompts and greedy checks."""
+    from data_pipelines import tokenizer as tokenizer_lib
+
+    copy = tmp_path / "json_tokenizer"
+    shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns("tokenizer.model", "eval",
+                                                                   "metrics.jsonl"))
+    (copy / "tokenizer.json").write_text(tokenizer_lib.to_tokenizer_json(lm.tok))
+    tok = lm.tok
+    (copy / "tokenizer_config.json").write_text(json.dumps(
+        {f"{k}_token": tok.id_to_piece(getattr(tok, f"{k}_id")) for k in ("bos", "eos", "pad")}))
+    other = harness.RunLM(harness.load_run(str(copy)), batch_size=16)
+    assert (lm.tok.backend, other.tok.backend) == ("sentencepiece", "hf")
+    chat = lm.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}])
+    assert other.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}]) == chat
+    pairs = [("What is 12 + 9?", " 21"), ("", "7 + 7 = 14"), (chat, "4"), ("Wh", "at is 1 + 1?")]
+    for a, b in zip(lm.loglikelihood(requests("loglikelihood", pairs)),
+                    other.loglikelihood(requests("loglikelihood", pairs))):
+        assert a[0] == pytest.approx(b[0], abs=1e-5) and a[1] == b[1]
+    for context, continuation in pairs[2:]:
+        assert harness.encode_pair(lm.tok, context, continuation) == harness.encode_pair(
+            other.tok, context, continuation)
 
 
 def test_rolling_windows_score_every_token_once(lm, run):

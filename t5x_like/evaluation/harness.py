@@ -195,7 +195,8 @@ class RunLM(TemplateLM):
     module is imported."""
 
     def __init__(self, run=None, *, workdir: str = "", checkpoint: str = "latest",
-                 batch_size: int | str | None = 16, max_gen_toks: int = 256, **unused):
+                 batch_size: int | str | None = 16, max_gen_toks: int = 256,
+                 max_batch_size=None, device=None):  # lm-eval passes the last two; unused
         super().__init__()
         if run is None:
             if not workdir:
