@@ -54,14 +54,15 @@ class Result:
 class Request:
     """One prompt and its choices (one Sampling each: n rows). `post(kind, payload)` is called
     from the engine's thread: ("step", [Completion so far per choice]) after each device call
-    that advanced it, then ("done", Result) or ("error", message). Set `cancelled` (the client
-    left) and its rows leave at the next step."""
+    that advanced it (unless steps=False), then ("done", Result) or ("error", message). Set
+    `cancelled` (the client left) and its rows leave at the next step."""
 
     def __init__(self, prompt: list[int], samplings: list[decoding.Sampling], *,
                  prompt_logprobs: int | None = None,
-                 post: Callable[[str, Any], None] | None = None):
+                 post: Callable[[str, Any], None] | None = None, steps: bool = True):
         self.prompt, self.samplings = list(prompt), list(samplings)
         self.prompt_logprobs = prompt_logprobs
+        self.steps = steps
         self._post = post
         self.cancelled = False
         self.submitted = time.monotonic()
@@ -138,7 +139,8 @@ def prompt_buckets(max_len: int, chunk: int, smallest: int = 16) -> list[int]:
 class Engine:
     def __init__(self, decoder: decoding.Decoder, *, slots: int | None = None,
                  prefill_chunk: int = 256, max_queue: int = 256, cache_len: int | None = None,
-                 smallest_window: int = 32, observer: Observer | None = None):
+                 smallest_window: int = 64, window_growth: int = 4,
+                 observer: Observer | None = None):
         self.decoder = decoder
         self.tok = decoder.tokenizer
         self.B = slots or decoder.max_batch
@@ -150,12 +152,15 @@ class Engine:
         # Room for the longest padded prompt before `index` and the longest reply after it:
         # any request fits beside any others (see _placement).
         self.S = cache_len or self.buckets[-1] + self.max_len + self.n
-        widest = self.max_len + self.n
+        # Attention windows: each size is a decode program (the costliest to compile, ~10 s
+        # for the tiny model on a loaded 2-core CPU), so they grow 4x; a step reads at most
+        # 4x the slots its rows hold.
+        widest = min(self.max_len + self.n, self.S)
         windows, w = [], smallest_window
-        while w < widest and w < self.S:
+        while w < widest:
             windows.append(w)
-            w *= 2
-        self.windows = windows + [min(widest, self.S)]
+            w *= window_growth
+        self.windows = windows + [widest]
         self.max_queue = max_queue
         self.observer = observer or Observer()
         self.state = "warming"  # -> "ready", or "failed" (start-up failed: see the log)
@@ -507,7 +512,7 @@ class Engine:
                 continue
             if all(row.done for row in request.rows):
                 self._finish(request, request.prompt_result)
-            else:
+            elif request.steps:
                 request.post("step", [row.completion() for row in request.rows])
 
     def _finish(self, request: Request, prompt) -> None:

@@ -129,7 +129,7 @@ class _Job(engine_lib.Request):
 
     def __init__(self, prompt: list[int], samplings: list[decoding.Sampling], stream: bool,
                  prompt_logprobs: int | None = None):
-        super().__init__(prompt, samplings, prompt_logprobs=prompt_logprobs)
+        super().__init__(prompt, samplings, prompt_logprobs=prompt_logprobs, steps=stream)
         self.stream = stream
         self.rows = len(samplings)
         self.max_new = max(s.max_new_tokens for s in samplings)
