@@ -22,9 +22,10 @@ Recipe, and why:
 - The weights are sharded over the sequence axis too (the rules table's "embed" is ZeRO-3
   over fsdp, sequence and expert): 1.2B parameters' weights, AdamW moments and gradients come
   to ~19 GB replicated, ~19 GB / n sharded.
-- attention_impl = chunked, 1,024 keys per block: an online softmax whose memory is linear in
-  the context, never the 32k x 32k scores (4 GiB per head per sequence in float32); blocks of
-  1,024 balance the per-block scores against the running outputs kept per block.
+- attention_impl = chunked in tiles of 1,024 queries x 1,024 keys: an online softmax with a
+  FlashAttention-style backward pass, memory linear in the context, never the 32k x 32k scores
+  (4 GiB per head per sequence in float32); a tile's scores are 32 heads x 1,024 x 1,024 x 4
+  bytes = 128 MiB, and tiles above the causal diagonal are skipped (half the score FLOPs).
 - remat = full: only each layer's input is kept (32k x 2048 x 2 bytes / n per layer); at this
   length the recomputation (~1/3 more FLOPs) buys more than larger batches would.
 - RoPE base 500,000 (Llama 3's) as in llama_1b: positions up to 32k keep distinct phases

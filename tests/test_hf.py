@@ -95,7 +95,9 @@ def save_hf_model(folder, cls, tokenizer, *, seed=0, dtype=torch.float32, shard=
               transformers.Qwen2Config: transformers.Qwen2ForCausalLM,
               transformers.Qwen3Config: transformers.Qwen3ForCausalLM,
               transformers.Gemma2Config: transformers.Gemma2ForCausalLM,
-              transformers.Gemma3TextConfig: transformers.Gemma3ForCausalLM}[cls]
+              transformers.Gemma3TextConfig: transformers.Gemma3ForCausalLM,
+              transformers.MixtralConfig: transformers.MixtralForCausalLM,
+              transformers.Qwen3MoeConfig: transformers.Qwen3MoeForCausalLM}[cls]
     hf_model = causal(config).eval()
     with torch.no_grad():
         for p in hf_model.parameters():
@@ -592,6 +594,19 @@ FAMILIES = {
                       {"qk_norm": True, "post_norms": True, "global_every": 3,
                        "rope_local_theta": 1e4, "rope_theta": 1e6, "rope_scaling": "linear",
                        "tie_embeddings": False}),
+    # Mixture of experts: every layer MoE, 4 experts, top 2 renormalized, a window.
+    "mixtral": (transformers.MixtralConfig,
+                small(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+                {"num_experts": 4, "experts_per_token": 2, "moe_mlp_dim": 64,
+                 "router_norm_topk": True, "sliding_window": WINDOW, "dense_layers": ""}),
+    # Layer 0 dense (mlp_only_layers), 1 and 2 MoE with narrower experts, top 2 not
+    # renormalized, query/key norms.
+    "qwen3_moe": (transformers.Qwen3MoeConfig,
+                  small(num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=16, mlp_only_layers=[0], norm_topk_prob=False,
+                        head_dim=16),
+                  {"num_experts": 4, "moe_mlp_dim": 16, "mlp_dim": 64, "dense_layers": "0",
+                   "router_norm_topk": False, "qk_norm": True}),
 }
 
 
@@ -700,8 +715,9 @@ def test_family_train_step_on_a_mesh_gives_the_loss_of_one_device(name, tiny_cfg
                  params, one_params)
 
 
-# Published shapes (Gemma 2 2B, Gemma 3 1B, Qwen3 0.6B), built by transformers on the meta
-# device (no memory): plan's parameter count includes every extra norm of the family.
+# Published shapes (Gemma 2 2B, Gemma 3 1B, Qwen3 0.6B, Qwen3-30B-A3B), built by transformers
+# on the meta device (no memory): plan's parameter count includes every extra norm of the
+# family, and every expert.
 PLAN_SHAPES = {
     "gemma2_2b": (transformers.Gemma2Config, dict(
         vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -712,6 +728,10 @@ PLAN_SHAPES = {
     "qwen3_0.6b": (transformers.Qwen3Config, dict(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)),
+    "qwen3_30b_a3b": (transformers.Qwen3MoeConfig, dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)),
 }
 
 

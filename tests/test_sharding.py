@@ -139,9 +139,9 @@ def test_impossible_meshes_fail_before_compute(tiny_cfg):
         partitioning.make_mesh(ml_collections.ConfigDict(dict(data=3, fsdp=1, tensor=1)))
     with pytest.raises(UserError, match=r"does not divide the 8 devices"):
         partitioning.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=3, tensor=1)))
-    cfg = config_lib.resolve(tiny_cfg, 300)  # num_kv_heads=2
-    mesh = partitioning.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=4)))
-    with pytest.raises(UserError, match=r"parameter layers/wk has 2 along 'kv_heads'.*size 4"):
+    cfg = config_lib.resolve(tiny_cfg, 300)  # num_heads=4 (kv heads may be kept whole)
+    mesh = partitioning.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=8)))
+    with pytest.raises(UserError, match=r"parameter layers/w[oq] has 4 along 'heads'.*size 8"):
         state_lib.state_spec(cfg, mesh)
     tiny_cfg.data.batch_size = 4
     tiny_cfg.eval.batch_size = 4
@@ -152,7 +152,10 @@ def test_impossible_meshes_fail_before_compute(tiny_cfg):
 
 def test_rules_never_reuse_a_mesh_axis():
     assert partitioning.logical_to_spec(("act_batch", "act_len", "act_embed")) == \
-        jax.sharding.PartitionSpec(("data", "fsdp"), None, None)
+        jax.sharding.PartitionSpec(("data", "fsdp", "expert"), "sequence", None)
+    # A MoE expert weight: the experts take the expert axis, so its embed dim does not.
+    assert partitioning.logical_to_spec(("layers", "experts", "embed", "expert_mlp")) == \
+        jax.sharding.PartitionSpec(None, "expert", ("fsdp", "sequence"), "tensor")
     custom = (("a", "fsdp"), ("b", ("fsdp", "tensor")))
     assert partitioning.logical_to_spec(("a", "b"), custom) == \
         jax.sharding.PartitionSpec("fsdp", "tensor")

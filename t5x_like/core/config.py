@@ -21,7 +21,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 TEXT_UNITS = ("line", "paragraph", "file")
 TOKENIZER_TYPES = ("bpe", "unigram")
 ROPE_SCALINGS = ("none", "linear", "llama3")
-ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+ATTENTION_IMPLS = ("einsum", "dot_product_attention", "chunked")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 # Model keys that may differ between a checkpoint and the run loading it: they change how the
@@ -29,7 +29,8 @@ EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 # starts from a chat model's parameters and adds a fresh head, see alignment.py).
 FREE_MODEL_KEYS = ("max_len", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
                    "vocab_multiple", "unpadded_vocab_size", "reward_head", "attention_impl",
-                   "attention_block", "loss_chunk")
+                   "attention_block", "loss_chunk", "moe_capacity_factor",
+                   "moe_aux_loss_weight", "router_z_loss_weight")
 
 
 # Keys a resumed run (its workdir has a checkpoint) may change from the config.json it was
@@ -108,6 +109,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         m.vocab_size == 0 or m.unpadded_vocab_size <= m.vocab_size), "model.unpadded_vocab_size",
         f"is {m.unpadded_vocab_size}; it must be between 0 (no padding rows masked) and "
         f"model.vocab_size ({m.vocab_size}).")
+    _validate_moe(m)
 
     o = cfg.optimizer
     _require(o.lr > 0, "optimizer.lr", f"is {o.lr}; it must be positive.")
@@ -153,10 +155,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     from t5x_like.modeling import partitioning  # local: partitioning imports jax
 
     partitioning.rules_with_overrides(cfg.mesh.rules)  # raises UserError naming a bad entry
-    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-    for name, size in zip(("data", "fsdp", "tensor"), sizes):
+    sizes = [cfg.mesh.get(name, 1) for name in partitioning.MESH_AXES]
+    for name, size in zip(partitioning.MESH_AXES, sizes):
         _require(size == -1 or size >= 1, f"mesh.{name}", f"is {size}; use -1 or a positive size.")
     _require(sizes.count(-1) <= 1, "mesh", "at most one axis may be -1 (the remaining devices).")
+    sequence = cfg.mesh.get("sequence", 1)
+    _require(sequence == -1 or m.max_len % sequence == 0, "mesh.sequence",
+             f"{sequence} must divide model.max_len ({m.max_len}): each device holds an equal "
+             "part of every sequence.")
     dist = cfg.distributed
     if dist.coordinator_address:
         _require(":" in dist.coordinator_address, "distributed.coordinator_address",
@@ -189,6 +195,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _validate_alignment(cfg)
     _require(not cfg.model_from_init or cfg.init_from, "model_from_init",
              "needs init_from (the run or model directory to take the model config from).")
+
+
+def _validate_moe(m) -> None:
+    """The mixture-of-experts keys (model.py, "Mixture of experts")."""
+    _require(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0 = a dense model).")
+    if not m.num_experts:
+        return
+    _require(1 <= m.experts_per_token <= m.num_experts, "model.experts_per_token",
+             f"is {m.experts_per_token}; it must be between 1 and model.num_experts "
+             f"({m.num_experts}).")
+    for key in ("moe_mlp_dim", "num_shared_experts", "moe_capacity_factor",
+                "moe_aux_loss_weight", "router_z_loss_weight"):
+        _require(m[key] >= 0, f"model.{key}", f"is {m[key]}; it must be >= 0.")
+    _require(m.moe_every >= 1, "model.moe_every", f"is {m.moe_every}; it must be >= 1.")
+    parts = [p.strip() for p in m.dense_layers.split(",") if p.strip()]
+    _require(all(p.isdigit() and int(p) < m.num_layers for p in parts), "model.dense_layers",
+             f"is {m.dense_layers!r}; give comma-separated layer indices below model.num_layers "
+             f"({m.num_layers}), e.g. '0,1'.")
 
 
 def _validate_peft(cfg) -> None:

@@ -22,6 +22,9 @@ LATER_MODEL_KEYS = {
     "qk_norm": False, "post_norms": False, "norm_plus_one": False, "mlp_activation": "silu",
     "embed_scale": False, "query_pre_attn_scalar": 0.0, "attn_logit_softcap": 0.0,
     "final_logit_softcap": 0.0, "sliding_window": 0, "global_every": 0, "rope_local_theta": 0.0,
+    "num_experts": 0, "experts_per_token": 2, "moe_mlp_dim": 0, "moe_every": 1,
+    "dense_layers": "", "num_shared_experts": 0, "router_norm_topk": True,
+    "moe_capacity_factor": 0.0, "moe_aux_loss_weight": 0.01, "router_z_loss_weight": 0.001,
 }
 # The same for other sections: section -> {key: the value that gives the original behaviour}.
 LATER_KEYS = {"model": LATER_MODEL_KEYS, "dpo": {"rpo_alpha": 0.0}}
@@ -97,13 +100,29 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.remat = "none"  # none | full | dots | dots_no_batch (what the backward recomputes)
     # einsum: ours, in plain XLA ops, causal blocks of attention_block queries (0 = one block);
     # dot_product_attention: jax.nn.dot_product_attention, cuDNN flash attention on a GPU when
-    # the dtype is bfloat16, XLA elsewhere. Both compute the same; neither changes parameters.
+    # the dtype is bfloat16, XLA elsewhere; chunked: ours in tiles of attention_block queries x
+    # keys, online softmax, FlashAttention-style backward, masked tiles skipped (memory linear
+    # in the context: configs/llama_1b_long.py). All compute the same; none changes parameters.
     cfg.model.attention_impl = "einsum"
     cfg.model.attention_block = 128
     # Positions per chunk of the output layer + loss (0 = all at once): the [B, T, V] float32
     # logits never exist whole, only [B, loss_chunk, V] (losses.chunked_loss); same result,
     # less memory, and on CPU a little faster too (BENCHMARKS.md, "Chunked cross-entropy").
     cfg.model.loss_chunk = 128
+    # Mixture of experts (model.py, "Mixture of experts"); 0 experts = a dense model. Set by
+    # `t5x_like.hf import` for Mixtral and Qwen3-MoE; configs/moe_small.py trains one.
+    cfg.model.num_experts = 0  # experts per MoE layer
+    cfg.model.experts_per_token = 2  # top-k routing
+    cfg.model.moe_mlp_dim = 0  # each expert's SwiGLU width; 0 = mlp_dim
+    cfg.model.moe_every = 1  # layer i is MoE when (i + 1) % moe_every == 0 ...
+    cfg.model.dense_layers = ""  # ... and i is not listed here ("0,1": dense first layers)
+    cfg.model.num_shared_experts = 0  # always-on experts (one MLP of this many experts' width)
+    cfg.model.router_norm_topk = True  # renormalize the top-k probabilities to sum to 1
+    # 0 = dropless (sorted tokens, grouped matmuls); c > 0: each expert takes at most
+    # c * tokens * k / E of a device's token copies, the rest dropped (metric moe_dropped).
+    cfg.model.moe_capacity_factor = 0.0
+    cfg.model.moe_aux_loss_weight = 0.01  # load-balancing loss (metric moe_load_balance)
+    cfg.model.router_z_loss_weight = 0.001  # router z-loss (metric moe_router_z)
 
     cfg.optimizer = ml_collections.ConfigDict()
     cfg.optimizer.lr = 3e-3  # peak learning rate
@@ -207,10 +226,13 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.num_shards = 0
 
     cfg.mesh = ml_collections.ConfigDict()
-    # Device mesh axes; -1 = all remaining devices. Batch shards over data x fsdp, parameters
-    # over fsdp and tensor (see t5x_like/modeling/partitioning.py for the rules table).
+    # Device mesh axes; -1 = all remaining devices. Batch shards over data x fsdp x expert,
+    # parameters over fsdp and tensor, experts over expert, the sequence over sequence (see
+    # t5x_like/modeling/partitioning.py for the rules table; README "Choosing axis sizes").
     cfg.mesh.data = -1
     cfg.mesh.fsdp = 1
+    cfg.mesh.expert = 1  # expert parallelism (MoE models); data-parallel for the rest
+    cfg.mesh.sequence = 1  # context parallelism: must divide model.max_len
     cfg.mesh.tensor = 1
     # Overrides of the logical-axis rules table, e.g. "embed=none,mlp=tensor+fsdp" (see
     # partitioning.RULES for the names); "" = the table as it is.

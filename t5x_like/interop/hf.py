@@ -26,7 +26,9 @@ init_from requires.
 Supported: LlamaForCausalLM, MistralForCausalLM (its sliding window), Qwen2ForCausalLM,
 Qwen3ForCausalLM (query/key norms), Gemma2ForCausalLM and Gemma3ForCausalLM (GeGLU, (1 + w)
 norms before and after attention and MLP, scaled embeddings, softcaps, query_pre_attn_scalar,
-local/global layers from `layer_types`, Gemma 3's local RoPE base), with grouped-query
+local/global layers from `layer_types`, Gemma 3's local RoPE base), MixtralForCausalLM and
+Qwen3MoeForCausalLM (mixture-of-experts layers: router, per-expert SwiGLU weights, Qwen3-MoE's
+dense layers from decoder_sparse_step and mlp_only_layers and its norm_topk_prob), with grouped-query
 attention, RoPE theta, "linear" and "llama3" RoPE scaling (Gemma 3: on the global layers), tied
 or untied embeddings, RMSNorm epsilon, attention and MLP biases. Each maps to a model.* switch
 (model.py). Anything else (another architecture, activation, RoPE type, a layer pattern other
@@ -151,7 +153,22 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                 "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+                 "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
+                 "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
+# A MoE layer's tensors (model.MOE_MLP), per family: the router and, per expert {j}, the
+# SwiGLU's three weights (each an nn.Linear weight: one input dimension). The checkpoints hold
+# one tensor per expert (transformers 5 fuses them in memory, and writes them back apart).
+MOE_TENSORS: dict[str, dict[str, tuple[str, Any]]] = {
+    "mixtral": {"router": ("block_sparse_moe.gate.weight", 1),
+                "we_gate": ("block_sparse_moe.experts.{j}.w1.weight", 1),
+                "we_up": ("block_sparse_moe.experts.{j}.w3.weight", 1),
+                "we_down": ("block_sparse_moe.experts.{j}.w2.weight", 1)},
+    "qwen3_moe": {"router": ("mlp.gate.weight", 1),
+                  "we_gate": ("mlp.experts.{j}.gate_proj.weight", 1),
+                  "we_up": ("mlp.experts.{j}.up_proj.weight", 1),
+                  "we_down": ("mlp.experts.{j}.down_proj.weight", 1)},
+}
+_MOE = tuple(MOE_TENSORS)
 MODEL_TYPES = {"gemma3_text": "gemma3"}  # model_type where it is not the family's name
 _GEMMA = ("gemma2", "gemma3")
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
@@ -159,9 +176,14 @@ DEFAULT_MAX_LEN = 2048  # import's model.max_len cap: the sequence length sample
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jax.numpy.bfloat16}
 
 
-def hf_name(param: str, layer: int | None = None, post_norms: bool = False) -> str:
+def hf_name(param: str, layer: int | None = None, post_norms: bool = False,
+            family: str = "", expert: int | None = None) -> str:
+    """The HF tensor of our parameter `param` (of `layer`; of `expert` in a MoE layer of
+    `family`)."""
     if layer is None:
         return TOP_TENSORS[param][0]
+    if param in model.MOE_MLP:
+        return f"model.layers.{layer}." + MOE_TENSORS[family][param][0].format(j=expert)
     name = POST_NORM_NAMES.get(param) if post_norms else None
     return f"model.layers.{layer}.{name or LAYER_TENSORS[param][0]}"
 
@@ -240,8 +262,10 @@ def model_config_from_hf(hf: dict, path: str, max_len: int = 0) -> dict[str, Any
         "attn_qkv_bias": kind == "qwen2" or (kind != "mistral" and bool(hf.get("attention_bias"))),
         "attn_out_bias": kind not in ("qwen2", "mistral") and bool(hf.get("attention_bias")),
         "mlp_bias": kind == "llama" and bool(hf.get("mlp_bias")),
-        "qk_norm": kind in ("qwen3", "gemma3"),
+        "qk_norm": kind in ("qwen3", "gemma3", "qwen3_moe"),
     }
+    if kind in _MOE:
+        out.update(_moe_from_hf(hf, kind, path, out["num_layers"]))
     if gemma:
         out.update(post_norms=True, norm_plus_one=True, mlp_activation="gelu_tanh",
                    embed_scale=True,
@@ -251,6 +275,31 @@ def model_config_from_hf(hf: dict, path: str, max_len: int = 0) -> dict[str, Any
     out.update(_window_from_hf(hf, kind, path, out["num_layers"]))
     out.update(_rope_from_hf(hf, path, positions, kind))
     return out
+
+
+def _moe_from_hf(hf: dict, kind: str, path: str, num_layers: int) -> dict[str, Any]:
+    """The mixture-of-experts keys of a Mixtral or Qwen3-MoE config (model.py, "Mixture of
+    experts"). Router jitter noise, a training-time perturbation, is not kept."""
+    experts = hf.get("num_local_experts") or hf.get("num_experts")  # transformers 5 writes
+    # Qwen3-MoE's num_experts as num_local_experts too
+    top_k = hf.get("num_experts_per_tok")
+    if not isinstance(experts, int) or experts < 1 or not isinstance(top_k, int) or not (
+            1 <= top_k <= experts):
+        raise UserError(f"{path}: the experts ({experts}) and experts per token ({top_k}) must "
+                        "be positive integers, the latter at most the former; restore the file.")
+    if kind == "mixtral":
+        return {"num_experts": experts, "experts_per_token": top_k,
+                "moe_mlp_dim": hf["intermediate_size"], "moe_every": 1, "dense_layers": "",
+                "router_norm_topk": True, "num_shared_experts": 0}
+    dense = sorted(int(i) for i in hf.get("mlp_only_layers") or [])
+    if any(not 0 <= i < num_layers for i in dense):
+        raise UserError(f"{path}: mlp_only_layers {dense} names layers outside 0..{num_layers - 1}; "
+                        "restore the file.")
+    return {"num_experts": experts, "experts_per_token": top_k,
+            "moe_mlp_dim": hf.get("moe_intermediate_size") or hf["intermediate_size"],
+            "moe_every": int(hf.get("decoder_sparse_step") or 1),
+            "dense_layers": ",".join(map(str, dense)),
+            "router_norm_topk": bool(hf.get("norm_topk_prob", False)), "num_shared_experts": 0}
 
 
 def _window_from_hf(hf: dict, kind: str, path: str, num_layers: int) -> dict[str, Any]:
@@ -268,8 +317,10 @@ def _window_from_hf(hf: dict, kind: str, path: str, num_layers: int) -> dict[str
         elif kind in ("qwen2", "qwen3"):
             local = [bool(hf.get("use_sliding_window")) and j >= hf.get("max_window_layers", 0)
                      for j in i]
+        elif kind == "qwen3_moe":  # its attention windows every layer or none
+            local = [bool(hf.get("use_sliding_window"))] * num_layers
         else:
-            local = [kind == "mistral"] * num_layers
+            local = [kind in ("mistral", "mixtral")] * num_layers
     else:
         if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
             raise UserError(f"{path}: layer_types {types} is not one of 'sliding_attention' or "
@@ -337,7 +388,15 @@ def hf_family(m) -> str:
     Mistral by a window on every layer, else Llama. UserError for a mix no class computes."""
     gemma = m.norm_plus_one or m.post_norms or m.embed_scale or m.mlp_activation != "silu"
     window_ok = True
-    if gemma:
+    if m.get("num_experts", 0) and not gemma:
+        # Mixtral: every layer MoE, renormalized top k, no biases, a window on every layer or
+        # none; Qwen3-MoE: query/key norms, any dense layers, its own norm_topk_prob.
+        kind = "qwen3_moe" if m.qk_norm else "mixtral"
+        ok = (not m.num_shared_experts and not m.mlp_bias and m.attn_qkv_bias == m.attn_out_bias
+              and (kind == "qwen3_moe" or (model.moe_layers(m).all() and m.router_norm_topk
+                                           and not m.attn_qkv_bias)))
+        window_ok = not m.global_every  # both classes: a window on every layer or none
+    elif gemma:
         kind = "gemma3" if m.qk_norm else "gemma2"
         ok = (m.norm_plus_one and m.post_norms and m.embed_scale and m.mlp_activation == "gelu_tanh"
               and not m.mlp_bias and m.attn_qkv_bias == m.attn_out_bias
@@ -355,6 +414,8 @@ def hf_family(m) -> str:
         window_ok = not m.sliding_window
     gemma_only = (m.query_pre_attn_scalar or m.attn_logit_softcap or m.final_logit_softcap
                   or m.rope_local_theta)
+    if m.get("num_experts", 0) and kind not in _MOE:
+        ok = False
     if not ok or not window_ok or (gemma_only and kind not in _GEMMA):
         raise UserError(f"model config: no transformers class computes this mix of switches "
                         f"(closest: {_CLASSES[kind]}); export models whose model.* keys match "
@@ -408,15 +469,27 @@ def hf_config(m, vocab: int, tok: tokenizer_lib.Tokenizer, dtype: str,
         out.update(use_sliding_window=bool(m.sliding_window),
                    sliding_window=m.sliding_window or None, max_window_layers=m.num_layers,
                    layer_types=_layer_types(m))
-    elif kind == "mistral":
-        out["sliding_window"] = m.sliding_window
+    elif kind == "qwen3_moe":
+        out.update(use_sliding_window=bool(m.sliding_window),
+                   sliding_window=m.sliding_window or None)
+    elif kind in ("mistral", "mixtral"):
+        out["sliding_window"] = m.sliding_window or None
+    if kind == "mixtral":
+        out.update(num_local_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
+                   intermediate_size=model.moe_mlp_dim(m), router_jitter_noise=0.0,
+                   output_router_logits=False)
+    elif kind == "qwen3_moe":
+        out.update(num_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
+                   moe_intermediate_size=model.moe_mlp_dim(m), decoder_sparse_step=m.moe_every,
+                   mlp_only_layers=list(model.dense_layer_indices(m)),
+                   norm_topk_prob=bool(m.router_norm_topk), output_router_logits=False)
     elif kind in _GEMMA:
         qpas = m.query_pre_attn_scalar or config_lib.head_dim(m)
         out.update(sliding_window=m.sliding_window or m.max_len, layer_types=_layer_types(m),
                    query_pre_attn_scalar=int(qpas) if float(qpas).is_integer() else qpas,
                    attn_logit_softcapping=m.attn_logit_softcap or None,
                    final_logit_softcapping=m.final_logit_softcap or None)
-    if kind != "qwen2" and kind != "mistral":
+    if kind not in ("qwen2", "mistral", "mixtral"):
         out.update(attention_bias=bool(m.attn_qkv_bias or m.attn_out_bias))
     if kind == "llama":
         out.update(mlp_bias=bool(m.mlp_bias), pretraining_tp=1)
@@ -556,7 +629,8 @@ class ParamsWriter:
     The layout is the one Orbax's StandardSave writes without OCDBT (use_ocdbt=False), which
     Orbax restores like any other: `params/_METADATA` (the tree), and per parameter a zarr v2
     array `params/<a.b>/` whose chunks are single layers ([1, ...] for stacked parameters, the
-    whole array otherwise), float32, uncompressed: each chunk file is the raw C-order bytes.
+    whole array otherwise; single experts [1, 1, ...] of a MoE layer's experts), float32,
+    uncompressed: each chunk file is the raw C-order bytes.
     """
 
     def __init__(self, model_dir: str, abstract: dict, step: int = 0):
@@ -566,6 +640,8 @@ class ParamsWriter:
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
             keys = tuple(k.key for k in path)
             chunk = (1, *leaf.shape[1:]) if keys[0] == "layers" else tuple(leaf.shape)
+            if keys[-1] in _EXPERT_PARAMS:  # one expert of one layer
+                chunk = (1, 1, *leaf.shape[2:])
             self.leaves[".".join(keys)] = (keys, tuple(leaf.shape), chunk)
         for name, (_, shape, chunk) in self.leaves.items():
             os.makedirs(os.path.join(self.dir, name))
@@ -578,14 +654,15 @@ class ParamsWriter:
         with open(os.path.join(self.dir, name), "w", encoding="utf-8") as f:
             json.dump(content, f)
 
-    def write(self, name: str, value: np.ndarray, layer: int | None = None) -> None:
-        """Parameter `name` ("embed", "layers.wq"), or its layer `layer` of a stacked one."""
+    def write(self, name: str, value: np.ndarray, layer: int | tuple | None = None) -> None:
+        """Parameter `name` ("embed", "layers.wq"), or its layer `layer` of a stacked one
+        (a (layer, expert) pair: one expert of a MoE layer)."""
         _, shape, chunk = self.leaves[name]
-        want = shape[1:] if layer is not None else shape
+        lead = () if layer is None else layer if isinstance(layer, tuple) else (layer,)
+        want = shape[len(lead):]
         assert tuple(value.shape) == want, (name, value.shape, want)
         index = [0] * len(shape)
-        if layer is not None:
-            index[0] = layer
+        index[:len(lead)] = lead
         path = os.path.join(self.dir, name, ".".join(map(str, index)))
         with open(path, "wb") as f:
             f.write(memoryview(np.ascontiguousarray(value, np.float32).reshape(-1).view(np.uint8)))
@@ -618,23 +695,49 @@ class ParamsWriter:
         checkpoints.seal(os.path.dirname(self.step_dir), int(os.path.basename(self.step_dir)))
 
 
-def _targets(abstract: dict) -> dict[str, tuple[tuple, Any, tuple]]:
-    """HF tensor name -> (where in our params: (top name,) or ("layers", name, i), kind, shape)."""
+_EXPERT_PARAMS = ("we_gate", "we_up", "we_down")  # [L_moe, E, ...]: one HF tensor per expert
+
+
+def _targets(abstract: dict, m=None) -> dict[str, tuple[tuple, Any, tuple]]:
+    """HF tensor name -> (where in our params: (top name,) or ("layers", name, row[, expert]),
+    kind, shape). `m`, the model config, places the MLP weights of a model with MoE layers: HF
+    layer i is row i of the attention stacks, and row stack_index[i] of its MLP kind's."""
     out = {}
     for name, (_, kind) in TOP_TENSORS.items():
         if name in abstract:
             out[hf_name(name)] = ((name,), kind, abstract[name].shape)
     post_norms = "attn_post_norm" in abstract["layers"]
-    for name, leaf in abstract["layers"].items():
-        for i in range(leaf.shape[0]):
-            out[hf_name(name, i, post_norms)] = (("layers", name, i), LAYER_TENSORS[name][1],
-                                                 leaf.shape[1:])
+    family = hf_family(m) if m is not None and m.get("num_experts", 0) else ""
+    for i, row, names in _layer_rows(abstract["layers"], m):
+        for name in names:
+            shape = abstract["layers"][name].shape[1:]
+            if name in _EXPERT_PARAMS:
+                for j in range(shape[0]):
+                    out[hf_name(name, i, family=family, expert=j)] = (
+                        ("layers", name, row, j), MOE_TENSORS[family][name][1], shape[1:])
+            elif name in model.MOE_MLP:
+                out[hf_name(name, i, family=family)] = (("layers", name, row),
+                                                        MOE_TENSORS[family][name][1], shape)
+            else:
+                out[hf_name(name, i, post_norms)] = (("layers", name, row if name in
+                                                      model.DENSE_MLP else i),
+                                                     LAYER_TENSORS[name][1], shape)
     return out
+
+
+def _layer_rows(layers: dict, m=None) -> Iterator[tuple[int, int, list[str]]]:
+    """(HF layer i, its row in the MLP stacks, our layer parameters it has) for every layer."""
+    L = layers["wq"].shape[0]
+    moe = model.moe_layers(m) if m is not None else np.zeros(L, bool)
+    rows = model._stack_index(m) if m is not None else np.arange(L)
+    for i in range(L):
+        other = model.DENSE_MLP if moe[i] else model.MOE_MLP
+        yield i, int(rows[i]), [n for n in layers if n not in other]
 
 
 def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool,
                 writer: "ParamsWriter | None" = None,
-                new_rows: tuple[int, int, int] = (0, 0, 0)) -> dict:
+                new_rows: tuple[int, int, int] = (0, 0, 0), m=None) -> dict:
     """Reads every tensor once, converted to float32 in our layout.
 
     Without `writer`: into preallocated arrays (numpy), returned; embedding rows past
@@ -642,13 +745,14 @@ def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool,
     tensor is written to the checkpoint as soon as it is read and dropped (peak memory: one
     tensor, plus the pages of the shard being read); the embedding and output head get their
     added rows (`new_rows` = (first, last, known), see _init_new_rows) first. Returns {}.
+    `m`: the model config (needed for a model with MoE layers, see _targets).
     """
     stream = writer is not None
     params = {} if stream else jax.tree.map(lambda a: np.empty(a.shape, np.float32), abstract)
     for name in ("embed", "lm_head"):
         if name in abstract and not stream:
             params[name] = np.zeros(abstract[name].shape, np.float32)  # rows past hf_vocab
-    targets = _targets(abstract)
+    targets = _targets(abstract, m)
     ignored = {hf_name("lm_head")} if tied else set()  # some tied checkpoints still hold it
     seen: set[str] = set()
     bar = tqdm.tqdm(total=len(targets), desc="import", disable=not sys.stderr.isatty())
@@ -677,11 +781,11 @@ def read_params(files: list[str], abstract: dict, hf_vocab: int, tied: bool,
                     del value
                     _init_rows_of(kind, dst, *new_rows)
                     writer.write(".".join(map(str, where[:2])), dst,
-                                 where[2] if len(where) == 3 else None)
+                                 tuple(where[2:]) or None)
                     del dst
                 else:
                     dst = (params[where[0]] if len(where) == 1
-                           else params["layers"][where[1]][where[2]])
+                           else params["layers"][where[1]][tuple(where[2:])])
                     _assign(kind, dst, value)
                 seen.add(key)
                 bar.update(1)
@@ -804,7 +908,8 @@ def import_model(hf_dir: str, out: str, *, tokenizer: str = "", max_len: int = 0
         # Streamed: each tensor goes into the checkpoint as it is read (ParamsWriter).
         read_params(weights, abstract, hf_vocab, cfg.model.tie_embeddings,
                     writer=ParamsWriter(tmp, abstract),
-                    new_rows=(pieces_before, pieces_before + len(added), pieces_before))
+                    new_rows=(pieces_before, pieces_before + len(added), pieces_before),
+                    m=cfg.model)
     return os.path.abspath(out)
 
 
@@ -922,14 +1027,18 @@ def _hf_tensors(read: Callable, m, vocab: int,
     def layer(name, i, kind):
         return lambda: to_hf(kind, np.asarray(read(f"layers.{name}", i), np.float32), vocab)
 
-    not_llama = (kind or hf_family(m)) != "llama"  # only Llama's class has biases it may lack
+    family = kind or hf_family(m)
+    not_llama = family != "llama"  # only Llama's class has biases it may lack
     yield hf_name("embed"), (vocab, m.hidden_dim), top("embed", "rows")
     layers = model.abstract_model(m)[1]["layers"]
-    for i in range(m.num_layers):
+    for i, row, names in _layer_rows(layers, m):
         for name, (_, kind) in LAYER_TENSORS.items():
-            if name in layers:
+            if name in names:
                 shape = _hf_shape(kind, layers[name].shape[1:], vocab)
-                yield hf_name(name, i, m.post_norms), shape, layer(name, i, kind)
+                yield hf_name(name, i, m.post_norms), shape, layer(
+                    name, row if name in model.DENSE_MLP else i, kind)
+            elif name in model.DENSE_MLP:
+                continue  # a MoE layer's MLP: below
             elif name.endswith("bias") and _hf_needs_bias(name, m, not_llama):
                 # LlamaForCausalLM has one attention_bias switch for q, k, v and o: a bias
                 # this model lacks is exported as zeros, which computes the same function.
@@ -937,6 +1046,16 @@ def _hf_tensors(read: Callable, m, vocab: int,
                         else config_lib.head_dim(m) * (m.num_heads if name == "q_bias"
                                                        else m.num_kv_heads))
                 yield hf_name(name, i), (size,), lambda size=size: np.zeros(size, np.float32)
+        for name in (n for n in model.MOE_MLP if n in names):  # (router, experts)
+            hf_kind = MOE_TENSORS[family][name][1]
+            shape = layers[name].shape[1:]
+            if name not in _EXPERT_PARAMS:
+                yield (hf_name(name, i, family=family), _hf_shape(hf_kind, shape, vocab),
+                       layer(name, row, hf_kind))
+                continue
+            for j in range(shape[0]):
+                yield (hf_name(name, i, family=family, expert=j),
+                       _hf_shape(hf_kind, shape[1:], vocab), layer(name, (row, j), hf_kind))
     yield hf_name("final_norm"), (m.hidden_dim,), top("final_norm", "vector")
     if not m.tie_embeddings:
         yield hf_name("lm_head"), (vocab, m.hidden_dim), top("lm_head", "cols")

@@ -119,7 +119,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from t5x_like.core import config as config_lib
+from t5x_like.core import defaults
 from t5x_like.modeling import partitioning
 
 _MASK_VALUE = -1e9  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
@@ -267,7 +267,7 @@ class Transformer(nnx.Module):
         # Frozen: hashable, so the graphdef can be a static jit argument. Keys added to the model
         # config later get their defaults (the original model) when a config predates them.
         self.cfg = cfg = ml_collections.FrozenConfigDict(
-            {**config_lib.LATER_MODEL_KEYS, **config_lib.to_dict(cfg)})
+            {**defaults.LATER_MODEL_KEYS, **cfg})
         d, V, dtype = cfg.hidden_dim, cfg.vocab_size, jnp.dtype(cfg.param_dtype)
         embed_std = d ** -0.5 if cfg.tie_embeddings else 1.0
         self.embed = _param(rngs.params(), (V, d), embed_std, ("vocab", "embed"), dtype)
@@ -733,12 +733,8 @@ def _flash_mask(q_idx, k_idx, q_seg, k_seg, local, window):
     return m
 
 
-def _flash_tiles(q, q_idx, q_seg, k_idx, chunk, local, window):
-    """The query tiles as scan inputs ([n, B, c, K, G, D], [n, c], [n, B, c]) and a function
-    skip(query tile indices, key tile start) -> whether that tile is wholly masked."""
-    B, T, H, D = q.shape
-    n = T // chunk
-
+def _flash_skip(k_idx, chunk, local, window):
+    """skip(query tile's indices, key tile start) -> whether the tile is wholly masked."""
     def skip(qi, start):
         first = jax.lax.dynamic_index_in_dim(k_idx, start, keepdims=False)
         last = jax.lax.dynamic_index_in_dim(k_idx, start + chunk - 1, keepdims=False)
@@ -746,9 +742,15 @@ def _flash_tiles(q, q_idx, q_seg, k_idx, chunk, local, window):
         if window:
             out = out | (local & (qi[0] - last >= window))  # every key before the window
         return out
+    return skip
 
-    return (q.reshape(B, n, chunk, -1, D).swapaxes(0, 1), q_idx.reshape(n, chunk),
-            q_seg.reshape(B, n, chunk).swapaxes(0, 1)), skip
+
+def _loop(n: int, body, init):
+    """body(i, carry) for i in range(n), as a while loop. Not a scan: these loops run inside a
+    custom VJP, and a scan there, itself inside the layer scan, gets its intermediates saved
+    for a reverse pass that never comes (the [tiles x tiles] scores: JAX 0.10)."""
+    return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, body(c[0], c[1])),
+                              (jnp.int32(0), init))[1]
 
 
 def _flash_scores(qg, k, k_idx, k_seg, qi, qs, start, chunk, scale, softcap, local, window):
@@ -762,6 +764,14 @@ def _flash_scores(qg, k, k_idx, k_seg, qi, qs, start, chunk, scale, softcap, loc
     return raw, jnp.where(mask, _softcap(raw, softcap), _MASK_VALUE), mask, kc
 
 
+def _query_tile(q, q_idx, q_seg, i, chunk):
+    """Query tile i: q [B, c, K, G, D]... as grouped heads, its indices and segments."""
+    start = i * chunk
+    return (jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=1),
+            jax.lax.dynamic_slice_in_dim(q_idx, start, chunk),
+            jax.lax.dynamic_slice_in_dim(q_seg, start, chunk, axis=1))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
 def _flash(q, k, v, q_idx, k_idx, q_seg, k_seg, local, chunk, scale, softcap, window):
     return _flash_fwd(q, k, v, q_idx, k_idx, q_seg, k_seg, local, chunk, scale, softcap,
@@ -772,34 +782,37 @@ def _flash_fwd(q, k, v, q_idx, k_idx, q_seg, k_seg, local, chunk, scale, softcap
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
-    tiles, skip = _flash_tiles(q, q_idx, q_seg, k_idx, chunk, local, window)
+    qg_all = q.reshape(B, T, K, G, D)
+    skip = _flash_skip(k_idx, chunk, local, window)
 
-    def query_tile(_, xs):
-        qt, qi, qs = xs
-        qg = qt.reshape(B, chunk, K, G, D)
+    def query_tile(i, carry):
+        out, lse = carry  # [B, K, G, T, D], [B, K, G, T]
+        qg, qi, qs = _query_tile(qg_all, q_idx, q_seg, i, chunk)
 
-        def key_tile(carry, start):
+        def key_tile(j, carry):
             def attend(carry):
                 o, m, l = carry  # [B, K, G, c, D] float32, [B, K, G, c] twice
-                _, s, _, _ = _flash_scores(qg, k, k_idx, k_seg, qi, qs, start, chunk, scale,
-                                           softcap, local, window)
-                vc = jax.lax.dynamic_slice_in_dim(v, start, chunk, axis=1)
+                _, s, _, _ = _flash_scores(qg, k, k_idx, k_seg, qi, qs, j * chunk, chunk,
+                                           scale, softcap, local, window)
+                vc = jax.lax.dynamic_slice_in_dim(v, j * chunk, chunk, axis=1)
                 m_new = jnp.maximum(m, s.max(axis=-1))
                 p = jnp.exp(s - m_new[..., None])
                 corr = jnp.exp(m - m_new)
                 o = o * corr[..., None] + jnp.einsum(
                     "bkgts,bskd->bkgtd", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
                 return o, m_new, l * corr + p.sum(axis=-1)
-            return jax.lax.cond(skip(qi, start), lambda c: c, attend, carry), None
+            return jax.lax.cond(skip(qi, j * chunk), lambda c: c, attend, carry)
 
-        init = (jnp.zeros((B, K, G, chunk, D), jnp.float32),
-                jnp.full((B, K, G, chunk), -jnp.inf), jnp.zeros((B, K, G, chunk), jnp.float32))
-        (o, m, l), _ = jax.lax.scan(key_tile, init, jnp.arange(0, S, chunk))
-        return None, ((o / l[..., None]).astype(q.dtype), m + jnp.log(l))
+        o, m, l = _loop(S // chunk, key_tile, (
+            jnp.zeros((B, K, G, chunk, D), jnp.float32), jnp.full((B, K, G, chunk), -jnp.inf),
+            jnp.zeros((B, K, G, chunk), jnp.float32)))
+        out = jax.lax.dynamic_update_slice_in_dim(out, (o / l[..., None]).astype(out.dtype),
+                                                  i * chunk, axis=3)
+        return out, jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), i * chunk, axis=3)
 
-    _, (o, lse) = jax.lax.scan(query_tile, None, tiles)  # [n, B, K, G, c, D], [n, B, K, G, c]
-    out = jnp.moveaxis(o, 0, 3).reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(
-        B, T, H, D)
+    out, lse = _loop(T // chunk, query_tile, (jnp.zeros((B, K, G, T, D), q.dtype),
+                                              jnp.zeros((B, K, G, T), jnp.float32)))
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
     return out, (q, k, v, q_idx, k_idx, q_seg, k_seg, local, out, lse)
 
 
@@ -808,52 +821,46 @@ def _flash_bwd(chunk, scale, softcap, window, res, g):
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
-    tiles, skip = _flash_tiles(q, q_idx, q_seg, k_idx, chunk, local, window)
     f32 = jnp.float32
-    do = g.astype(f32).reshape(B, T, K, G, D)
-    delta = jnp.sum(do * out.astype(f32).reshape(B, T, K, G, D), axis=-1)  # rowsum(dO * O)
-    n = T // chunk
-    by_tile = lambda x: x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    qg_all = q.reshape(B, T, K, G, D)
+    skip = _flash_skip(k_idx, chunk, local, window)
+    do_all = g.astype(f32).reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    delta_all = jnp.sum(do_all * out.astype(f32).reshape(B, T, K, G, D).transpose(
+        0, 2, 3, 1, 4), axis=-1)  # rowsum(dO * O): [B, K, G, T]
 
-    def query_tile(carry, xs):
-        qt, qi, qs, dot, dt, lt = xs  # dO tile [B, c, K, G, D], delta [B, c, K, G], lse
-        qg = qt.reshape(B, chunk, K, G, D)
-        do_t = dot.transpose(0, 2, 3, 1, 4)  # [B, K, G, c, D]
-        delta_t = dt.transpose(0, 2, 3, 1)
+    def query_tile(i, carry):
+        dq_all, dk, dv = carry
+        qg, qi, qs = _query_tile(qg_all, q_idx, q_seg, i, chunk)
+        tile = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=3)  # noqa: E731
+        do, delta, lt = tile(do_all), tile(delta_all), tile(lse)
 
-        def key_tile(carry, start):
+        def key_tile(j, carry):
             def grads(carry):
                 dq, dk, dv = carry
+                start = j * chunk
                 raw, s, mask, kc = _flash_scores(qg, k, k_idx, k_seg, qi, qs, start, chunk,
                                                  scale, softcap, local, window)
                 vc = jax.lax.dynamic_slice_in_dim(v, start, chunk, axis=1).astype(f32)
                 p = jnp.exp(s - lt[..., None])
-                dp = jnp.einsum("bkgtd,bskd->bkgts", do_t, vc)
-                ds = p * (dp - delta_t[..., None])
+                ds = p * (jnp.einsum("bkgtd,bskd->bkgts", do, vc) - delta[..., None])
                 if softcap:  # d(cap * tanh(x / cap)) / dx
                     ds = ds * (1.0 - jnp.tanh(raw / softcap) ** 2)
                 ds = jnp.where(mask, ds, 0.0) * scale  # masked scores are constants
                 dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, kc.astype(f32))
-                update = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
                     acc, jax.lax.dynamic_slice_in_dim(acc, start, chunk, axis=1) + x, start,
                     axis=1)
-                dk = update(dk, jnp.einsum("bkgts,btkgd->bskd", ds, qg.astype(f32)))
-                dv = update(dv, jnp.einsum("bkgts,bkgtd->bskd", p, do_t))
-                return dq, dk, dv
-            return jax.lax.cond(skip(qi, start), lambda c: c, grads, carry), None
+                return (dq, add(dk, jnp.einsum("bkgts,btkgd->bskd", ds, qg.astype(f32))),
+                        add(dv, jnp.einsum("bkgts,bkgtd->bskd", p, do)))
+            return jax.lax.cond(skip(qi, j * chunk), lambda c: c, grads, carry)
 
-        dk, dv = carry
-        (dq, dk, dv), _ = jax.lax.scan(
-            key_tile, (jnp.zeros((B, chunk, K, G, D), f32), dk, dv), jnp.arange(0, S, chunk))
-        return (dk, dv), dq
+        dq, dk, dv = _loop(S // chunk, key_tile, (jnp.zeros((B, chunk, K, G, D), f32), dk, dv))
+        return jax.lax.dynamic_update_slice_in_dim(dq_all, dq, i * chunk, axis=1), dk, dv
 
     zeros = jnp.zeros((B, S, K, D), f32)
-    (dk, dv), dq = jax.lax.scan(
-        query_tile, (zeros, zeros),
-        (*tiles, by_tile(do), by_tile(delta), lse))
-    dq = jnp.moveaxis(dq, 0, 1).reshape(B, T, H, D)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
-            None, None)
+    dq, dk, dv = _loop(T // chunk, query_tile, (jnp.zeros((B, T, K, G, D), f32), zeros, zeros))
+    return (dq.reshape(B, T, H, D).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None,
+            None, None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -107,8 +107,10 @@ def build(cfg, abstract_params: dict, names: dict) -> Peft | None:
     if not 0 <= n <= L:
         raise UserError(f"config key 'peft.trainable_layers': {n} is not between 0 and "
                         f"model.num_layers ({L}).")
-    if n:
-        tuned.update({q: L - n for q in paths if q.startswith("layers/")})
+    if n:  # the rows of the last n layers in each stack (MoE models: each MLP kind's own)
+        first = _first_rows(cfg.model, L - n)
+        tuned.update({q: first.get(q.split("/")[1], L - n) for q in paths
+                      if q.startswith("layers/")})
     for pattern in filter(None, (e.strip() for e in p.trainable.split(","))):
         hits = [q for q in paths if fnmatch.fnmatchcase(q, pattern)]
         if not hits:
@@ -117,6 +119,13 @@ def build(cfg, abstract_params: dict, names: dict) -> Peft | None:
         tuned.update({q: 0 for q in hits})  # a whole parameter wins over its last layers
     if "reward_head" in paths:  # task=reward: the new head (zeros in the base) always learns
         tuned["reward_head"] = 0
+
+    moe = model.moe_layers(cfg.model)
+    mlp_targets = [t for t in targets if t in model.DENSE_MLP]
+    if moe.any() and mlp_targets:
+        raise UserError(f"config key 'peft.targets': {', '.join(mlp_targets)} on a model with "
+                        "mixture-of-experts layers, whose MLPs are experts LoRA does not adapt; "
+                        "target the attention (peft.targets=attention).")
 
     f32 = jnp.float32
     abstract: dict = {}
@@ -141,6 +150,16 @@ def build(cfg, abstract_params: dict, names: dict) -> Peft | None:
                                  abstract_params)
     return Peft(targets, tuned, p.rank, p.alpha, p.dropout, abstract, trainable_names,
                 base_abstract, names)
+
+
+def _first_rows(model_cfg, first_layer: int) -> dict[str, int]:
+    """The first row of layer `first_layer` or later in each MLP stack of a model with MoE
+    layers (dense and MoE MLP weights are stacked over their own layers, model.stack_sizes)."""
+    moe = model.moe_layers(model_cfg)
+    rows = {}
+    for names, kind in ((model.DENSE_MLP, ~moe), (model.MOE_MLP, moe)):
+        rows.update({name: int(kind[:first_layer].sum()) for name in names})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

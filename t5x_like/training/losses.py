@@ -114,7 +114,22 @@ def _chunks(logits_fn, z_loss, head, hs, ts, ws, token_bytes, with_grads: bool):
     if with_grads:
         shapes = (*shapes, head)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    return jax.lax.scan(body, zeros, (hs, ts, ws))
+    # A while loop, not a scan (moe helper): this runs inside a custom VJP, and a scan there,
+    # itself inside another scan (micro-batches, grad_accum_steps > 1), gets every chunk's
+    # intermediates saved for a reverse pass that never comes: all the [B, chunk, V] logits
+    # (JAX 0.10; the same as scan otherwise).
+    d_hs = jnp.zeros_like(hs) if with_grads else None
+
+    def step(i, carry):
+        acc, d_hs = carry
+        acc, d_h = body(acc, jax.tree.map(lambda x: x[i], (hs, ts, ws)))
+        if with_grads:
+            d_hs = jax.lax.dynamic_update_index_in_dim(d_hs, d_h.astype(d_hs.dtype), i, 0)
+        return acc, d_hs
+
+    return jax.lax.while_loop(lambda c: c[0] < hs.shape[0],
+                              lambda c: (c[0] + 1, step(c[0], c[1])),
+                              (jnp.int32(0), (zeros, d_hs)))[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
