@@ -170,6 +170,40 @@ def test_chunked_log_probs_equal_full_ones(tiny_cfg, task):
     assert_trees_close(grads_full, grads_chunked)
 
 
+@pytest.mark.parametrize("kl_grad", [False, True])  # DPO, RL
+def test_chunked_log_probs_never_hold_the_whole_logits(kl_grad):
+    """The compiled gradient of a loss on sequence log-probs and KL (sequence_stats), chunked,
+    needs less scratch memory than a quarter of one [N, T, V] float32 logits tensor;
+    unchunked, more than one (measured: 3.5 (DPO) and 4.5 (RL) vs 128 MiB, against 32 MiB
+    of logits)."""
+    from t5x_like.modeling import model
+    from t5x_like.training import preference_losses
+
+    N, T, d, V = 16, 128, 32, 4096
+    h = jax.ShapeDtypeStruct((N, T, d), jnp.float32)
+    head = (jax.ShapeDtypeStruct((d, V), jnp.float32), None)
+    targets = jax.ShapeDtypeStruct((N, T), jnp.int32)
+    weights = jax.ShapeDtypeStruct((N, T), jnp.float32)
+    temp = {}
+    for chunk in (0, 4):
+        def loss(head, h, ref_head, ref_h, targets, weights, chunk=chunk):
+            if chunk:
+                policy = (h, head, model.output_logits)
+                reference = (ref_h, ref_head, model.output_logits)
+            else:
+                policy = model.output_logits(head, h)
+                reference = model.output_logits(ref_head, ref_h)
+            s = preference_losses.sequence_stats(policy, reference, targets, weights,
+                                                 chunk=chunk, kl_grad=kl_grad)
+            return jnp.sum(jax.nn.softplus(s["ref_logp"] - s["logp"]) + 0.1 * s["kl"])
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        compiled = grad.lower(head, h, head, h, targets, weights).compile()
+        temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    logits = N * T * V * 4
+    print({k: f"{v / 2**20:.1f} MiB" for k, v in temp.items()})
+    assert temp[4] < logits / 4 and temp[0] > logits, (temp, logits)
+
+
 @pytest.mark.slow  # 3 JAX processes, 2 short runs each: ~3.5 min on 2 busy cores
 def test_rl_on_two_processes_matches_one(tmp_path):
     """task=rl on 2 processes (1 device each) against 1 process with both devices: each

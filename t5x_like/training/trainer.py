@@ -65,6 +65,7 @@ def prepare_data(cfg, workdir: str):
             prepared = prepare.prepare(cfg.data, cache_dir)
     return prepared
 
+
 def counting(encode: Callable, counts: collections.Counter) -> Callable:
     """`encode` that also counts its calls in counts["encoded"]: what the "dropped" and
     "truncated" counts it keeps are shares of (loop.Loop.warn_lost)."""
