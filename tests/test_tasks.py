@@ -204,7 +204,7 @@ def test_chunked_log_probs_never_hold_the_whole_logits(kl_grad):
     assert temp[4] < logits / 4 and temp[0] > logits, (temp, logits)
 
 
-@pytest.mark.slow  # 3 JAX processes, 2 short runs each: ~3.5 min on 2 busy cores
+@pytest.mark.slow  # 3 JAX processes, 3 short runs: 96 s to 3.5 min on 2 shared cores
 def test_rl_on_two_processes_matches_one(tmp_path):
     """task=rl on 2 processes (1 device each) against 1 process with both devices: each
     process samples its half of the prompts, yet every step's rewards, the evaluation and the
