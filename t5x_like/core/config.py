@@ -26,7 +26,7 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 # Model keys that may differ between a checkpoint and the run loading it: they change how the
 # same parameters are computed with, not what the parameters are (reward_head: a reward model
-# starts from a chat model's parameters and adds a fresh head, see alignment.py).
+# starts from a chat model's parameters and adds a fresh head, see training/tasks/pairs.py).
 FREE_MODEL_KEYS = ("max_len", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
                    "vocab_multiple", "unpadded_vocab_size", "reward_head", "attention_impl",
                    "attention_block", "loss_chunk", "moe_capacity_factor",
@@ -232,7 +232,7 @@ def _validate_peft(cfg) -> None:
 
 
 def _validate_alignment(cfg) -> None:
-    """The keys of task=reward / dpo / rl (t5x_like/training/alignment.py)."""
+    """The keys of task=reward / dpo / rl (t5x_like/training/tasks/pairs.py, rl.py)."""
     reward = cfg.task == "reward"
     _require(bool(cfg.model.reward_head) == reward, "model.reward_head",
              "task=reward needs the scalar reward head: set it to True (configs/reward.py does)."

@@ -32,7 +32,7 @@ LATER_KEYS = {"model": LATER_MODEL_KEYS, "dpo": {"rpo_alpha": 0.0}}
 
 def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
-    cfg.task = "pretrain"  # pretrain | sft | reward | dpo | rl (preference tuning: alignment.py)
+    cfg.task = "pretrain"  # pretrain | sft | reward | dpo | rl (training/tasks/)
     cfg.seed = 0  # model init, data order and dropout all derive from it
     cfg.steps = 1000  # optimizer steps in total (a rerun resumes until it reaches them)
     cfg.log_every_steps = 20  # train metrics to metrics.jsonl / TensorBoard / progress bar
