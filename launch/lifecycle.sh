@@ -4,6 +4,7 @@
 #   bash launch/lifecycle.sh --quick                             # a few steps per stage
 #   bash launch/lifecycle.sh --recipe=shakespeare_chat --data=../shared/data
 #   bash launch/lifecycle.sh --workdir=runs/lc --config.stages.sft.args="steps=800"
+#   bash launch/lifecycle.sh --recipe=hf --hf_dir=~/models/Qwen2.5-0.5B-Instruct  # an open model
 # --recipe=NAME is configs/lifecycle/NAME.py; every other argument goes to
 # `python -m t5x_like.lifecycle` (rerunning resumes; finished stages are skipped).
 set -euo pipefail

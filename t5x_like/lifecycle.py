@@ -2,6 +2,7 @@
 
     python -m t5x_like.lifecycle --config=configs/lifecycle/demo.py --workdir=runs/lifecycle
     (or: bash launch/lifecycle.sh [--recipe=demo] [--data=../shared/data] [--quick])
+    bash launch/lifecycle.sh --recipe=hf --hf_dir=<a Hugging Face model folder>
 
 The entry point only: the job is t5x_like/experiments/lifecycle.py.
 """
@@ -20,4 +21,6 @@ if __name__ == "__main__":  # flags are defined only when run as a program (modu
     flags.DEFINE_string("workdir", None, "Where the stages run (default runs/lifecycle-<name>).")
     flags.DEFINE_bool("quick", False, "A few steps per stage: checks the plumbing in minutes.")
     flags.DEFINE_string("data", None, "Root of the real data ({data} in stage args).")
+    flags.DEFINE_string("hf_dir", None, "The Hugging Face model folder the recipe's import "
+                        "stage reads (--recipe=hf).")
     cli.run(main)

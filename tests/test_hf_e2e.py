@@ -289,3 +289,105 @@ def test_import_sft_serve_export_with_the_models_own_template(tmp_path):
     assert sampled.rstrip("\n") == "The quick brown fox" + want
     step("sample", t)
     print("timings (s):", timings)
+
+
+def test_lora_on_a_tied_embedding_adapts_the_head_through_it():
+    # configs/finetune_hf.py targets "all,embed,head" for every family; with tied embeddings
+    # (Qwen2.5 0.5-3B, Gemma, Llama 3.2) the embedding's adapter is also the head's.
+    from configs import finetune_hf
+    from t5x_like.core.errors import UserError
+    from t5x_like.modeling import peft_targets
+
+    cfg = finetune_hf.get_config()
+    cfg.model.tie_embeddings = True
+    targets = peft_targets.lora_targets(cfg.peft, cfg.model)
+    assert "embed" in targets and "lm_head" not in targets and "wq" in targets
+    cfg.peft.targets = "attention,head"  # the head alone names a matrix a tied model lacks
+    with pytest.raises(UserError, match="target 'embed' instead"):
+        peft_targets.lora_targets(cfg.peft, cfg.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The `hf` lifecycle recipe (configs/lifecycle/hf.py): import -> SFT -> evaluate -> DPO ->
+# serve + feedback -> DPO -> hf export.
+
+
+def hf_recipe():
+    from configs.lifecycle import hf as recipe
+    return recipe.get_config()
+
+
+def test_hf_recipe_checks_its_model_folder(tmp_path):
+    from t5x_like.core.errors import UserError
+    from t5x_like.experiments import lifecycle
+
+    cfg = hf_recipe()
+    names = lifecycle.stage_names(cfg)
+    assert names[0] == "import" and names[-1] == "hf_export"
+    assert {cfg.stages[n].kind for n in names} == {"import", "eval", "train", "export",
+                                                   "feedback", "hf_export"}
+    with pytest.raises(UserError, match="no folder was given; pass the model's folder .* "
+                                        "--hf_dir"):
+        lifecycle.run_lifecycle(cfg, str(tmp_path / "lc"))
+    cfg.hf_dir = str(tmp_path / "missing")
+    with pytest.raises(UserError, match="missing is not a folder"):
+        lifecycle.run_lifecycle(cfg, str(tmp_path / "lc"))
+    # A rerun continues what it imported; another model needs another workdir.
+    (tmp_path / "a").mkdir()
+    lifecycle.save_state(str(tmp_path / "lc"), {"stages": {"import": {
+        "kind": "import", "done": True, "wall_s": 1.0, "hf_dir": str(tmp_path / "a")}}})
+    cfg.hf_dir = str(tmp_path)
+    with pytest.raises(UserError, match="imported .*/a \\(stage import\\), not --hf_dir="):
+        lifecycle.run_lifecycle(cfg, str(tmp_path / "lc"))
+
+
+@pytest.mark.slow
+def test_hf_recipe_runs_every_stage_on_a_tiny_qwen(tmp_path):
+    """`bash launch/lifecycle.sh --recipe=hf --hf_dir=... --quick` on a tiny Qwen2-style model
+    with a tokenizer.json and ChatML template: every stage runs, the report shows each, and the
+    final export loads in transformers as the class, tokenizer and template that came in."""
+    src = qwen_release(tmp_path / "hf")
+    workdir = tmp_path / "lc"
+    cfg = hf_recipe()
+    # 30 steps per train stage, SFT at a rate a tiny model learns the demo's short answers
+    # with: its replies then end within the feedback round's max_tokens (a reply cut at the
+    # limit gives no preference pair).
+    sft_args = cfg.stages.sft.quick_args + " optimizer.lr=1e-2 optimizer.warmup_steps=2"
+    start = time.monotonic()
+    result = subprocess.run(
+        ["bash", "launch/lifecycle.sh", "--recipe=hf", f"--hf_dir={src}", "--quick",
+         f"--workdir={workdir}", "--config.quick_steps=30",
+         f"--config.stages.sft.quick_args={sft_args}"],
+        cwd=ROOT, env=dict(_env(), PYTHON=sys.executable), capture_output=True, text=True,
+        timeout=3600)
+    print(f"hf lifecycle (quick): {time.monotonic() - start:.0f} s")
+    assert result.returncode == 0, result.stderr[-3000:]
+    from t5x_like.experiments import lifecycle
+
+    state = json.load(open(workdir / "lifecycle.json"))
+    names = lifecycle.stage_names(cfg)
+    assert [n for n in names if state["stages"].get(n, {}).get("done")] == names
+    assert state["stages"]["import"]["hf_dir"] == src
+    # The SFT run trained in the model's own template, with LoRA.
+    sft = json.load(open(workdir / "sft" / "config.json"))
+    assert sft["peft"]["method"] == "lora" and sft["init_from"] == str(workdir / "import")
+    assert json.load(open(workdir / "sft" / "chat_template.json"))["chat_template"] == CHATML
+    for name in ("eval_import", "eval_sft", "eval_dpo", "eval_final"):
+        task = state["stages"][name]["results"]["tasks"]["arithmetic"]
+        assert task["n"] == 8 and 0.0 <= task["metrics"]["exact_match"] <= 1.0
+    fb = state["stages"]["feedback"]["feedback"]
+    assert fb["replies"] == 16 and fb["preference_records"] > 0
+    assert json.load(open(workdir / "dpo_feedback" / "config.json"))["data"]["source"] == (
+        f"preference:{workdir / 'feedback' / 'train_pairs.jsonl'}")
+    report = (workdir / "report.md").read_text()
+    print({n: round(state["stages"][n]["wall_s"]) for n in names}, fb)
+    for name in names:
+        assert f"| {name} |" in report
+    assert state["stages"]["hf_export"]["architectures"] == ["Qwen2ForCausalLM"]
+    out = str(workdir / "hf_export")
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert type(auto).__name__ == "Qwen2Tokenizer" and auto.chat_template == CHATML
+    assert auto("The quick brown fox")["input_ids"] == transformers.AutoTokenizer.from_pretrained(
+        src)("The quick brown fox")["input_ids"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2ForCausalLM"

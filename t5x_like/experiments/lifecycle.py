@@ -30,7 +30,7 @@ from absl import flags, logging
 from t5x_like.core import files
 from t5x_like.core.errors import UserError
 
-KINDS = ("prepare", "train", "eval", "export", "feedback")
+KINDS = ("prepare", "import", "train", "eval", "export", "hf_export", "feedback")
 STATE = "lifecycle.json"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -170,20 +170,61 @@ EXPORT_ENTRIES = frozenset({"config.json", "tokenizer.model", "checkpoints", "ba
                             "generation_config.json", "chat_template.jinja"})
 
 
-def remove_export(out: str) -> None:
+# What `t5x_like.hf export` writes into a Hugging Face folder.
+HF_EXPORT_ENTRIES = frozenset({"config.json", "model.safetensors", "tokenizer.model",
+                               "tokenizer.json", "tokenizer_config.json",
+                               "special_tokens_map.json", "generation_config.json",
+                               "chat_template.jinja"})
+
+
+def remove_export(out: str, entries_written: frozenset = EXPORT_ENTRIES) -> None:
     """Removes `out` if it is a model directory that export wrote (or an empty folder), so the
-    stage can export again; anything else there is the user's, and stops with a UserError."""
+    stage can export again; anything else there is the user's, and stops with a UserError.
+    `entries_written`: what the stage's command writes (export and hf import: a model
+    directory; hf export: HF_EXPORT_ENTRIES)."""
     if not os.path.lexists(out):
         return
     entries = set(os.listdir(out)) if os.path.isdir(out) and not os.path.islink(out) else None
     if entries is not None and (not entries or (
-            "config.json" in entries and entries <= EXPORT_ENTRIES)):
+            "config.json" in entries and entries <= entries_written)):
         import shutil
         shutil.rmtree(out)
         return
     raise UserError(f"{out} already exists and is not a model directory that t5x_like.export "
                     "wrote; move it away or choose another lifecycle workdir (it is never "
                     "deleted).")
+
+
+def import_stage(cfg, name, st, workdir, record) -> None:
+    """`python -m t5x_like.hf import` of the recipe's hf_dir (--hf_dir) into <workdir>/<stage>:
+    a model directory the next stages take as init_from."""
+    hf_dir = os.path.abspath(os.path.expanduser(cfg.get("hf_dir", "") or ""))
+    if not cfg.get("hf_dir") or not os.path.isdir(hf_dir):
+        where = f"{cfg.hf_dir} is not a folder" if cfg.get("hf_dir") else "no folder was given"
+        raise UserError(f"stage {name} imports a Hugging Face model and {where}; pass the "
+                        "model's folder (config.json, *.safetensors, tokenizer files) with "
+                        "--hf_dir=<dir> (config key 'hf_dir').")
+    out = os.path.join(workdir, name)
+    cmd = [sys.executable, "-m", "t5x_like.hf", "import", f"--hf_dir={hf_dir}",
+           f"--out={out}"] + _args(cfg, st)
+    record["command"] = cmd
+    remove_export(out)  # an import that finished before lifecycle.json recorded it
+    _run(cmd, os.path.join(workdir, f"{name}.log"))
+    record["run"], record["hf_dir"] = out, hf_dir
+
+
+def hf_export_stage(cfg, name, st, workdir, record) -> None:
+    """`python -m t5x_like.hf export` of <run> into <workdir>/<stage>: a folder transformers
+    loads (its class, the tokenizer files as imported, the run's chat template)."""
+    out = os.path.join(workdir, name)
+    cmd = [sys.executable, "-m", "t5x_like.hf", "export",
+           f"--workdir={os.path.join(workdir, st.run)}", f"--out={out}"] + _args(cfg, st)
+    record["command"] = cmd
+    remove_export(out, HF_EXPORT_ENTRIES)
+    _run(cmd, os.path.join(workdir, f"{name}.log"))
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        record["architectures"] = json.load(f).get("architectures")
+    record["run"] = out
 
 
 def _free_port() -> int:
@@ -347,8 +388,9 @@ def feedback_stage(cfg, name, st, workdir, record) -> None:
     record["feedback"]["replayed_pairs"] = replay
 
 
-RUNNERS = {"prepare": prepare_stage, "train": train_stage, "eval": eval_stage,
-           "export": export_stage, "feedback": feedback_stage}
+RUNNERS = {"prepare": prepare_stage, "import": import_stage, "train": train_stage,
+           "eval": eval_stage, "export": export_stage, "hf_export": hf_export_stage,
+           "feedback": feedback_stage}
 
 
 def run_lifecycle(cfg, workdir: str) -> dict:
@@ -362,6 +404,12 @@ def run_lifecycle(cfg, workdir: str) -> dict:
         raise UserError(f"{workdir} holds a {'quick' if state['quick'] else 'full'} lifecycle; "
                         "use another --workdir (or the same --quick setting) to resume it.")
     state["recipe"], state["quick"] = cfg.name, cfg.quick
+    given = cfg.get("hf_dir")
+    for n, rec in state["stages"].items():  # later stages trained on what was imported then
+        if given and rec.get("hf_dir") and os.path.abspath(os.path.expanduser(given)) != \
+                rec["hf_dir"]:
+            raise UserError(f"{workdir} imported {rec['hf_dir']} (stage {n}), not --hf_dir="
+                            f"{given}; use another --workdir for another model.")
     try:
         for name in names:
             done = state["stages"].get(name, {})
@@ -394,6 +442,11 @@ def main(argv):
         cfg.quick = True
     if f.data:
         cfg.data_root = f.data
+    if f.hf_dir:
+        if "hf_dir" not in cfg:
+            raise UserError(f"--hf_dir: recipe {cfg.name!r} imports no Hugging Face model; use "
+                            "--recipe=hf (configs/lifecycle/hf.py).")
+        cfg.hf_dir = f.hf_dir
     workdir = f.workdir or os.path.join("runs", f"lifecycle-{cfg.name}" + ("-quick" * cfg.quick))
     state = run_lifecycle(cfg, workdir)
     total = sum(s["wall_s"] for s in state["stages"].values())

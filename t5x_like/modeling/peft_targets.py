@@ -34,6 +34,10 @@ def lora_targets(peft_cfg, model_cfg) -> tuple[str, ...]:
     if not chosen:
         raise UserError("config key 'peft.targets' is empty; name the projections LoRA adapts "
                         "(e.g. 'attention' or 'q,v').")
+    if "lm_head" in chosen and model_cfg.tie_embeddings and "embed" in chosen:
+        # Tied: the embedding's adapter is the output head's too (model.output_head), so
+        # "embed,head" (configs/finetune_hf.py, for any family) means the embedding's.
+        chosen.remove("lm_head")
     if "lm_head" in chosen and model_cfg.tie_embeddings:
         raise UserError("config key 'peft.targets': 'head' with model.tie_embeddings, where the "
                         "output projection is the embedding; target 'embed' instead.")
