@@ -52,7 +52,6 @@ KIND = {8: "short", 128: "long", None: "omitted"}
 
 def build_model(config_path: str, directory: str, max_len: int) -> str:
     """A chat model directory (what `runs.load` reads) with the config's sizes."""
-    from configs import base  # noqa: F401 - the configs import their base
     from data_pipelines import chat_template, synthetic
     from data_pipelines import tokenizer as tokenizer_lib
     from t5x_like.core import config as config_lib

@@ -30,7 +30,6 @@ new prompt's prefilled cache into a free one between steps (`prefill_chunk`, `in
 """
 
 import dataclasses
-import functools
 import math
 from typing import Iterator, Sequence
 
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import tokenizer as tokenizer_lib
 from t5x_like.modeling import model
 
 _NEG = -1e9
@@ -124,7 +124,7 @@ class Decoder:
 
     # -- device functions -------------------------------------------------------------------
 
-    def _choose(self, logits, controls, keys, step, counts):
+    def _choose(self, logits, controls, seeds, step, counts):
         """[B, V] logits -> ([B, C] candidate ids in sampled order, log-probability info).
 
         counts [B, V]: how often each token is in each row's reply so far (the penalties').
@@ -142,16 +142,17 @@ class Decoder:
         # An all-greedy batch (the common case in evaluation) skips the sorts and the noise.
         cands, used = jax.lax.cond(
             jnp.all(greedy), lambda: (jax.lax.top_k(logits, self.candidates)[1], logits),
-            lambda: self._sample(logits, controls, keys, step))
+            lambda: self._sample(logits, controls, seeds, step))
         return cands, jax.lax.cond(jnp.any(want), _logprob_info, _no_logprob_info, used, cands)
 
-    def _sample(self, logits, controls, keys, step):
+    def _sample(self, logits, controls, seeds, step):
         """Candidates in sampled order and the logits sampled from (scaled and filtered)."""
         temperature, top_k, top_p, *_ = controls
         greedy = temperature <= 0
-        # Per row and step; `step` is one for the batch or each row's own ([B]).
+        # A key per row from its seed (as jax.random.key(seed)), folded with the step: one
+        # for the batch or each row's own ([B]).
         step = jnp.broadcast_to(step, greedy.shape)
-        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), step)
+        keys = jax.vmap(lambda seed, t: jax.random.fold_in(jax.random.key(seed), t))(seeds, step)
         scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
 
         def filtered(scaled):
@@ -179,7 +180,7 @@ class Decoder:
         return (jax.lax.top_k(scores, self.candidates)[1],
                 jnp.where(greedy[:, None], logits, scaled))
 
-    def _prefill_fn(self, weights, lora, tokens, positions, segments, controls, keys, *,
+    def _prefill_fn(self, weights, lora, tokens, positions, segments, controls, seeds, *,
                     cache_len):
         params, layers = weights
         net = model.bind(self.graphdef, params)
@@ -187,20 +188,20 @@ class Decoder:
                                  per_layer=layers is not None)
         logits, cache = net.decode(tokens, positions, segments, cache, 0, lora=lora, layers=layers)
         counts = jnp.zeros(logits[:, -1].shape, jnp.float32)
-        cands, info = self._choose(logits[:, -1], controls, keys, 0, counts)
+        cands, info = self._choose(logits[:, -1], controls, seeds, 0, counts)
         return cands, info, cache, counts
 
-    def _step_fn(self, weights, lora, cache, counts, tokens, positions, index, controls, keys,
+    def _step_fn(self, weights, lora, cache, counts, tokens, positions, index, controls, seeds,
                  step):
         params, layers = weights
         net = model.bind(self.graphdef, params)
         segments = jnp.ones_like(tokens)
         logits, cache = net.decode(tokens[:, None], positions[:, None], segments[:, None],
                                    cache, index, lora=lora, layers=layers)
-        cands, info = self._choose(logits[:, 0], controls, keys, step, counts)
+        cands, info = self._choose(logits[:, 0], controls, seeds, step, counts)
         return cands, info, cache
 
-    def _steps_fn(self, weights, lora, cache, counts, tokens, positions, index, controls, keys,
+    def _steps_fn(self, weights, lora, cache, counts, tokens, positions, index, controls, seeds,
                   step, *, n):
         """n steps from `tokens` at cache slot `index`, each feeding in its first candidate:
         candidates [n, B, C] (and their info, [n, B, ...]) for steps step .. step + n - 1.
@@ -211,7 +212,7 @@ class Decoder:
             cache, counts, tokens, positions, index, step = carry
             counts = counts.at[rows, tokens].add(1.0)
             cands, info, cache = self._step_fn(weights, lora, cache, counts, tokens, positions,
-                                               index, controls, keys, step)
+                                               index, controls, seeds, step)
             return (cache, counts, cands[:, 0], positions + 1, index + 1, step + 1), (cands, info)
 
         (cache, counts, *_), (cands, info) = jax.lax.scan(
@@ -255,10 +256,10 @@ class Decoder:
         return jnp.where(jnp.arange(V) < self.tokenizer.vocab_size, logits.astype(jnp.float32),
                          _NEG)
 
-    def _choose_fn(self, logits, controls, keys):
+    def _choose_fn(self, logits, controls, seeds):
         """The first token of new rows from their prompt's last logits [R, V] (step 0, nothing
         to penalize yet)."""
-        return self._choose(logits, controls, keys, 0, jnp.zeros_like(logits))
+        return self._choose(logits, controls, seeds, 0, jnp.zeros_like(logits))
 
     def _insert_fn(self, cache, row_cache, row, slot):
         """A one-row cache (all its slots) into row `row` of `cache` at slots [slot, slot +
@@ -282,13 +283,13 @@ class Decoder:
         return _map_slots(cache, lambda a, axis: jnp.roll(a, shift, axis=axis))
 
     def _window_steps_fn(self, weights, lora, cache, counts, tokens, positions, index, start,
-                         controls, keys, step, *, n, window):
+                         controls, seeds, step, *, n, window):
         """_steps_fn over the cache's slots [start, start + window) only: the attention reads
         what the live rows hold instead of the whole cache."""
         part = _map_slots(cache, lambda a, axis: jax.lax.dynamic_slice_in_dim(
             a, start, window, axis=axis))
         cands, info, part, counts = self._steps_fn(weights, lora, part, counts, tokens,
-                                                   positions, index - start, controls, keys,
+                                                   positions, index - start, controls, seeds,
                                                    step, n=n)
         cache = jax.tree.map(
             lambda a, p, axis: jax.lax.dynamic_update_slice_in_dim(a, p, start, axis=axis),
@@ -350,12 +351,12 @@ class Decoder:
         controls = controls.device()
         # One key per row from its seed, folded with the step inside the jitted functions (no
         # per-step host dispatches).
-        keys = np.stack([key_data(s.seed) for s in sampling] + [key_data(0)] * (B - n))
+        seeds = np.array([s.seed for s in sampling] + [0] * (B - n), np.int32)
         penalized = any(s.presence_penalty or s.frequency_penalty for s in sampling)
 
         with _maybe_mesh(self.mesh):
             candidates, info, cache, counts = self._prefill(
-                self._weights, self.lora, tokens, positions, segments, controls, keys,
+                self._weights, self.lora, tokens, positions, segments, controls, seeds,
                 cache_len=S)
             ahead = _steps_on_host(candidates, info, rows, steps=False)
             for step in range(max_new):
@@ -376,7 +377,7 @@ class Decoder:
                     n = min(self.steps_per_call, _bucket(max_new - step - 1))
                     block, info, cache, counts = self._steps(
                         self._weights, self.lora, cache, counts, chosen,
-                        positions[:, -1] + 1 + step, np.int32(P + step), controls, keys,
+                        positions[:, -1] + 1 + step, np.int32(P + step), controls, seeds,
                         np.int32(step + 1), n=n)
                     ahead = _steps_on_host(block, info, rows)
         for row in rows:
@@ -432,12 +433,6 @@ def penalty_counts(rows, B: int, V: int) -> np.ndarray:
     return counts
 
 
-@functools.lru_cache(maxsize=4096)
-def key_data(seed: int) -> np.ndarray:
-    """The raw data of `jax.random.key(seed)` (the jitted functions wrap it)."""
-    return np.asarray(jax.random.key_data(jax.random.key(seed)))
-
-
 class Controls:
     """Each row's sampling settings as the device reads them: temperature, top-k, top-p, logit
     bias [B, V], presence and frequency penalties, and whether it reports log-probabilities."""
@@ -487,6 +482,9 @@ class _Row:
         self.tail = max([len(w) for w in self.words] + [len(x) for x in sampling.stop_strings]
                         + [1]) + 8
         self.text = ""
+        # Text only once its characters are complete; joined, the pieces are decode(tokens).
+        self._stream = tokenizer_lib.StreamDecoder(tokenizer)
+        self._cut = False  # a stop string cut the text: what the stream holds is past it
         self.logprobs: list[float] | None = [] if sampling.logprobs >= 0 else None
         self.top_logprobs: list[list[tuple[int, float]]] | None = (
             [] if sampling.logprobs >= 0 else None)
@@ -520,29 +518,25 @@ class _Row:
             self.logprobs.append(float(cand_lp[k]))
             self.top_logprobs.append([(int(i), float(v)) for i, v in
                                       zip(top_ids[:self.s.logprobs], top_lp[:self.s.logprobs])])
-        self.text = self._detokenize()
+        self.text += self._stream.add(token)
         for stop in self.s.stop_strings:
             if stop and stop in self.text:
                 self.text = self.text[:self.text.index(stop)]
+                self._cut = True
                 self.finish("stop")
                 break
         if len(self.tokens) >= self.s.max_new_tokens and not self.done:
             self.finish("length")
         return token
 
-    def _detokenize(self) -> str:
-        """The text of the tokens so far: the one place that turns the reply into text."""
-        return self.tok.decode(self.tokens)
-
     def finish(self, reason: str) -> None:
         if not self.done:
             self.done, self.reason = True, reason
+            if not self._cut:  # an invalid byte sequence at the very end, as U+FFFD
+                self.text += self._stream.flush()
 
     def completion(self) -> Completion:
-        text = self.text
-        if not self.done and text.endswith("\ufffd"):  # an unfinished multi-byte character
-            text = text.rstrip("\ufffd")
-        return Completion(list(self.tokens), text, self.reason if self.done else "",
+        return Completion(list(self.tokens), self.text, self.reason if self.done else "",
                           None if self.logprobs is None else list(self.logprobs),
                           None if self.top_logprobs is None else list(self.top_logprobs))
 

@@ -182,7 +182,7 @@ class Engine:
         self._tokens = np.zeros(self.B, np.int32)
         self._positions = np.zeros(self.B, np.int32)
         self._steps = np.zeros(self.B, np.int32)
-        self._keys = np.stack([decoding.key_data(0)] * self.B)
+        self._seeds = np.zeros(self.B, np.int32)
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
 
     # -- the outside ---------------------------------------------------------------------------
@@ -199,6 +199,8 @@ class Engine:
         if P + longest > self.max_len:
             raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({longest}) exceeds the "
                              f"engine's {self.max_len} positions")
+        if any(not -2 ** 31 <= s.seed < 2 ** 31 for s in request.samplings):
+            raise ValueError("a seed is outside the 32-bit range")
         if len(request.samplings) > self.B:
             raise ValueError(f"{len(request.samplings)} choices; the engine has {self.B} slots")
         with self._cv:
@@ -289,7 +291,6 @@ class Engine:
         d = self.decoder
         t0 = time.monotonic()
         self._reset()
-        decoding.key_data(1)
         for bucket in self.buckets:
             T = min(bucket, self.chunk)
             cache = None
@@ -299,12 +300,13 @@ class Engine:
                     d._weights, d.lora, cache, z, z, z, np.int32(start), z, np.bool_(True),
                     cache_len=bucket)
             self._cache = d._insert(self._cache, cache, np.int32(0), np.int32(self.S - bucket))
-        cands, info = d._choose_first(logits, self._controls.arrays(slice(0, 1)), self._keys[:1])
+        cands, info = d._choose_first(logits, self._controls.arrays(slice(0, 1)),
+                                      self._seeds[:1])
         self._cache = d._shift(self._cache, np.int32(0))
         for window in self.windows:
             cands, info, self._cache, self._counts = d._window_steps(
                 d._weights, d.lora, self._cache, self._counts, self._tokens, self._positions,
-                np.int32(0), np.int32(0), self._controls.device(), self._keys, self._steps,
+                np.int32(0), np.int32(0), self._controls.device(), self._seeds, self._steps,
                 n=self.n, window=window)
         np.asarray(cands)
         self._reset()
@@ -410,9 +412,9 @@ class Engine:
         for b, sampling in zip(p.slots, request.samplings):
             self._cache = d._insert(self._cache, p.cache, np.int32(b), np.int32(slot))
             self._controls.set(b, sampling)
-            self._keys[b] = decoding.key_data(sampling.seed)
+            self._seeds[b] = sampling.seed
             cands, info = d._choose_first(p.logits, self._controls.arrays(slice(b, b + 1)),
-                                          self._keys[b:b + 1])
+                                          self._seeds[b:b + 1])
             row = decoding._Row(self.tok, sampling, P)
             [(cands, info)] = decoding._steps_on_host(cands, info, [row], steps=False)
             token = row.take(cands[0], decoding._row_info(info, 0))
@@ -472,7 +474,7 @@ class Engine:
         t0 = time.monotonic()
         cands, info, self._cache, self._counts = d._window_steps(
             d._weights, d.lora, self._cache, self._counts, self._tokens, self._positions,
-            np.int32(self._index), np.int32(start), self._controls.device(), self._keys,
+            np.int32(self._index), np.int32(start), self._controls.device(), self._seeds,
             self._steps, n=self.n, window=window)
         ahead = decoding._steps_on_host(cands, info, rows)
         elapsed = time.monotonic() - t0
