@@ -835,7 +835,10 @@ def create_app(run, *, db_path: str, api_key: str | None = None, limits: Limits 
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return _error(e.status, e.message, e.param, e.code)
+        response = _error(e.status, e.message, e.param, e.code)
+        if e.status == 408:  # the rest of that body may still come: this connection is done
+            response.headers["Connection"] = "close"
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
