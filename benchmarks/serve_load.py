@@ -40,10 +40,9 @@ import time
 
 import httpx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks import common
 
-from benchmarks import common  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROMPT_TOKENS = (10, 40, 100, 200, 400)
 MAX_TOKENS = (8, 128, None)  # short, long, omitted

@@ -303,7 +303,7 @@ class Decoder:
     def new_cache(self, batch: int, length: int):
         """An empty cache and penalty counts, placed as the programs return them (so passing
         them in compiles nothing new)."""
-        with _maybe_mesh(self.mesh):
+        with maybe_mesh(self.mesh):
             return self._new_cache(batch=batch, length=length)
 
     # -- host loop ---------------------------------------------------------------------------
@@ -344,7 +344,7 @@ class Decoder:
             tokens[i, P - len(p):] = p
             segments[i, P - len(p):] = 1
         positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
-        rows = [_Row(self.tokenizer, s, len(p)) for s, p in zip(sampling, prompts)]
+        rows = [Row(self.tokenizer, s, len(p)) for s, p in zip(sampling, prompts)]
         controls = Controls(B, self.cfg.vocab_size, self.tokenizer.vocab_size)
         for i, s in enumerate(sampling):
             controls.set(i, s)
@@ -354,16 +354,16 @@ class Decoder:
         seeds = np.array([s.seed for s in sampling] + [0] * (B - n), np.int32)
         penalized = any(s.presence_penalty or s.frequency_penalty for s in sampling)
 
-        with _maybe_mesh(self.mesh):
+        with maybe_mesh(self.mesh):
             candidates, info, cache, counts = self._prefill(
                 self._weights, self.lora, tokens, positions, segments, controls, seeds,
                 cache_len=S)
-            ahead = _steps_on_host(candidates, info, rows, steps=False)
+            ahead = steps_on_host(candidates, info, rows, steps=False)
             for step in range(max_new):
                 chosen = np.zeros(B, np.int32)
                 cands, info = ahead.pop(0)
                 for i, row in enumerate(rows):
-                    chosen[i] = row.take(cands[i], _row_info(info, i)) if not row.done \
+                    chosen[i] = row.take(cands[i], row_info(info, i)) if not row.done \
                         else self.tokenizer.eos_id
                 yield [row.completion() for row in rows]
                 if all(row.done for row in rows) or step == max_new - 1:
@@ -379,7 +379,7 @@ class Decoder:
                         self._weights, self.lora, cache, counts, chosen,
                         positions[:, -1] + 1 + step, np.int32(P + step), controls, seeds,
                         np.int32(step + 1), n=n)
-                    ahead = _steps_on_host(block, info, rows)
+                    ahead = steps_on_host(block, info, rows)
         for row in rows:
             row.finish("length")
         yield [row.completion() for row in rows]
@@ -408,7 +408,7 @@ def _map_slots(cache, fn):
     return jax.tree.map(fn, cache, _slot_axes(cache))
 
 
-def _steps_on_host(cands, info, rows, steps: bool = True) -> list:
+def steps_on_host(cands, info, rows, steps: bool = True) -> list:
     """A device call's [n, B, C] candidates (and their info, fetched only when a row reports
     log-probabilities) as one (candidates [B, C], info) per step; steps=False: one step's."""
     cands = np.asarray(cands)
@@ -419,7 +419,7 @@ def _steps_on_host(cands, info, rows, steps: bool = True) -> list:
     return [(cands[j], info and tuple(x[j] for x in info)) for j in range(cands.shape[0])]
 
 
-def _row_info(info, i):
+def row_info(info, i):
     return info and tuple(x[i] for x in info)
 
 
@@ -469,7 +469,7 @@ class Controls:
         return self._device
 
 
-class _Row:
+class Row:
     """One prompt's generation: constraint checks, stops and the text so far."""
 
     def __init__(self, tokenizer, sampling: Sampling, prompt_len: int):
@@ -541,7 +541,7 @@ class _Row:
                           None if self.top_logprobs is None else list(self.top_logprobs))
 
 
-class _maybe_mesh:
+class maybe_mesh:
     def __init__(self, mesh):
         self.ctx = jax.set_mesh(mesh) if mesh is not None else None
 

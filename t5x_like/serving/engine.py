@@ -67,7 +67,7 @@ class Request:
         self.cancelled = False
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
-        self.rows: list[decoding._Row] = []
+        self.rows: list[decoding.Row] = []
         self.prompt_result = None  # (prompt logprobs, their top alternatives), when asked
 
     def post(self, kind: str, payload: Any) -> None:
@@ -96,7 +96,7 @@ class Observer:
 @dataclasses.dataclass
 class _Slot:
     request: Request
-    row: decoding._Row
+    row: decoding.Row
     start: int  # cache slot of the row's first prompt token
 
 
@@ -254,7 +254,7 @@ class Engine:
     def step(self) -> None:
         """One turn of the worker: prefill what may join, then one decode call of the live
         rows (tests drive an engine without its thread this way)."""
-        with decoding._maybe_mesh(self.decoder.mesh):
+        with decoding.maybe_mesh(self.decoder.mesh):
             self._admit()
             if self._live():
                 self._decode()
@@ -284,7 +284,7 @@ class Engine:
     def warm_up(self) -> None:
         """Runs every program the engine will need once (compiling it, or loading it from the
         persistent compilation cache), so no request waits for a compile."""
-        with decoding._maybe_mesh(self.decoder.mesh):
+        with decoding.maybe_mesh(self.decoder.mesh):
             self._warm_up()
 
     def _warm_up(self) -> None:
@@ -395,7 +395,7 @@ class Engine:
         result_prompt = self._prompt_logprobs(p)
         if not p.slots:  # max_tokens 0: the prompt's log-probabilities are all it asked for
             self._prefill = None
-            request.rows = [decoding._Row(self.tok, s, P) for s in request.samplings]
+            request.rows = [decoding.Row(self.tok, s, P) for s in request.samplings]
             for row in request.rows:
                 row.finish("length")
             self._finish(request, result_prompt)
@@ -415,9 +415,9 @@ class Engine:
             self._seeds[b] = sampling.seed
             cands, info = d._choose_first(p.logits, self._controls.arrays(slice(b, b + 1)),
                                           self._seeds[b:b + 1])
-            row = decoding._Row(self.tok, sampling, P)
-            [(cands, info)] = decoding._steps_on_host(cands, info, [row], steps=False)
-            token = row.take(cands[0], decoding._row_info(info, 0))
+            row = decoding.Row(self.tok, sampling, P)
+            [(cands, info)] = decoding.steps_on_host(cands, info, [row], steps=False)
+            token = row.take(cands[0], decoding.row_info(info, 0))
             request.rows.append(row)
             self._slots[b] = _Slot(request, row, self._index - P)
             self._tokens[b], self._positions[b], self._steps[b] = token, P, 1
@@ -476,7 +476,7 @@ class Engine:
             d._weights, d.lora, self._cache, self._counts, self._tokens, self._positions,
             np.int32(self._index), np.int32(start), self._controls.device(), self._seeds,
             self._steps, n=self.n, window=window)
-        ahead = decoding._steps_on_host(cands, info, rows)
+        ahead = decoding.steps_on_host(cands, info, rows)
         elapsed = time.monotonic() - t0
         touched: dict[int, Request] = {}
         used = 0
@@ -486,7 +486,7 @@ class Engine:
             self.stats["row_steps"] += len(self._live())
             for b in self._live():
                 slot = self._slots[b]
-                token = slot.row.take(cands[b], decoding._row_info(info, b))
+                token = slot.row.take(cands[b], decoding.row_info(info, b))
                 touched[id(slot.request)] = slot.request
                 if slot.row.done:
                     self._release(b)
