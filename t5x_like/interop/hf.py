@@ -729,7 +729,7 @@ def _layer_rows(layers: dict, m=None) -> Iterator[tuple[int, int, list[str]]]:
     """(HF layer i, its row in the MLP stacks, our layer parameters it has) for every layer."""
     L = layers["wq"].shape[0]
     moe = model.moe_layers(m) if m is not None else np.zeros(L, bool)
-    rows = model._stack_index(m) if m is not None else np.arange(L)
+    rows = model.stack_index(m) if m is not None else np.arange(L)
     for i in range(L):
         other = model.DENSE_MLP if moe[i] else model.MOE_MLP
         yield i, int(rows[i]), [n for n in layers if n not in other]

@@ -598,13 +598,13 @@ def unstacked_layer(layers, cfg, i: int) -> dict:
     """Layer i's parameters from unstack_layers' result."""
     if not isinstance(layers, dict):
         return layers[i]
-    moe, index = moe_layers(cfg), _stack_index(cfg)
+    moe, index = moe_layers(cfg), stack_index(cfg)
     mine, other = (MOE_MLP, DENSE_MLP) if moe[i] else (DENSE_MLP, MOE_MLP)
     return {name: rows[index[i] if name in mine else i]
             for name, rows in layers.items() if name not in other}
 
 
-def _stack_index(cfg) -> np.ndarray:
+def stack_index(cfg) -> np.ndarray:
     """[L] int: each layer's row in the stack of its MLP kind (dense or MoE)."""
     moe = moe_layers(cfg)
     return np.where(moe, np.cumsum(moe) - 1, np.cumsum(~moe) - 1)
@@ -623,8 +623,8 @@ class _LayerStacks:
         mlp = set(DENSE_MLP + MOE_MLP) if self.mixed else set()
         self.scanned = {k: v for k, v in arrays.items() if k not in mlp}
         self.mlp = {k: v for k, v in arrays.items() if k in mlp}
-        self.flags, self.index = jnp.asarray(moe), jnp.asarray(_stack_index(cfg))
-        self._np_flags, self._np_index = moe, _stack_index(cfg)
+        self.flags, self.index = jnp.asarray(moe), jnp.asarray(stack_index(cfg))
+        self._np_flags, self._np_index = moe, stack_index(cfg)
 
     def bind(self, params: dict, i) -> dict:
         """A scanned layer's parameters plus what picks its MLP (nothing to add when the MLP
