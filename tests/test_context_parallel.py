@@ -80,9 +80,9 @@ def test_chunked_attention_and_windows_on_the_sequence_axis(tiny_cfg, monkeypatc
     reference = run_steps(resolved(tiny_cfg, attention_impl="einsum", sliding_window=6,
                                    global_every=2), jax.devices()[:1], n=3)
     assert_same(run_steps(resolved(tiny_cfg, **keys), jax.devices()[:1], n=3), reference,
-                "chunked, one device")
+                "chunked, one device", atol=5e-5)
     assert_same(run_steps(resolved(tiny_cfg, sequence=4, tensor=2, **keys), jax.devices(), n=3),
-                reference, "chunked, sequence 4 x tensor 2")
+                reference, "chunked, sequence 4 x tensor 2", atol=5e-5)
 
 
 def test_tensor_axis_larger_than_the_kv_heads(tiny_cfg):

@@ -229,7 +229,7 @@ def _peft_saving(cfg, mesh, spec, out: dict) -> dict:
     """Per-device bytes of the weights' training state (parameters, AdamW moments, gradients)
     with PEFT against full fine-tuning of the same model, from both state specs."""
     from t5x_like.modeling import peft
-    from t5x_like.training import trainer
+    from t5x_like.training import state as state_lib
 
     full_cfg = cfg.as_configdict() if hasattr(cfg, "as_configdict") else cfg.copy()
     full_cfg.peft.method, full_cfg.peft.trainable, full_cfg.peft.trainable_layers = "none", "", 0

@@ -76,10 +76,12 @@ Dispatch is dropless by default: the token copies are sorted by expert and multi
 `jax.lax.ragged_dot` (a grouped matmul), so no token is ever dropped; with
 model.moe_capacity_factor c > 0 each expert instead takes at most c * tokens * k / E copies of
 a device's tokens (GShard), the rest are dropped (counted: the metric moe_dropped) and the
-expert axis exchanges fixed-size buffers with all-to-all. Expert parallelism (mesh.expert):
-each device holds E / expert of the experts; dropless, the tokens of the expert group are
-all-gathered, each device computes its experts' share and the results are reduce-scattered
-back (moe_dispatch). The router's load-balancing loss (Switch Transformer: E * sum_e f_e P_e
+expert axis exchanges fixed-size buffers with all-to-all. Expert parallelism (mesh.expert = e):
+each device holds E / e of the experts; dropless, the tokens of the expert group are
+all-gathered, each device runs its experts' grouped matmul over all e * n * k gathered copies
+(the other devices' come out zero: e times the rows of its share, in compute and activations)
+and the results are reduce-scattered back (moe_dispatch); capacity-based, each device runs
+c * n * k rows. The router's load-balancing loss (Switch Transformer: E * sum_e f_e P_e
 over the batch's tokens, 1.0 when perfectly balanced) and z-loss (mean logsumexp(logits)^2)
 are returned with `with_aux=True`, averaged over the MoE layers; training adds them with the
 weights model.moe_aux_loss_weight and model.router_z_loss_weight and logs them
@@ -963,7 +965,9 @@ def moe_dispatch(h, top_i, top_w, p, cfg, real):
                                      cfg, ep, tp)
         if tp:
             out = jax.lax.psum(out, tp)
-        counts = jax.lax.psum(jnp.stack([dropped, total]), token_axes)
+        counts = jnp.stack([dropped, total])
+        if token_axes:
+            counts = jax.lax.psum(counts, token_axes)
         return out.reshape(b, t, d), counts
 
     out, counts = jax.shard_map(

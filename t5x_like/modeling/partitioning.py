@@ -107,8 +107,12 @@ def logical_to_spec(names: Sequence[str | None], rules=None, shape=None,
 
     With `shape` (and the `mesh`, default the current one), a REPLICATE_IF_INDIVISIBLE name
     whose dimension its axes do not divide is left whole (and frees its axes for later names).
+    With a mesh (given or current), its axes of size 1 are left out: the same sharding, and
+    specs that name only the axes that split something.
     """
     table = dict(rules if rules is not None else _active_rules[-1])
+    if mesh is None and not jax.sharding.get_abstract_mesh().empty:
+        mesh = jax.sharding.get_abstract_mesh()
     used: set[str] = set()
     spec = []
     for i, name in enumerate(names):
@@ -120,8 +124,10 @@ def logical_to_spec(names: Sequence[str | None], rules=None, shape=None,
         axes = table[name]
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if a not in used)
-        if shape is not None and name in REPLICATE_IF_INDIVISIBLE and axes:
-            if shape[i] % _axis_size(mesh or jax.sharding.get_abstract_mesh(), axes):
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        if shape is not None and mesh is not None and name in REPLICATE_IF_INDIVISIBLE and axes:
+            if shape[i] % _axis_size(mesh, axes):
                 axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
