@@ -220,6 +220,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.loss_on = "assistant"
     # SFT: a conversation longer than model.max_len: truncate (whole messages) | drop | split
     cfg.data.on_long = "truncate"
+    # The chat template (data_pipelines/chat_template.py): auto (the model's own when the
+    # tokenizer's folder has one, else project) | project | model | a .jinja file. The run's
+    # config.json records project or model; a model template is kept in chat_template.json.
+    cfg.data.chat_template = "auto"
     # Logical shards of the training data (t5x_like/training/batches.py); the data order depends
     # on this, not on the process count, so a run resumes identically on any process count
     # dividing it. 0 = one shard per process.
