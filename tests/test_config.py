@@ -27,8 +27,9 @@ def run_train(*args, cwd=ROOT):
     ("--config.model.scan_layers=maybe", "config key 'model.scan_layers' expects true or false"),
     ("--config.model.num_kv_heads=3", "config key 'model.num_kv_heads': 3 must divide"),
     ("--config.mesh.fsdp=-1", "at most one axis may be -1"),
-    ("--config.model.attention_impl=flash", "config key 'model.attention_impl': is 'flash'; "
-                                             "choose one of einsum, dot_product_attention, chunked."),
+    ("--config.model.attention_impl=flash",
+     "config key 'model.attention_impl': is 'flash'; choose one of einsum, dot_product_attention, "
+     "chunked."),
     ("--config.data.source=csv:x.csv", "config key 'data.source': 'csv:x.csv' is not a data source"),
     ("--config.data.source=text:/nonexistent/*.txt", "no file matches '/nonexistent/*.txt'"),
 ])

@@ -28,10 +28,10 @@ Qwen3ForCausalLM (query/key norms), Gemma2ForCausalLM and Gemma3ForCausalLM (GeG
 norms before and after attention and MLP, scaled embeddings, softcaps, query_pre_attn_scalar,
 local/global layers from `layer_types`, Gemma 3's local RoPE base), MixtralForCausalLM and
 Qwen3MoeForCausalLM (mixture-of-experts layers: router, per-expert SwiGLU weights, Qwen3-MoE's
-dense layers from decoder_sparse_step and mlp_only_layers and its norm_topk_prob), with grouped-query
-attention, RoPE theta, "linear" and "llama3" RoPE scaling (Gemma 3: on the global layers), tied
-or untied embeddings, RMSNorm epsilon, attention and MLP biases. Each maps to a model.* switch
-(model.py). Anything else (another architecture, activation, RoPE type, a layer pattern other
+dense layers from decoder_sparse_step and mlp_only_layers and its norm_topk_prob), with
+grouped-query attention, RoPE theta, "linear" and "llama3" RoPE scaling (Gemma 3: on the
+global layers), tied or untied embeddings, RMSNorm epsilon, attention and MLP biases. Each
+maps to a model.* switch (model.py). Anything else (another architecture, activation, RoPE type, a layer pattern other
 than "all local" or "every n-th global", quantized weights) stops with a sentence naming it.
 Import streams: tensors are read one at a time with the `safetensors` library (bfloat16,
 float16 or float32), converted to float32 in our layout and written straight into the Orbax
@@ -293,8 +293,8 @@ def _moe_from_hf(hf: dict, kind: str, path: str, num_layers: int) -> dict[str, A
                 "router_norm_topk": True, "num_shared_experts": 0}
     dense = sorted(int(i) for i in hf.get("mlp_only_layers") or [])
     if any(not 0 <= i < num_layers for i in dense):
-        raise UserError(f"{path}: mlp_only_layers {dense} names layers outside 0..{num_layers - 1}; "
-                        "restore the file.")
+        raise UserError(f"{path}: mlp_only_layers {dense} names layers outside "
+                        f"0..{num_layers - 1}; restore the file.")
     return {"num_experts": experts, "experts_per_token": top_k,
             "moe_mlp_dim": hf.get("moe_intermediate_size") or hf["intermediate_size"],
             "moe_every": int(hf.get("decoder_sparse_step") or 1),

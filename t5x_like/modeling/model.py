@@ -66,11 +66,11 @@ model.dense_layers (comma-separated indices, e.g. DeepSeek's first dense layers)
 keep the dense MLP. Dense and MoE MLP weights are stacked over their own layers, so a model
 with both has [L_dense, ...] and [L_moe, ...] stacks beside the [L, ...] attention stacks:
 
-    layers.router        [Lm, d, E]        (layers, embed, None)                 1/sqrt(d)
-    layers.we_gate, we_up [Lm, E, d, Fe]   (layers, experts, embed, expert_mlp)  1/sqrt(d)
-    layers.we_down       [Lm, E, Fe, d]    (layers, experts, expert_mlp, embed)  1/sqrt(Fe)/sqrt(2L)
-    layers.ws_gate, ws_up [Lm, d, S*Fe]    (layers, embed, mlp)                  1/sqrt(d)
-    layers.ws_down       [Lm, S*Fe, d]     (layers, mlp, embed)                  1/sqrt(S*Fe)/sqrt(2L)
+    layers.router        [Lm, d, E]  (layers, embed, None)                 1/sqrt(d)
+    layers.we_gate, we_up [Lm, E, d, Fe]  (layers, experts, embed, expert_mlp)  1/sqrt(d)
+    layers.we_down       [Lm, E, Fe, d]  (layers, experts, expert_mlp, embed)  1/sqrt(Fe)/sqrt(2L)
+    layers.ws_gate, ws_up [Lm, d, S*Fe]  (layers, embed, mlp)                  1/sqrt(d)
+    layers.ws_down       [Lm, S*Fe, d]  (layers, mlp, embed)                  1/sqrt(S*Fe)/sqrt(2L)
 
 Dispatch is dropless by default: the token copies are sorted by expert and multiplied with
 `jax.lax.ragged_dot` (a grouped matmul), so no token is ever dropped; with
