@@ -143,7 +143,7 @@ def plan_cmd(*args, devices=8):
 def test_plan_sizes_a_7b_model_without_allocating_it():
     out = plan_cmd("--config=configs/llama_7b.py", "--topology=v5p-64", "--compile=false")
     assert "parameters            6.738 B" in out
-    assert "mesh {'data': 1, 'fsdp': 32, 'tensor': 1}" in out
+    assert "mesh {'data': 1, 'fsdp': 32, 'expert': 1, 'sequence': 1, 'tensor': 1}" in out
     # 6.74e9 float32 parameters over 32 devices: 0.784 GiB each, plus the replicated norm
     # scales (1 MiB); Adam moments twice that.
     assert "params    0.79 GiB" in out and "optimizer 1.57 GiB" in out
