@@ -7,7 +7,6 @@ trains a pretrained and an SFT model for the rise in multiple-choice accuracy.
 """
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -371,35 +370,39 @@ def test_through_the_server_the_numbers_are_the_in_process_ones(model_dir, lm, t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_demo_multiple_choice_accuracy_rises_from_pretrained_to_sft(tmp_path):
-    """A tiny model pretrained on the arithmetic text, then SFT on the chat dialogues: through
-    the chat template, the SFT model picks the right answer more often."""
+    """A small model pretrained on the demo's text for 500 steps, then SFT on its dialogues for
+    300 (the demo recipes, shortened): through the chat template the SFT model picks the right
+    answer of the 200 held-out questions more often than the model it started from."""
     from configs import base, sft_chat
     from t5x_like.training import trainer
 
-    cfg = base.get_config()
-    cfg.steps = 600
-    cfg.model.update(dict(hidden_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=192,
+    pre = base.get_config()
+    pre.steps = 500
+    pre.model.update(dict(hidden_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=192,
                           max_len=64, dropout=0.0))
-    cfg.data.update(dict(batch_size=32, synthetic_docs=4000, vocab_size=400))
-    cfg.optimizer.update(dict(lr=3e-3, warmup_steps=20))
-    cfg.checkpoint.update(dict(every_steps=600))
-    cfg.eval.update(dict(every_steps=0))
-    trainer.train_and_evaluate(cfg, str(tmp_path / "pretrain"))
+    pre.data.update(dict(batch_size=32, synthetic_docs=4000, vocab_size=400))
+    pre.optimizer.update(dict(lr=3e-3, warmup_steps=20))
+    pre.checkpoint.every_steps = 500
+    pre.eval.every_steps = 0
+    trainer.train_and_evaluate(pre, str(tmp_path / "pretrain"))
     sft = sft_chat.get_config()
-    sft.steps = 200
     sft.init_from = str(tmp_path / "pretrain")
-    sft.checkpoint.update(dict(every_steps=200))
-    sft.eval.update(dict(every_steps=0))
+    sft.steps = 300
+    sft.model.update(dict(max_len=64, dropout=0.0))
+    sft.optimizer.lr = 2e-3
+    sft.eval.update(dict(every_steps=0, early_stop_by=""))
+    sft.checkpoint.update(dict(every_steps=300, keep_best_by=""))
     trainer.train_and_evaluate(sft, str(tmp_path / "sft"))
     folder = harness.write_local_tasks(str(tmp_path / "tasks"), data_root=SHARED_DATA)
     acc = {}
     for name in ("pretrain", "sft"):
         out = harness.run_tasks(harness.RunLM(harness.load_run(str(tmp_path / name))), [MC],
-                                include_path=[folder], limit=200, chat=True)
+                                include_path=[folder], chat=True, bootstrap_iters=0)
         acc[name] = out.tasks[f"harness:{MC}"]["metrics"]["acc"]
+        assert out.tasks[f"harness:{MC}"]["n"] == 200
     assert acc["sft"] > acc["pretrain"] + 0.1, acc
-    assert math.isfinite(acc["pretrain"])
 
 
 def test_report_card_carries_harness_columns(tmp_path):
