@@ -9,7 +9,9 @@ chat model with the config's sizes (random weights, a small SentencePiece tokeni
 chat markers, --max_len positions so 400-token prompts fit) on 127.0.0.1, and --clients
 threads each send --requests chat completions one after another: prompts of about 10, 40,
 100, 200 and 400 tokens, max_tokens 8 ("short"), 128 ("long") or omitted (up to
---max_tokens_limit), streamed or not, seeded, the same sequence in both modes. Clients start
+--max_tokens_limit, or what the context leaves), streamed or not, seeded, the same sequence in
+both modes. The end-of-reply tokens are banned (logit_bias -100): a random model would end
+some replies at once, so every reply makes all its tokens and long ones are long. Clients start
 no new request after --time_limit_s. Static batching runs as the server did before the
 engine, without a persistent compilation cache; the engine gets a fresh cache directory, so
 its start-up compiles everything (`startup_s`), and a second start with the same directory
@@ -72,10 +74,11 @@ def build_model(config_path: str, directory: str, max_len: int) -> str:
 
 def workload(directory: str, clients: int, per_client: int, seed: int = 0) -> list[list[dict]]:
     """Each client's request bodies, in order: mixed prompt lengths, max_tokens and streaming."""
-    from data_pipelines import synthetic
+    from data_pipelines import chat_template, synthetic
     from data_pipelines import tokenizer as tokenizer_lib
 
     tok = tokenizer_lib.Tokenizer(os.path.join(directory, "tokenizer.model"))
+    no_end = {str(t): -100 for t in chat_template.reply_stop_ids(tok)}
     source = tok.encode(" ".join(synthetic.text_document(i) for i in range(60)))
     rng = random.Random(seed)
     out = []
@@ -87,7 +90,7 @@ def workload(directory: str, clients: int, per_client: int, seed: int = 0) -> li
             start = rng.randrange(len(source) - n)
             body = {"model": "bench", "messages": [
                 {"role": "user", "content": tok.decode(source[start:start + n])}],
-                "seed": j, "stream": bool(j % 2)}
+                "seed": j, "stream": bool(j % 2), "logit_bias": no_end}
             max_tokens = MAX_TOKENS[(j // len(PROMPT_TOKENS) + j) % len(MAX_TOKENS)]
             if max_tokens is not None:
                 body["max_tokens"] = max_tokens
@@ -208,14 +211,15 @@ def pct(values, q):
 
 
 def summarize(mode: str, result: dict, startup_s: float, restart_s: float | None,
-              load: float) -> dict:
+              load: float, load_after: float) -> dict:
     recs = result["records"]
     lat = [r["latency"] for r in recs]
     short = [r["latency"] for r in recs if r["kind"] == "short"]
     ttft = [r["ttft"] for r in recs if r["ttft"] is not None]
     tokens = sum(r["tokens"] for r in recs)
     return {
-        "mode": mode, "load_avg_1m": round(load, 2), "requests": len(recs),
+        "mode": mode, "load_1m_before": round(load, 2), "load_1m_after": round(load_after, 2),
+        "requests": len(recs),
         "errors": len(result["errors"]), "startup_s": round(startup_s, 1),
         "restart_s": None if restart_s is None else round(restart_s, 1),
         "p50_s": round(pct(lat, 50), 3), "p95_s": round(pct(lat, 95), 3),
@@ -269,7 +273,7 @@ def main(argv=None):
             stop_server(proc)
         for e in result["errors"][:5]:
             print(f"  error: {e}")
-        rows.append(summarize(mode, result, startup, restart, load))
+        rows.append(summarize(mode, result, startup, restart, load, os.getloadavg()[0]))
     extra = {"config": args.config, "max_len": args.max_len, "clients": args.clients,
              "requests_per_client": args.requests, "max_tokens_limit": args.max_tokens_limit,
              "time_limit_s": args.time_limit_s}
