@@ -19,6 +19,7 @@ import types
 import httpx
 import jax
 import numpy as np
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -253,6 +254,26 @@ def test_completions_echo_gives_the_prompts_log_probabilities(server):
               zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:])]
     assert greedy[-1]  # the generated token is the greedy one
     assert greedy[:-1] == [int(np.argmax(full[i - 1])) == t for i, t in enumerate(prompt) if i]
+
+
+def test_the_openai_client_reads_logprobs_completions_and_refusals(server):
+    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="any", max_retries=0, timeout=120)
+    chat = c.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4,
+                                     temperature=0, logprobs=True, top_logprobs=2,
+                                     presence_penalty=0.5, frequency_penalty=0.5)
+    [choice] = chat.choices
+    assert len(choice.logprobs.content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    prompt = ids(server, "What is 12 + 30?")
+    text = c.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True,
+                                logprobs=1)
+    [choice] = text.choices
+    assert choice.logprobs.token_logprobs[0] is None
+    assert len(choice.logprobs.token_logprobs) == len(prompt) == text.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        c.chat.completions.create(model="tiny", messages=QUESTION, tools=[{
+            "type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert refused.value.body["param"] == "tools"
 
 
 # -- input hardening ---------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The chat server: the official `openai` client against it, concurrency, limits and errors.
 
-One server (uvicorn in a thread, a random-initialized tiny chat model) serves the module. Its
-requests keep prompts under 16 tokens and max_tokens <= 16, so every batch shares one padded
-prompt length and one cache length: only the batch size varies, which keeps compiles few.
+One server (uvicorn in a thread, a random-initialized tiny chat model, the continuous-batching
+engine, which compiles its programs at start-up) serves the module. The engine's own tests
+(penalties, logprobs, /v1/completions, input hardening, /metrics) are in test_engine.py.
 """
 
 import asyncio

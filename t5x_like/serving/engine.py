@@ -18,7 +18,7 @@ step, as in `Decoder.stream`'s left-padded batch. A new prompt is inserted so th
 before `index` (its RoPE positions start at 0 wherever it sits; slots before it are marked
 empty), so a row's tokens sit in [index - its length, index). The cache has room for the
 longest prompt bucket plus the context, so that placement always fits; when `index` runs
-toward the end, every row moves back by the same amount (`Decoder.shift`, rare). A step
+toward the end, every row moves back by the same amount (one roll of the cache, rare). A step
 attends only to a window of slots that covers the live rows (the smallest of a few fixed
 sizes), not the whole cache.
 

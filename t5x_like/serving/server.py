@@ -7,21 +7,26 @@
     client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "Hi"}])
 
 Routes: POST /v1/chat/completions (messages, temperature, top_p, max_tokens, stop, n, seed,
-logit_bias, stream with server-sent events; extensions: top_k, conversation_id,
-regenerate_of / regenerate_of_index), GET /v1/models, POST /v1/feedback (rating, correction,
-problem report, chosen), GET /health, GET / (the web chat page, t5x_like/serving/web/index.html).
+logit_bias, presence_penalty, frequency_penalty, logprobs/top_logprobs, stream with server-sent
+events; extensions: top_k, conversation_id, regenerate_of / regenerate_of_index, parent_id /
+parent_index), POST /v1/completions (text or token ids continued as they are; echo and
+logprobs score a prompt), GET /v1/models, POST /v1/feedback (rating, correction, problem
+report, chosen), /v1/conversations, GET /health ("warming", then "ready"), GET /metrics
+(Prometheus), GET / (the web chat page). A parameter the server does not implement is a 400
+naming it, never ignored.
 
-Requests that arrive together are decoded together: a queue in front of the one KV-cache
-Decoder gathers every waiting request (up to the decoder's batch and context) into one device
-batch, and a single worker thread runs one batch at a time, so the device is never shared
-between two programs and a busy server gets fuller batches instead of longer queues.
+Generation: the continuous-batching engine (t5x_like/serving/engine.py) keeps --max_batch rows
+decoding on the device, requests joining and leaving between steps, every program compiled at
+start-up; --batching=static (and a replaced `generate`, e.g. best-of-N) gathers waiting
+requests into one device batch decoded to its end by one worker thread (`Batcher`).
 
 Every completion (each of its n choices) is stored with its prompt, sampling settings and the
 model step in `<workdir>/feedback.sqlite` (t5x_like/serving/feedback.py) before the client gets its
 last byte, so feedback can always name it. Safe by default: binds 127.0.0.1; with an API key
 (--api_key or $T5X_LIKE_API_KEY) every /v1 route needs `Authorization: Bearer <key>` (401);
-bodies over --max_request_bytes get 413; more than --max_messages messages, max_tokens over
---max_tokens_limit, n over --max_n, bad fields and malformed JSON get 400; every error is a
+bodies over --max_request_bytes get 413, a body that stops arriving 408; more than
+--max_messages messages, max_tokens over --max_tokens_limit, n over --max_n, bad fields, NaN
+or infinite numbers, invalid Unicode and malformed JSON get 400; every error is a
 JSON body {"error": {"message", "type", "param", "code"}} naming the field or limit, never a
 stack trace (those go to the server log).
 """
