@@ -153,7 +153,7 @@ def one_request(http: httpx.Client, body: dict) -> dict:
     start = time.perf_counter()
     first = None
     if body["stream"]:
-        tokens = 0
+        tokens = prompt = 0
         with http.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"{r.status_code}: {r.read()[:300]!r}")
@@ -166,12 +166,15 @@ def one_request(http: httpx.Client, body: dict) -> dict:
                     first = time.perf_counter() - start
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+                    prompt = chunk["usage"]["prompt_tokens"]
     else:
         r = http.post("/v1/chat/completions", json=body)
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
         tokens = r.json()["usage"]["completion_tokens"]
-    return {"kind": KIND[body.get("max_tokens")], "stream": body["stream"],
+        prompt = r.json()["usage"]["prompt_tokens"]
+    return {"kind": KIND[body.get("max_tokens")], "stream": body["stream"], "prompt": prompt,
+            "start": start,
             "latency": time.perf_counter() - start, "ttft": first, "tokens": tokens}
 
 
@@ -199,6 +202,8 @@ def run_load(url: str, bodies: list[list[dict]], time_limit_s: float) -> dict:
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         list(pool.map(client, bodies))
     wall = time.perf_counter() - start
+    for rec in records:  # seconds into the load
+        rec["start"] = round(rec["start"] - start, 3)
     return {"records": records, "errors": errors, "wall_s": wall,
             "compilations": compilations(url) - before}
 
@@ -252,7 +257,7 @@ def main(argv=None):
     bodies = workload(model_dir, args.clients, args.requests)
     flags = [f"--max_tokens_limit={args.max_tokens_limit}", f"--max_batch={args.clients}",
              "--model_name=bench", "--max_queue=1024"]
-    rows = []
+    rows, records = [], {}
     for mode in args.modes.split(","):
         load = os.getloadavg()[0]
         log = os.path.join(directory, f"server-{mode}.log")
@@ -274,7 +279,8 @@ def main(argv=None):
         for e in result["errors"][:5]:
             print(f"  error: {e}")
         rows.append(summarize(mode, result, startup, restart, load, os.getloadavg()[0]))
-    extra = {"config": args.config, "max_len": args.max_len, "clients": args.clients,
+        records[mode] = result["records"]
+    extra = {"records": records, "config": args.config, "max_len": args.max_len, "clients": args.clients,
              "requests_per_client": args.requests, "max_tokens_limit": args.max_tokens_limit,
              "time_limit_s": args.time_limit_s}
     common.report("serve_load", rows, args.out, extra)
