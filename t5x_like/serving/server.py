@@ -292,7 +292,11 @@ def parse_json(data: bytes) -> dict:
                        code="malformed_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object.")
-    _checked(body)
+    try:
+        _checked(body)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply.",
+                       code="malformed_json") from None
     return body
 
 
