@@ -251,6 +251,9 @@ class Tokenizer:
         return super().__new__(cls)
 
     def __init__(self, path: str):
+        path = resolve(path) if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            raise UserError(f"tokenizer {path} does not exist.")
         self.path = path
         self.files = files(path)
         self.sidecar = {os.path.basename(p): p for p in self.files[1:]}
@@ -429,10 +432,8 @@ class SentencePieceTokenizer(Tokenizer):
     backend = "sentencepiece"
 
     def __init__(self, path: str):
-        path = resolve(path) if os.path.isdir(path) else path
-        if not os.path.isfile(path):
-            raise UserError(f"tokenizer {path} does not exist.")
         super().__init__(path)
+        path = self.path
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.load(path)
@@ -535,10 +536,8 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path: str):
         import tokenizers
 
-        path = resolve(path) if os.path.isdir(path) else path
-        if not os.path.isfile(path):
-            raise UserError(f"tokenizer {path} does not exist.")
         super().__init__(path)
+        path = self.path
         try:
             self.tk = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the Rust side raises a bare Exception
