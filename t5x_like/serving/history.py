@@ -123,11 +123,7 @@ def add_routes(app, store: feedback.Store, authorize) -> None:
     @app.get("/v1/conversations/{conversation_id}")
     async def get_conversation(conversation_id: str, request: Request):
         authorize(request)
-        try:
-            found = await run_in_threadpool(store.conversation,
-                                            _conversation_id(conversation_id))
-        except feedback.UnknownConversation as e:
-            raise HttpError(404, str(e), code="conversation_not_found") from None
+        found = await _in_store(store.conversation, _conversation_id(conversation_id))
         return {"object": "conversation", **found}
 
     @app.patch("/v1/conversations/{conversation_id}")
@@ -138,23 +134,24 @@ def add_routes(app, store: feedback.Store, authorize) -> None:
         title = body.get("title")
         if not isinstance(title, str):
             raise HttpError(400, "'title' must be a string.", param="title")
-        try:
-            await run_in_threadpool(store.rename_conversation, conversation_id, title)
-        except feedback.UnknownConversation as e:
-            raise HttpError(404, str(e), code="conversation_not_found") from None
+        await _in_store(store.rename_conversation, conversation_id, title)
         return {"object": "conversation", "id": conversation_id,
                 "title": " ".join(title.split())[:feedback.TITLE_CHARS]}
 
     @app.delete("/v1/conversations/{conversation_id}")
     async def delete_conversation(conversation_id: str, request: Request):
         authorize(request)
-        try:
-            counts = await run_in_threadpool(store.delete_conversation,
-                                             _conversation_id(conversation_id))
-        except feedback.UnknownConversation as e:
-            raise HttpError(404, str(e), code="conversation_not_found") from None
+        counts = await _in_store(store.delete_conversation, _conversation_id(conversation_id))
         return {"object": "conversation.deleted", "id": conversation_id, "deleted": True,
                 **counts}
+
+
+async def _in_store(method, *args):
+    """A store call off the event loop; a conversation the store does not know is a 404."""
+    try:
+        return await run_in_threadpool(method, *args)
+    except feedback.UnknownConversation as e:
+        raise HttpError(404, str(e), code="conversation_not_found") from None
 
 
 async def _json_object(request: Request, limit: int = 100_000) -> dict:
