@@ -8,8 +8,11 @@ the server (template, batching, sampling, storage) runs for real.
 
 import contextlib
 import os
+import socket
 import threading
 import time
+
+import httpx
 
 from configs import base
 from data_pipelines import chat_template, synthetic
@@ -53,3 +56,23 @@ def serving(app):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(proc, url: str, seconds: float) -> None:
+    """Waits for a `python -m t5x_like.serve` process to answer /health with 200 (ready)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.5)

@@ -15,18 +15,16 @@ transformers itself on a random Qwen2-style model built here: a byte-level BPE t
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import transformers
 
+import chat_model
 from conftest import ROOT, TEST_XLA_FLAGS
 from tokenizer_builders import CHATML, byte_level_bpe
 from data_pipelines import chat_template
@@ -172,35 +170,19 @@ def chats(path, n: int = 48) -> str:
     return str(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_and_ask(run_dir, db) -> tuple[object, str]:
     """`python -m t5x_like.serve` on the run; the `openai` client asks QUESTION greedily, once
     whole and once streamed. Returns the reply and the streamed text."""
-    import httpx
     import openai
 
-    port = _free_port()
+    port = chat_model.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "t5x_like.serve", f"--workdir={run_dir}", f"--port={port}",
          f"--db={db}", "--max_batch=2", "--max_tokens_limit=16"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 400
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
+        chat_model.wait_until_ready(proc, url, 400)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
         reply = client.chat.completions.create(model="run", messages=QUESTION, max_tokens=16,
                                                temperature=0)

@@ -10,7 +10,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -408,14 +407,8 @@ def test_regenerate_records_the_alternative_and_the_loop_exports_it(server, tmp_
     assert {"messages": ask + [{"role": "assistant", "content": b}]} in sft_records
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_command_starts_answers_and_stops(server, tmp_path):
-    port = free_port()
+    port = chat_model.free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", T5X_LIKE_API_KEY="env-key",
                # Share this session's compilation cache: the subprocess compiles nothing new.
                JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
@@ -427,16 +420,7 @@ def test_serve_command_starts_answers_and_stops(server, tmp_path):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
+        chat_model.wait_until_ready(proc, url, 240)
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="env-key", max_retries=0, timeout=300)
         out = c.chat.completions.create(model=os.path.basename(server.path), messages=QUESTION,
                                         max_tokens=4)
